@@ -1,0 +1,3 @@
+//! Nydus RAFS on-disk format (reader, builder, merge) over a `ChunkSource`.
+//!
+//! Work in progress: see issue 3.
