@@ -1,0 +1,249 @@
+//! Benchmark runner (not a test). `shoal-bench mirror [--size-mib N] [--rounds N]`: serves a cached
+//! random blob (1 GiB by default) through a node's mirror and, in the same run and the same way,
+//! straight from the origin registry, and prints both throughputs, their ratio and the machine.
+//!
+//! Needs `docker-registry` on PATH and the `shoal` binary (`cargo build -p shoal-node`, or SHOAL_BIN).
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use sha2::{Digest as _, Sha256};
+use shoal_e2e::node::Node;
+use shoal_e2e::registry::Registry;
+use shoal_e2e::wait::poll;
+use shoal_e2e::{http, TestCtx};
+
+const REPO: &str = "bench/blob";
+const SEED: u64 = 0x5eed_0f5_4a1;
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("mirror") => mirror(parse_options(&args[1..])?),
+        _ => {
+            eprintln!(
+                "usage: shoal-bench mirror [--size-mib N] [--rounds N]\n\n\
+                 mirror: GET a cached blob through a shoal node and straight from the origin \
+                 registry, N rounds each, and print both throughputs and their ratio."
+            );
+            std::process::exit(2);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Options {
+    size: u64,
+    rounds: usize,
+}
+
+fn parse_options(args: &[String]) -> Result<Options> {
+    let mut options = Options {
+        size: 1 << 30,
+        rounds: 3,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--size-mib" => options.size = value.parse::<u64>()? << 20,
+            "--rounds" => options.rounds = value.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    ensure!(
+        options.size > 0 && options.rounds > 0,
+        "size and rounds must be positive"
+    );
+    Ok(options)
+}
+
+fn mirror(options: Options) -> Result<()> {
+    let ctx = TestCtx::standalone("bench-mirror")?;
+    let registry = Registry::start(&ctx)?;
+    let size = options.size;
+
+    let started = Instant::now();
+    let digest = digest_of(RandomReader::new(SEED, size))?;
+    registry.push_blob_reader(REPO, &digest, RandomReader::new(SEED, size), size)?;
+    println!(
+        "pushed {} MiB random blob {digest} in {:.1?}",
+        size >> 20,
+        started.elapsed()
+    );
+
+    let node = Node::start(&ctx, &registry.url())?;
+    let mirror_url = format!("{}/v2/{REPO}/blobs/{digest}", node.url());
+    let origin_url = format!("{}/v2/{REPO}/blobs/{digest}", registry.url());
+
+    let cold = Instant::now();
+    let first = http::fetch_hashed(http::client()?.get(&mirror_url))?;
+    ensure!(
+        first.status.as_u16() == 200 && first.digest == digest,
+        "cold pull: {first:?}"
+    );
+    let cold = cold.elapsed();
+    poll(
+        "the node to record the blob complete",
+        Duration::from_secs(60),
+        || {
+            Ok(node
+                .status()?
+                .blob(&digest)
+                .is_some_and(|b| b.complete)
+                .then_some(()))
+        },
+    )?;
+    println!(
+        "cold pull through the mirror (origin fetch + store): {}",
+        rate(size, cold)
+    );
+
+    let mut mirror_times = Vec::new();
+    let mut origin_times = Vec::new();
+    for round in 1..=options.rounds {
+        // Alternate the order so neither side always runs on a warmer page cache.
+        let order = if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for via_mirror in order {
+            let url = if via_mirror { &mirror_url } else { &origin_url };
+            let took = timed_get(url, size)?;
+            let (label, times) = if via_mirror {
+                ("mirror (cached)", &mut mirror_times)
+            } else {
+                ("origin (direct)", &mut origin_times)
+            };
+            println!("round {round}: {label:16} {}", rate(size, took));
+            times.push(took);
+        }
+    }
+
+    let mirror_best = best(&mirror_times)?;
+    let origin_best = best(&origin_times)?;
+    let mirror_mbs = mbs(size, mirror_best);
+    let origin_mbs = mbs(size, origin_best);
+    println!();
+    println!(
+        "blob: {} MiB, {} rounds each, body read fully and discarded",
+        size >> 20,
+        options.rounds
+    );
+    println!(
+        "mirror (cached): best {mirror_mbs:.0} MB/s, median {:.0} MB/s",
+        mbs(size, median(&mirror_times)?)
+    );
+    println!(
+        "origin (direct): best {origin_mbs:.0} MB/s, median {:.0} MB/s",
+        mbs(size, median(&origin_times)?)
+    );
+    println!("ratio mirror/origin (best): {:.2}", mirror_mbs / origin_mbs);
+    println!("machine: {}", machine());
+    Ok(())
+}
+
+/// GETs `url`, reads and discards the whole body, checks its length; returns the wall time.
+fn timed_get(url: &str, size: u64) -> Result<Duration> {
+    let client = http::client()?;
+    let start = Instant::now();
+    let mut response = client.get(url).send()?;
+    ensure!(
+        response.status().as_u16() == 200,
+        "GET {url}: {}",
+        response.status()
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = response.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        len += n as u64;
+    }
+    let took = start.elapsed();
+    ensure!(len == size, "GET {url}: {len} bytes of {size}");
+    Ok(took)
+}
+
+fn digest_of(mut reader: impl Read) -> Result<String> {
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut reader, &mut hasher)?;
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so the blob can be hashed and then uploaded
+/// without keeping a copy on disk.
+struct RandomReader {
+    state: u64,
+    remaining: u64,
+}
+
+impl RandomReader {
+    fn new(seed: u64, len: u64) -> Self {
+        Self {
+            state: seed | 1,
+            remaining: len,
+        }
+    }
+}
+
+impl Read for RandomReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.remaining) as usize;
+        for chunk in buf[..n].chunks_mut(8) {
+            self.state ^= self.state >> 12;
+            self.state ^= self.state << 25;
+            self.state ^= self.state >> 27;
+            let word = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+fn mbs(size: u64, took: Duration) -> f64 {
+    size as f64 / 1e6 / took.as_secs_f64()
+}
+
+fn rate(size: u64, took: Duration) -> String {
+    format!("{:.0} MB/s ({:.2} s)", mbs(size, took), took.as_secs_f64())
+}
+
+fn best(times: &[Duration]) -> Result<Duration> {
+    times.iter().min().copied().context("no rounds")
+}
+
+fn median(times: &[Duration]) -> Result<Duration> {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    sorted.get(sorted.len() / 2).copied().context("no rounds")
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(String::new(), |kb| format!(", {} GiB RAM", kb >> 20));
+    format!("nproc {cpus}, {cpu}{mem}, Linux {}", kernel.trim())
+}

@@ -1,0 +1,160 @@
+//! One end-to-end test's context: its prerequisites, its temp dir and the logs to show on failure.
+//!
+//! Invariant: the temp dir outlives every process the test starts (they are locals of the test
+//! closure, the context belongs to [`run`]), so logs can still be read after a failure. Set
+//! `SHOAL_E2E_KEEP=1` to keep the dir after the test.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+
+use crate::paths;
+
+/// Something a test needs from the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Running as root (containerd, FUSE, …).
+    Root,
+    /// A program on `PATH`.
+    Bin(&'static str),
+    /// The `shoal` binary. Missing means the test fails (the test command builds it), not skips.
+    Shoal,
+}
+
+/// Context handed to a test body.
+#[derive(Debug)]
+pub struct TestCtx {
+    name: String,
+    dir: tempfile::TempDir,
+    logs: Mutex<Vec<(String, PathBuf)>>,
+}
+
+/// Runs one end-to-end test: skips it (printing `SKIP name: why`) when a need is missing, otherwise
+/// runs `body` and, if it fails, prints the tails of the registered logs and panics with the error.
+pub fn run(name: &str, needs: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>) {
+    if let Some(why) = missing(needs) {
+        eprintln!("SKIP {name}: {why}");
+        return;
+    }
+    let ctx = match TestCtx::new(name, needs) {
+        Ok(ctx) => ctx,
+        Err(err) => panic!("{name}: setup failed: {err:#}"),
+    };
+    let outcome = body(&ctx);
+    if let Err(err) = outcome {
+        ctx.dump_logs();
+        let kept = ctx.keep();
+        panic!("{name} failed: {err:#}\n(test dir {kept})");
+    }
+    if std::env::var_os("SHOAL_E2E_KEEP").is_some() {
+        let kept = ctx.keep();
+        eprintln!("{name}: kept {kept}");
+    }
+}
+
+impl TestCtx {
+    /// A context outside [`run`] (for the benchmark runner); logs are registered but not printed.
+    pub fn standalone(name: &str) -> Result<Self> {
+        Self::new(name, &[Need::Shoal])
+    }
+
+    fn new(name: &str, needs: &[Need]) -> Result<Self> {
+        if needs.contains(&Need::Shoal) {
+            paths::shoal_bin()?;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("shoal-e2e-{name}-"))
+            .tempdir()
+            .context("creating the test's temp dir")?;
+        Ok(Self {
+            name: name.to_owned(),
+            dir,
+            logs: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The test's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A fresh subdirectory of the test's temp dir (`label`, `label-1`, … when taken).
+    pub fn subdir(&self, label: &str) -> Result<PathBuf> {
+        let mut path = self.dir.path().join(label);
+        let mut n = 1;
+        while path.exists() {
+            path = self.dir.path().join(format!("{label}-{n}"));
+            n += 1;
+        }
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The test's temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Registers a log whose tail is printed if the test fails.
+    pub fn register_log(&self, label: &str, path: &Path) {
+        if let Ok(mut logs) = self.logs.lock() {
+            logs.push((label.to_owned(), path.to_owned()));
+        }
+    }
+
+    fn dump_logs(&self) {
+        let Ok(logs) = self.logs.lock() else { return };
+        for (label, path) in logs.iter() {
+            eprintln!(
+                "----- {} ({}): last lines of {} -----",
+                self.name,
+                label,
+                path.display()
+            );
+            eprintln!("{}", tail(path, 60));
+        }
+    }
+
+    /// Keeps the temp dir on disk (for whoever reads a failure) and returns its path.
+    fn keep(self) -> String {
+        self.dir.keep().display().to_string()
+    }
+}
+
+/// The last `lines` lines of a text file (lossy UTF-8), or a note why it could not be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(err) => format!("(cannot read: {err})"),
+    }
+}
+
+fn missing(needs: &[Need]) -> Option<String> {
+    for need in needs {
+        match need {
+            Need::Root if !is_root() => return Some("needs root".to_owned()),
+            Need::Bin(bin) if paths::which(bin).is_none() => {
+                return Some(format!("needs `{bin}` on PATH"))
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether this process runs with effective uid 0 (read from `/proc/self/status`).
+pub fn is_root() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0")
+}

@@ -1,0 +1,295 @@
+//! A `shoal node` under test: spawned on free loopback ports with its data dir in the test's temp
+//! dir, stderr captured to a log, ready when `GET /healthz` on the admin port answers 200.
+//!
+//! Invariants: restarts reuse the same data dir and ports; the log is appended across restarts;
+//! dropping the handle SIGKILLs the process.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::Deserialize;
+
+use crate::http;
+use crate::metrics::Metrics;
+use crate::paths;
+use crate::wait::{free_port, poll};
+use crate::TestCtx;
+
+/// How long a node may take to become healthy.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node may take to exit after SIGTERM.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How to start a node.
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// Default upstream (`--upstream URL`).
+    pub upstream: String,
+    /// Per-host upstreams (`--upstream HOST=URL`).
+    pub host_upstreams: Vec<(String, String)>,
+    /// A config file to pass with `--config`.
+    pub config: Option<PathBuf>,
+    /// Extra arguments appended as they are.
+    pub extra_args: Vec<String>,
+}
+
+impl NodeOptions {
+    /// A node whose default upstream is `url`.
+    pub fn upstream(url: &str) -> Self {
+        Self {
+            upstream: url.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+/// `GET /api/v1/status` as the node reports it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Status {
+    pub store: StoreStatus,
+    pub traffic: TrafficStatus,
+    #[serde(default)]
+    pub blobs: Vec<BlobStatus>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct StoreStatus {
+    pub bytes: u64,
+    pub blobs: u64,
+    pub complete: u64,
+    pub quota_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TrafficStatus {
+    pub served_bytes: u64,
+    pub origin_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlobStatus {
+    pub digest: String,
+    pub size: Option<u64>,
+    pub complete: bool,
+    pub present_bytes: u64,
+}
+
+impl Status {
+    /// The record of blob `digest`, if the node has one.
+    pub fn blob(&self, digest: &str) -> Option<&BlobStatus> {
+        self.blobs.iter().find(|b| b.digest == digest)
+    }
+}
+
+/// A node process (running or stopped) and its files.
+#[derive(Debug)]
+pub struct Node {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    listen: u16,
+    admin: u16,
+    options: NodeOptions,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// Starts a node in front of `upstream_url` and waits until it is healthy.
+    pub fn start(t: &TestCtx, upstream_url: &str) -> Result<Self> {
+        Self::start_with(t, NodeOptions::upstream(upstream_url))
+    }
+
+    /// Starts a node with `options` and waits until it is healthy.
+    pub fn start_with(t: &TestCtx, options: NodeOptions) -> Result<Self> {
+        let dir = t.subdir("node")?;
+        let log_path = dir.join("node.log");
+        t.register_log("node", &log_path);
+        let mut node = Self {
+            bin: paths::shoal_bin()?,
+            data_dir: dir.join("data"),
+            log_path,
+            listen: free_port()?,
+            admin: free_port()?,
+            options,
+            child: None,
+        };
+        node.spawn()?;
+        Ok(node)
+    }
+
+    /// The mirror/proxy address, `127.0.0.1:P`.
+    pub fn listen_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.listen)
+    }
+
+    /// `http://127.0.0.1:P` (the mirror).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen_addr())
+    }
+
+    /// The admin address, `127.0.0.1:Q`.
+    pub fn admin_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.admin)
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// Where the node keeps the content of blob `digest`.
+    pub fn blob_file(&self, digest: &str) -> Result<PathBuf> {
+        let (alg, hex) = digest.split_once(':').context("digest without algorithm")?;
+        Ok(self.data_dir.join("blobs").join(alg).join(hex))
+    }
+
+    /// The last `lines` lines of the node's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        crate::ctx::tail(&self.log_path, lines)
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL (a crash), waiting for the process to be gone.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing the node")?;
+            child.wait().context("waiting for the node")?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM (graceful shutdown); fails if the node does not exit in time or exits non-zero.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("node is not running")
+        };
+        let pid = child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .context("running kill")?;
+        ensure!(sent.success(), "kill -TERM {pid} failed");
+        let waited = poll("the node to exit after SIGTERM", SHUTDOWN_TIMEOUT, || {
+            Ok(child.try_wait()?)
+        });
+        match waited {
+            Ok(status) => {
+                ensure!(status.success(), "node exited with {status} after SIGTERM");
+                Ok(status)
+            }
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(err)
+            }
+        }
+    }
+
+    /// Starts the (stopped) node again on the same data dir and ports.
+    pub fn restart(&mut self) -> Result<()> {
+        ensure!(self.child.is_none(), "node is still running");
+        self.spawn()
+    }
+
+    /// `GET /metrics` on the admin port, parsed.
+    pub fn metrics(&self) -> Result<Metrics> {
+        let url = format!("http://{}/metrics", self.admin_addr());
+        let got = http::fetch(http::client()?.get(url))?;
+        ensure!(got.completed_ok(), "GET /metrics: {}", got.short());
+        Ok(Metrics::parse(&got.text()))
+    }
+
+    /// `GET /api/v1/status` on the admin port.
+    pub fn status(&self) -> Result<Status> {
+        let url = format!("http://{}/api/v1/status", self.admin_addr());
+        let got = http::fetch(http::client()?.get(url))?;
+        ensure!(got.completed_ok(), "GET /api/v1/status: {}", got.short());
+        serde_json::from_slice(&got.body).with_context(|| format!("status JSON: {}", got.short()))
+    }
+
+    /// `shoal status --node ADMIN --json`, parsed.
+    pub fn status_cli(&self) -> Result<Status> {
+        let out = Command::new(&self.bin)
+            .args(["status", "--node", &self.admin_addr(), "--json"])
+            .output()
+            .context("running shoal status")?;
+        ensure!(
+            out.status.success(),
+            "shoal status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).context("parsing `shoal status --json`")
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .context("opening the node log")?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                &self.listen_addr(),
+                "--admin",
+                &self.admin_addr(),
+            ])
+            .args(["--upstream", &self.options.upstream]);
+        for (host, url) in &self.options.host_upstreams {
+            cmd.arg("--upstream").arg(format!("{host}={url}"));
+        }
+        if let Some(config) = &self.options.config {
+            cmd.arg("--config").arg(config);
+        }
+        cmd.args(&self.options.extra_args);
+        let child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("SHOAL_E2E_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let client = http::client()?;
+        let url = format!("http://{}/healthz", self.admin_addr());
+        let ready = poll("the node's /healthz", READY_TIMEOUT, || {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!("the node exited during start-up: {status}");
+                }
+            }
+            Ok((client.get(&url).send()?.status().as_u16() == 200).then_some(()))
+        });
+        ready.with_context(|| format!("node log tail:\n{}", self.log_tail(30)))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
