@@ -1,3 +1,33 @@
-//! Nydus RAFS on-disk format (reader, builder, merge) over a `ChunkSource`.
+//! Nydus RAFS on-disk format: a reader for v6 and v5 bootstraps, chunk decoding and
+//! verification over a [`ChunkSource`], the blob tail/TOC and CI parsers, the decoded-blob writer,
+//! and the `inspect` / `check` / `unpack` tools built on them.
 //!
-//! Work in progress: see issue 3.
+//! Every parser here takes untrusted input: it returns an [`Error`] on anything malformed, never
+//! panics, never loops without bound and never allocates from an unchecked length field.
+
+mod blob;
+mod bootstrap;
+mod error;
+mod model;
+mod raw;
+pub mod tools;
+mod v5;
+mod v6;
+mod walk;
+
+pub use blob::decode::{decode_chunk, VerifiedChunk};
+pub use blob::decoded::write_decoded_blob;
+pub use blob::meta::{decode_blob_meta, parse_ci_header, CiEntry, CiHeader, CI_HEADER_SIZE};
+pub use blob::source::{ChunkSource, LocalBlobDir};
+pub use blob::tail::{
+    parse_blob_tail, parse_tail_with, parse_toc, BlobTail, TailSection, TocEntry,
+};
+pub use bootstrap::{Bootstrap, Summary, MAX_BOOTSTRAP_SIZE};
+pub use error::{Error, Result};
+pub use model::{
+    Attr, BlobInfo, BlobMetaInfo, ChunkRef, Compressor, Digester, DirEntry, FileType, InodeId,
+    RafsVersion, Xattr, MAX_CHUNK_SIZE,
+};
+pub use v5::V5SuperInfo;
+pub use v6::{DeviceSlot, SuperInfo};
+pub use walk::{walk, walk_tolerant, WalkEntry, MAX_DEPTH};

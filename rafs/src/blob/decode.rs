@@ -1,0 +1,117 @@
+//! Turn a chunk's stored bytes into its verified uncompressed bytes.
+//!
+//! Invariants: output is allocated from the chunk's recorded uncompressed size, which the parsers
+//! cap at 16 MiB, never from anything inside the compressed stream; a [`VerifiedChunk`] exists
+//! only for bytes whose digest matched the bootstrap.
+
+use std::ops::Deref;
+
+use crate::error::{Error, Result};
+use crate::model::{BlobInfo, ChunkRef, Compressor, MAX_CHUNK_SIZE};
+
+/// Uncompressed chunk bytes whose digest matched the bootstrap's chunk digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedChunk(Vec<u8>);
+
+impl VerifiedChunk {
+    /// The verified bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Take the verified bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl Deref for VerifiedChunk {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Decompress `stored` (exactly the chunk's compressed bytes) and verify its digest.
+pub fn decode_chunk(blob: &BlobInfo, chunk: &ChunkRef, stored: &[u8]) -> Result<VerifiedChunk> {
+    let usize_ = chunk.uncompressed_size as usize;
+    let fail = |reason: String| Error::Decode {
+        blob_id: blob.blob_id.clone(),
+        ci_index: chunk.ci_index,
+        compressor: blob.compressor.name(),
+        reason,
+    };
+    if chunk.uncompressed_size > MAX_CHUNK_SIZE {
+        return Err(fail("uncompressed size above 16 MiB".into()));
+    }
+    if stored.len() != chunk.compressed_size as usize {
+        return Err(fail(format!(
+            "got {} stored bytes, expected {}",
+            stored.len(),
+            chunk.compressed_size
+        )));
+    }
+    let data = if !chunk.compressed {
+        stored.to_vec()
+    } else {
+        match blob.compressor {
+            Compressor::None => {
+                return Err(fail(
+                    "chunk flagged compressed in an uncompressed blob".into(),
+                ))
+            }
+            Compressor::Zstd => {
+                zstd::bulk::decompress(stored, usize_).map_err(|e| fail(e.to_string()))?
+            }
+            Compressor::Lz4Block => {
+                lz4_flex::block::decompress(stored, usize_).map_err(|e| fail(e.to_string()))?
+            }
+            Compressor::Gzip => {
+                return Err(fail(
+                    "gzip chunks (zran/stargz images) are not supported".into(),
+                ))
+            }
+        }
+    };
+    if data.len() != usize_ {
+        return Err(fail(format!(
+            "decoded {} bytes, expected {}",
+            data.len(),
+            usize_
+        )));
+    }
+    let actual = blob.digester.digest(&data);
+    if actual != chunk.digest {
+        return Err(Error::DigestMismatch {
+            blob_id: blob.blob_id.clone(),
+            ci_index: chunk.ci_index,
+            expected: hex::encode(chunk.digest),
+            actual: hex::encode(actual),
+        });
+    }
+    Ok(VerifiedChunk(data))
+}
+
+/// Decompress a whole buffer of known size (CI tables, inlined bootstraps).
+pub(crate) fn decompress_exact(
+    c: Compressor,
+    data: &[u8],
+    size: usize,
+    what: &'static str,
+) -> Result<Vec<u8>> {
+    let bad = |reason: &'static str| Error::invalid(what, size as u64, reason);
+    let out = match c {
+        Compressor::None => data.to_vec(),
+        Compressor::Zstd => {
+            zstd::bulk::decompress(data, size).map_err(|_| bad("zstd data does not decode"))?
+        }
+        Compressor::Lz4Block => {
+            lz4_flex::block::decompress(data, size).map_err(|_| bad("lz4 data does not decode"))?
+        }
+        Compressor::Gzip => return Err(bad("gzip is not supported here")),
+    };
+    if out.len() != size {
+        return Err(bad("decoded size differs from the recorded size"));
+    }
+    Ok(out)
+}
