@@ -30,4 +30,4 @@ pub use model::{
 };
 pub use v5::V5SuperInfo;
 pub use v6::{DeviceSlot, SuperInfo};
-pub use walk::{walk, walk_tolerant, WalkEntry, MAX_DEPTH};
+pub use walk::{walk, walk_tolerant, Visit, WalkEntry, MAX_DEPTH};

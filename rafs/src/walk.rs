@@ -24,47 +24,43 @@ pub struct WalkEntry {
     pub depth: usize,
 }
 
-/// Visit every entry; the first error (from the image or from `visit`) stops the walk.
-pub fn walk(b: &Bootstrap, mut visit: impl FnMut(&WalkEntry) -> Result<()>) -> Result<()> {
-    let stop = std::cell::Cell::new(false);
-    let mut visit_err = None;
-    let mut walk_err = None;
-    walk_tolerant(
-        b,
-        |e| {
-            if stop.get() {
-                return false;
-            }
-            if let Err(err) = visit(e) {
-                visit_err = Some(err);
-                return false;
-            }
-            true
-        },
-        |_, err| {
-            if walk_err.is_none() {
-                walk_err = Some(err);
-            }
-            stop.set(true);
-        },
-    );
-    match walk_err.or(visit_err) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+/// What the tolerant walker reports.
+#[derive(Debug)]
+pub enum Visit<'a> {
+    /// An entry, visited before its children.
+    Entry(&'a WalkEntry),
+    /// A problem at `path`; the walk goes on with the rest of the tree unless told to stop.
+    Error { path: &'a [u8], error: Error },
 }
 
-/// Visit every readable entry; problems go to `on_error` with the path they concern and the walk
-/// goes on with the rest of the tree. `visit` returns `false` to stop the walk.
-pub fn walk_tolerant(
-    b: &Bootstrap,
-    mut visit: impl FnMut(&WalkEntry) -> bool,
-    mut on_error: impl FnMut(&[u8], Error),
-) {
+/// Visit every entry; the first error (from the image or from `visit`) stops the walk.
+pub fn walk(b: &Bootstrap, mut visit: impl FnMut(&WalkEntry) -> Result<()>) -> Result<()> {
+    let mut first_err = None;
+    walk_tolerant(b, |v| {
+        let res = match v {
+            Visit::Entry(e) => visit(e),
+            Visit::Error { error, .. } => Err(error),
+        };
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                first_err = Some(e);
+                false
+            }
+        }
+    });
+    first_err.map_or(Ok(()), Err)
+}
+
+/// Visit every readable entry and report every problem; `f` returns `false` to stop the walk.
+pub fn walk_tolerant(b: &Bootstrap, mut f: impl FnMut(Visit<'_>) -> bool) {
     let root = b.root();
     let attr = match b.getattr(root) {
         Ok(a) => a,
-        Err(e) => return on_error(b"", e),
+        Err(error) => {
+            f(Visit::Error { path: b"", error });
+            return;
+        }
     };
     let mut entered: HashSet<InodeId> = HashSet::new();
     let mut stack = vec![WalkEntry {
@@ -74,36 +70,43 @@ pub fn walk_tolerant(
         depth: 0,
     }];
     while let Some(entry) = stack.pop() {
-        if !visit(&entry) {
+        if !f(Visit::Entry(&entry)) {
             return;
         }
         if entry.attr.file_type != FileType::Dir {
             continue;
         }
-        if !entered.insert(entry.inode) {
-            on_error(
-                &entry.path,
-                Error::BadInode {
-                    ino: entry.inode,
-                    reason: "directory reached twice (cycle or hardlinked directory)",
-                },
-            );
-            continue;
-        }
-        if entry.depth >= MAX_DEPTH {
-            on_error(
-                &entry.path,
-                Error::LimitExceeded {
-                    what: "directory nesting",
-                    limit: MAX_DEPTH as u64,
-                },
-            );
+        let problem = if !entered.insert(entry.inode) {
+            Some(Error::BadInode {
+                ino: entry.inode,
+                reason: "directory reached twice (cycle or hardlinked directory)",
+            })
+        } else if entry.depth >= MAX_DEPTH {
+            Some(Error::LimitExceeded {
+                what: "directory nesting",
+                limit: MAX_DEPTH as u64,
+            })
+        } else {
+            None
+        };
+        if let Some(error) = problem {
+            if !f(Visit::Error {
+                path: &entry.path,
+                error,
+            }) {
+                return;
+            }
             continue;
         }
         let children = match b.readdir(entry.inode) {
             Ok(c) => c,
-            Err(e) => {
-                on_error(&entry.path, e);
+            Err(error) => {
+                if !f(Visit::Error {
+                    path: &entry.path,
+                    error,
+                }) {
+                    return;
+                }
                 continue;
             }
         };
@@ -113,21 +116,24 @@ pub fn walk_tolerant(
                 path.push(b'/');
             }
             path.extend_from_slice(&child.name);
-            match b.getattr(child.inode) {
-                Ok(attr) if attr.file_type == child.file_type => stack.push(WalkEntry {
-                    path,
-                    inode: child.inode,
-                    attr,
-                    depth: entry.depth + 1,
-                }),
-                Ok(_) => on_error(
-                    &path,
-                    Error::BadInode {
-                        ino: child.inode,
-                        reason: "type in the directory entry differs from the inode",
-                    },
-                ),
-                Err(e) => on_error(&path, e),
+            let error = match b.getattr(child.inode) {
+                Ok(attr) if attr.file_type == child.file_type => {
+                    stack.push(WalkEntry {
+                        path,
+                        inode: child.inode,
+                        attr,
+                        depth: entry.depth + 1,
+                    });
+                    continue;
+                }
+                Ok(_) => Error::BadInode {
+                    ino: child.inode,
+                    reason: "type in the directory entry differs from the inode",
+                },
+                Err(e) => e,
+            };
+            if !f(Visit::Error { path: &path, error }) {
+                return;
             }
         }
     }

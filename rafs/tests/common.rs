@@ -1,0 +1,235 @@
+//! Shared helpers for the fixture tests: fixture paths, a multi-directory chunk source, and a
+//! port of the fixtures' `listing.py` (the expected-listing format) to Rust.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+use sha2::Digest as _;
+use shoal_rafs::{BlobInfo, ChunkRef, ChunkSource, LocalBlobDir, VerifiedChunk};
+
+pub fn nydus() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/nydus"
+    ))
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Reads each blob from the first of several directories that has it.
+pub struct MultiDir(pub Vec<LocalBlobDir>);
+
+impl ChunkSource for MultiDir {
+    fn read_chunk(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<VerifiedChunk> {
+        let dir = self
+            .0
+            .iter()
+            .find(|d| d.blob_path(blob).exists())
+            .unwrap_or(&self.0[0]);
+        dir.read_chunk(blob, chunk)
+    }
+}
+
+/// The listing of `top` in the format of `source/listing.py`, one JSON object per path, sorted.
+pub fn listing(top: &Path) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut inodes: BTreeMap<u64, u64> = BTreeMap::new();
+    walk_like_os_walk(top, top, &mut out, &mut inodes);
+    out.sort_by(|a, b| {
+        a["path"]
+            .as_str()
+            .unwrap()
+            .as_bytes()
+            .cmp(b["path"].as_str().unwrap().as_bytes())
+    });
+    out
+}
+
+/// `os.walk` order: per directory, subdirectories (incl. symlinks to dirs) sorted, then the
+/// rest sorted; then recurse into real subdirectories. Hardlink groups number in that order.
+fn walk_like_os_walk(
+    top: &Path,
+    dir: &Path,
+    out: &mut Vec<Value>,
+    inodes: &mut BTreeMap<u64, u64>,
+) {
+    let mut dns = Vec::new();
+    let mut fns = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let is_dir = std::fs::metadata(e.path())
+            .map(|m| m.is_dir())
+            .unwrap_or(false);
+        if is_dir {
+            dns.push(e.file_name())
+        } else {
+            fns.push(e.file_name())
+        }
+    }
+    dns.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    fns.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in dns.iter().chain(fns.iter()) {
+        out.push(entry(top, &dir.join(name), inodes));
+    }
+    for name in &dns {
+        let p = dir.join(name);
+        if !std::fs::symlink_metadata(&p)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+        {
+            walk_like_os_walk(top, &p, out, inodes);
+        }
+    }
+}
+
+fn entry(top: &Path, p: &Path, inodes: &mut BTreeMap<u64, u64>) -> Value {
+    let rel = format!(
+        "/{}",
+        String::from_utf8_lossy(p.strip_prefix(top).unwrap().as_os_str().as_bytes())
+    );
+    let st = std::fs::symlink_metadata(p).unwrap();
+    let ft = st.file_type();
+    let mut e = Map::new();
+    e.insert("path".into(), json!(rel));
+    e.insert("mode".into(), json!(format!("0o{:o}", st.mode() & 0o7777)));
+    e.insert("uid".into(), json!(st.uid()));
+    e.insert("gid".into(), json!(st.gid()));
+    e.insert("mtime".into(), json!(st.mtime()));
+    let rdev = |d: u64| json!([rustix::fs::major(d), rustix::fs::minor(d)]);
+    if ft.is_dir() {
+        e.insert("type".into(), json!("dir"));
+    } else if ft.is_symlink() {
+        e.insert("type".into(), json!("symlink"));
+        let t = std::fs::read_link(p).unwrap();
+        e.insert(
+            "target".into(),
+            json!(String::from_utf8_lossy(t.as_os_str().as_bytes())),
+        );
+    } else if ft.is_file() {
+        e.insert("type".into(), json!("file"));
+        e.insert("size".into(), json!(st.size()));
+        let data = std::fs::read(p).unwrap();
+        e.insert(
+            "sha256".into(),
+            json!(hex::encode(sha2::Sha256::digest(&data))),
+        );
+        if st.nlink() > 1 {
+            let n = inodes.len() as u64;
+            e.insert(
+                "hardlink_group".into(),
+                json!(*inodes.entry(st.ino()).or_insert(n)),
+            );
+        }
+    } else if ft.is_char_device() {
+        e.insert("type".into(), json!("char"));
+        e.insert("rdev".into(), rdev(st.rdev()));
+    } else if ft.is_block_device() {
+        e.insert("type".into(), json!("block"));
+        e.insert("rdev".into(), rdev(st.rdev()));
+    } else if ft.is_fifo() {
+        e.insert("type".into(), json!("fifo"));
+    }
+    if !ft.is_symlink() {
+        let xs = xattrs(p);
+        if !xs.is_empty() {
+            e.insert("xattrs_hex".into(), Value::Object(xs));
+        }
+    }
+    Value::Object(e)
+}
+
+fn xattrs(p: &Path) -> Map<String, Value> {
+    let mut names = vec![0u8; 65536];
+    let n = rustix::fs::llistxattr(p, &mut names).unwrap_or(0);
+    let mut keys: Vec<&[u8]> = names[..n]
+        .split(|&c| c == 0)
+        .filter(|k| !k.is_empty())
+        .collect();
+    keys.sort();
+    let mut out = Map::new();
+    for k in keys {
+        let mut v = vec![0u8; 65536];
+        let n = rustix::fs::lgetxattr(p, std::ffi::OsStr::from_bytes(k), &mut v).unwrap();
+        out.insert(
+            String::from_utf8_lossy(k).into_owned(),
+            json!(hex::encode(&v[..n])),
+        );
+    }
+    out
+}
+
+/// Parse a `.listing.jsonl` file.
+pub fn load_listing(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Drop what a non-root unpack cannot reproduce: owners, device nodes, privileged xattrs.
+pub fn strip_privileged(list: &mut Vec<Value>) {
+    list.retain(|e| !matches!(e["type"].as_str(), Some("char") | Some("block")));
+    for e in list.iter_mut() {
+        let o = e.as_object_mut().unwrap();
+        o.remove("uid");
+        o.remove("gid");
+        if let Some(Value::Object(xs)) = o.get_mut("xattrs_hex") {
+            xs.retain(|k, _| k.starts_with("user."));
+            if xs.is_empty() {
+                o.remove("xattrs_hex");
+            }
+        }
+    }
+}
+
+/// Differences between two listings, one readable line per path.
+pub fn listing_diffs(actual: &[Value], expected: &[Value]) -> Vec<String> {
+    let a: BTreeMap<&str, &Value> = actual
+        .iter()
+        .map(|e| (e["path"].as_str().unwrap(), e))
+        .collect();
+    let x: BTreeMap<&str, &Value> = expected
+        .iter()
+        .map(|e| (e["path"].as_str().unwrap(), e))
+        .collect();
+    let mut diffs = Vec::new();
+    for (p, e) in &x {
+        match a.get(p) {
+            None => diffs.push(format!("missing {p}")),
+            Some(v) if v != e => {
+                diffs.push(format!("differs {p}:\n   got      {v}\n   expected {e}"))
+            }
+            _ => {}
+        }
+    }
+    for p in a.keys().filter(|p| !x.contains_key(*p)) {
+        diffs.push(format!("unexpected {p}"));
+    }
+    diffs
+}
+
+/// Assert two listings are equal, reporting the first differing paths readably.
+pub fn assert_same_listing(what: &str, actual: &[Value], expected: &[Value]) {
+    assert!(!expected.is_empty(), "{what}: empty expected listing");
+    let diffs = listing_diffs(actual, expected);
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences (of {} expected entries):\n{}",
+        diffs.len(),
+        expected.len(),
+        diffs
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
