@@ -544,87 +544,64 @@ fn bad_input_gets_oci_errors_and_the_node_keeps_working() {
             let zeros = format!("sha256:{}", "0".repeat(64));
             let upper = format!("sha256:{}", "A".repeat(64));
             let long_tag = "t".repeat(129);
-            let cases: Vec<(String, Option<&str>, &[u16], &[&str])> = vec![
-                (
-                    "/v2/UPPER/manifests/latest".into(),
-                    None,
-                    &[400, 404],
-                    &["NAME_INVALID", "NAME_UNKNOWN"],
-                ),
-                (
-                    "/v2/a//b/manifests/latest".into(),
-                    None,
-                    &[400, 404],
-                    &["NAME_INVALID", "NAME_UNKNOWN"],
-                ),
-                (
-                    "/v2/-a/manifests/latest".into(),
-                    None,
-                    &[400, 404],
-                    &["NAME_INVALID", "NAME_UNKNOWN"],
-                ),
-                (
-                    format!("/v2/{REPO}/blobs/sha256:1234"),
+            const NAME: &[&str] = &["NAME_INVALID", "NAME_UNKNOWN"];
+            const TAG_BAD: &[&str] = &["TAG_INVALID", "MANIFEST_INVALID", "NAME_INVALID"];
+            let cases = [
+                bad("/v2/UPPER/manifests/latest", None, &[400, 404], NAME),
+                bad("/v2/a//b/manifests/latest", None, &[400, 404], NAME),
+                bad("/v2/-a/manifests/latest", None, &[400, 404], NAME),
+                bad(
+                    &format!("/v2/{REPO}/blobs/sha256:1234"),
                     None,
                     &[400],
                     &["DIGEST_INVALID"],
                 ),
-                (
-                    format!("/v2/{REPO}/blobs/{upper}"),
+                bad(
+                    &format!("/v2/{REPO}/blobs/{upper}"),
                     None,
                     &[400],
                     &["DIGEST_INVALID"],
                 ),
-                (
-                    format!("/v2/{REPO}/blobs/md5:d41d8cd98f00b204e9800998ecf8427e"),
+                bad(
+                    &format!("/v2/{REPO}/blobs/md5:d41d8cd98f00b204e9800998ecf8427e"),
                     None,
                     &[400],
                     &["DIGEST_INVALID", "UNSUPPORTED"],
                 ),
-                (
-                    format!("/v2/{REPO}/blobs/{zeros}"),
+                bad(
+                    &format!("/v2/{REPO}/blobs/{zeros}"),
                     None,
                     &[404],
                     &["BLOB_UNKNOWN"],
                 ),
-                (
-                    format!("/v2/{REPO}/manifests/{long_tag}"),
+                bad(
+                    &format!("/v2/{REPO}/manifests/{long_tag}"),
                     None,
                     &[400],
-                    &["TAG_INVALID", "MANIFEST_INVALID", "NAME_INVALID"],
+                    TAG_BAD,
                 ),
-                (
-                    format!("/v2/{REPO}/manifests/bad!tag"),
+                bad(
+                    &format!("/v2/{REPO}/manifests/bad!tag"),
                     None,
                     &[400],
-                    &["TAG_INVALID", "MANIFEST_INVALID", "NAME_INVALID"],
+                    TAG_BAD,
                 ),
-                (
-                    format!("/v2/{REPO}/manifests/sha256:xyz"),
+                bad(
+                    &format!("/v2/{REPO}/manifests/sha256:xyz"),
                     None,
                     &[400],
                     &["DIGEST_INVALID", "MANIFEST_INVALID"],
                 ),
-                (
-                    format!("/v2/{REPO}/manifests/nope"),
+                bad(
+                    &format!("/v2/{REPO}/manifests/nope"),
                     None,
                     &[404],
                     &["MANIFEST_UNKNOWN"],
                 ),
-                (
-                    blob.clone(),
-                    Some("bytes=5-2"),
-                    &[400, 416],
-                    &["RANGE_INVALID"],
-                ),
-                (
-                    blob.clone(),
-                    Some("bytes=abc"),
-                    &[400, 416],
-                    &["RANGE_INVALID"],
-                ),
-                (
-                    blob.clone(),
+                bad(&blob, Some("bytes=5-2"), &[400, 416], &["RANGE_INVALID"]),
+                bad(&blob, Some("bytes=abc"), &[400, 416], &["RANGE_INVALID"]),
+                bad(
+                    &blob,
                     Some("bytes=0-1,5-"),
                     &[400, 416],
                     &["RANGE_INVALID", "UNSUPPORTED"],
@@ -632,7 +609,13 @@ fn bad_input_gets_oci_errors_and_the_node_keeps_working() {
             ];
             let client = http::client()?;
             let mut failures = Vec::new();
-            for (path, range, statuses, codes) in &cases {
+            for BadCase {
+                path,
+                range,
+                statuses,
+                codes,
+            } in &cases
+            {
                 let mut request = client.get(format!("{}{path}", node.url()));
                 if let Some(range) = range {
                     request = request.header("Range", *range);
@@ -653,6 +636,28 @@ fn bad_input_gets_oci_errors_and_the_node_keeps_working() {
             Ok(())
         },
     );
+}
+
+/// A request that must get an OCI error.
+struct BadCase {
+    path: String,
+    range: Option<&'static str>,
+    statuses: &'static [u16],
+    codes: &'static [&'static str],
+}
+
+fn bad(
+    path: &str,
+    range: Option<&'static str>,
+    statuses: &'static [u16],
+    codes: &'static [&'static str],
+) -> BadCase {
+    BadCase {
+        path: path.to_owned(),
+        range,
+        statuses,
+        codes,
+    }
 }
 
 fn check_oci_error(got: &Fetched, statuses: &[u16], codes: &[&str]) -> Result<()> {
