@@ -18,26 +18,45 @@ pub trait ChunkSource {
     fn read_chunk(&self, blob: &BlobInfo, chunk: &ChunkRef) -> Result<VerifiedChunk>;
 }
 
-/// Data blobs in a local directory, each in a file named by its blob id.
+/// Data blobs in local directories, each in a file named by its blob id. With several
+/// directories (a merged image whose layers' blobs live apart), the first one holding a blob wins.
 #[derive(Debug, Clone)]
 pub struct LocalBlobDir {
-    dir: PathBuf,
+    dirs: Vec<PathBuf>,
 }
 
 impl LocalBlobDir {
     /// Blobs under `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        LocalBlobDir { dir: dir.into() }
+        LocalBlobDir {
+            dirs: vec![dir.into()],
+        }
     }
 
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Blobs under any of `dirs`, searched in order.
+    pub fn with_dirs(dirs: impl IntoIterator<Item = PathBuf>) -> Self {
+        LocalBlobDir {
+            dirs: dirs.into_iter().collect(),
+        }
     }
 
-    /// Path of a blob's file (blob ids are validated ASCII alphanumerics, so this stays in `dir`).
+    /// The directories searched.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// Path of a blob's file: in the first directory that has it, else in the first directory.
+    /// Blob ids are validated ASCII alphanumerics, so the path never leaves the directory.
     pub fn blob_path(&self, blob: &BlobInfo) -> PathBuf {
-        self.dir.join(&blob.blob_id)
+        let candidates = self.dirs.iter().map(|d| d.join(&blob.blob_id));
+        let mut first = None;
+        for p in candidates {
+            if p.exists() {
+                return p;
+            }
+            first.get_or_insert(p);
+        }
+        first.unwrap_or_else(|| Path::new(&blob.blob_id).to_path_buf())
     }
 
     /// Open a blob's file.

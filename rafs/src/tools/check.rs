@@ -63,9 +63,9 @@ impl CheckReport {
 }
 
 /// Open the bootstrap at `path` and check it (an open failure is reported as a problem).
-pub fn check_path(path: &Path, blob_dir: Option<&Path>) -> CheckReport {
+pub fn check_path(path: &Path, blobs: Option<&LocalBlobDir>) -> CheckReport {
     match Bootstrap::open(path) {
-        Ok(b) => check(&b, blob_dir.map(LocalBlobDir::new).as_ref()),
+        Ok(b) => check(&b, blobs),
         Err(e) => {
             let mut r = CheckReport::default();
             r.add(None, None, e);
@@ -206,6 +206,9 @@ fn check_tables(b: &Bootstrap, r: &mut CheckReport) {
 fn check_blob(b: &Bootstrap, dir: &LocalBlobDir, blob: &BlobInfo, r: &mut CheckReport) {
     let id = Some(blob.blob_id.clone());
     r.blobs_checked += 1;
+    if let Err(e) = dir.open_blob(blob) {
+        return r.add(None, id, e);
+    }
     let chunks = match b.blob_chunks(blob.index) {
         Ok(c) => c,
         Err(e) => return r.add(None, id, e),

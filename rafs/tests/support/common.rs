@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 use sha2::Digest as _;
-use shoal_rafs::{BlobInfo, ChunkRef, ChunkSource, LocalBlobDir, VerifiedChunk};
 
 pub fn nydus() -> PathBuf {
     PathBuf::from(concat!(
@@ -20,20 +19,6 @@ pub fn nydus() -> PathBuf {
 
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
-}
-
-/// Reads each blob from the first of several directories that has it.
-pub struct MultiDir(pub Vec<LocalBlobDir>);
-
-impl ChunkSource for MultiDir {
-    fn read_chunk(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<VerifiedChunk> {
-        let dir = self
-            .0
-            .iter()
-            .find(|d| d.blob_path(blob).exists())
-            .unwrap_or(&self.0[0]);
-        dir.read_chunk(blob, chunk)
-    }
 }
 
 /// The listing of `top` in the format of `source/listing.py`, one JSON object per path, sorted.
