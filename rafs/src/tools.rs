@@ -13,3 +13,31 @@ pub use unpack::{unpack, UnpackError, UnpackOptions, UnpackStats};
 pub(crate) fn display_path(p: &[u8]) -> String {
     format!("/{}", String::from_utf8_lossy(p))
 }
+
+/// Caps the chunk references the tools follow across all distinct files at what the bootstrap's
+/// size can describe (every reference costs at least 8 bytes of index in a legitimate image), so
+/// a hostile image that aliases chunk-index arrays cannot make a walk quadratic.
+pub(crate) struct ChunkBudget {
+    left: u64,
+    limit: u64,
+}
+
+impl ChunkBudget {
+    pub(crate) fn new(b: &crate::Bootstrap) -> Self {
+        let limit = b.as_bytes().len() as u64 / 8 + 16;
+        ChunkBudget { left: limit, limit }
+    }
+
+    pub(crate) fn take(&mut self, n: usize) -> crate::Result<()> {
+        match self.left.checked_sub(n as u64) {
+            Some(left) => {
+                self.left = left;
+                Ok(())
+            }
+            None => Err(crate::Error::LimitExceeded {
+                what: "chunk references (more than the bootstrap's size can describe)",
+                limit: self.limit,
+            }),
+        }
+    }
+}

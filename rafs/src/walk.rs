@@ -1,7 +1,10 @@
 //! Depth-first traversal of an image tree that terminates on any input.
 //!
 //! Invariants: each directory inode is entered at most once (a second sighting is reported as an
-//! error, which breaks cycles made by corrupt dirents), nesting is capped at [`MAX_DEPTH`], and
+//! error, which breaks cycles made by corrupt dirents), nesting is capped at [`MAX_DEPTH`], the
+//! number of entries visited is capped by what the bootstrap's size can describe (a legitimate
+//! image spends at least 4 bytes per entry; hostile ones that alias directory data would
+//! otherwise make the walk quadratic), and
 //! entries are visited parent before child, in directory order. Paths are `/`-joined bytes
 //! relative to the root (the root itself is visited first with an empty path).
 
@@ -63,6 +66,8 @@ pub fn walk_tolerant(b: &Bootstrap, mut f: impl FnMut(Visit<'_>) -> bool) {
         }
     };
     let mut entered: HashSet<InodeId> = HashSet::new();
+    let budget = b.as_bytes().len() as u64 / 4 + 16;
+    let mut visited = 0u64;
     let mut stack = vec![WalkEntry {
         path: Vec::new(),
         inode: root,
@@ -70,6 +75,18 @@ pub fn walk_tolerant(b: &Bootstrap, mut f: impl FnMut(Visit<'_>) -> bool) {
         depth: 0,
     }];
     while let Some(entry) = stack.pop() {
+        visited += 1;
+        if visited > budget {
+            let error = Error::LimitExceeded {
+                what: "entries visited (more than the bootstrap's size can describe)",
+                limit: budget,
+            };
+            f(Visit::Error {
+                path: &entry.path,
+                error,
+            });
+            return;
+        }
         if !f(Visit::Entry(&entry)) {
             return;
         }

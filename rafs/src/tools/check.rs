@@ -4,6 +4,7 @@
 //! Invariant: `check` never stops at the first problem and never fails as a whole — anything
 //! wrong, including a bootstrap that does not open, becomes a [`Problem`] in the report.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -15,8 +16,8 @@ use crate::blob::source::{ChunkSource, LocalBlobDir};
 use crate::bootstrap::Bootstrap;
 use crate::error::{Error, Result};
 use crate::model::{BlobInfo, ChunkRef, FileType, RafsVersion};
-use crate::tools::display_path;
 use crate::tools::inspect::read_tail;
+use crate::tools::{display_path, ChunkBudget};
 use crate::walk::{walk_tolerant, Visit};
 
 /// Cap on problems recorded; beyond it only the count grows.
@@ -83,12 +84,17 @@ pub fn check(b: &Bootstrap, blobs: Option<&LocalBlobDir>) -> CheckReport {
     check_tables(b, &mut r);
     let mut entries = 0u64;
     let mut problems = Vec::new();
+    let mut budget = ChunkBudget::new(b);
+    let mut files_seen = HashSet::new();
     walk_tolerant(b, |v| {
         match v {
             Visit::Entry(e) => {
                 entries += 1;
-                if let Err(err) = check_entry(b, e.inode, &e.attr) {
+                let first_sight = files_seen.insert(e.inode);
+                if let Err(err) = check_entry(b, e.inode, &e.attr, first_sight, &mut budget) {
+                    let stop = matches!(err, Error::LimitExceeded { .. });
                     problems.push((display_path(&e.path), err));
+                    return !stop;
                 }
             }
             Visit::Error { path, error } => problems.push((display_path(path), error)),
@@ -107,7 +113,13 @@ pub fn check(b: &Bootstrap, blobs: Option<&LocalBlobDir>) -> CheckReport {
     r
 }
 
-fn check_entry(b: &Bootstrap, inode: u64, attr: &crate::Attr) -> Result<()> {
+fn check_entry(
+    b: &Bootstrap,
+    inode: u64,
+    attr: &crate::Attr,
+    first_sight: bool,
+    budget: &mut ChunkBudget,
+) -> Result<()> {
     b.xattrs(inode)?;
     match attr.file_type {
         FileType::Symlink if b.readlink(inode)?.is_empty() => {
@@ -116,7 +128,11 @@ fn check_entry(b: &Bootstrap, inode: u64, attr: &crate::Attr) -> Result<()> {
                 reason: "empty symlink target",
             });
         }
-        FileType::File => check_coverage(inode, attr.size, &b.file_chunks(inode, 0, u64::MAX)?)?,
+        FileType::File if first_sight => {
+            let chunks = b.file_chunks(inode, 0, u64::MAX)?;
+            budget.take(chunks.len())?;
+            check_coverage(inode, attr.size, &chunks)?;
+        }
         _ => {}
     }
     Ok(())
@@ -132,7 +148,7 @@ fn check_coverage(inode: u64, size: u64, chunks: &[ChunkRef]) -> Result<()> {
                 reason: "overlapping chunks",
             });
         }
-        next = c.file_offset + u64::from(c.uncompressed_size);
+        next = c.file_offset.saturating_add(u64::from(c.uncompressed_size));
     }
     if next != size && !chunks.is_empty() {
         return Err(Error::BadInode {
@@ -185,10 +201,15 @@ fn check_tables(b: &Bootstrap, r: &mut CheckReport) {
             let problem = if aligned && c.uncompressed_offset % 4096 != 0 {
                 Some("uncompressed offset not 4 KiB aligned")
             } else if blob.uncompressed_size != 0
-                && c.uncompressed_offset + u64::from(c.uncompressed_size) > blob.uncompressed_size
+                && c.uncompressed_offset
+                    .saturating_add(u64::from(c.uncompressed_size))
+                    > blob.uncompressed_size
             {
                 Some("chunk lies past the decoded blob size")
-            } else if data_end != 0 && c.compressed_offset + u64::from(c.compressed_size) > data_end
+            } else if data_end != 0
+                && c.compressed_offset
+                    .saturating_add(u64::from(c.compressed_size))
+                    > data_end
             {
                 Some("chunk lies past the blob's data")
             } else if !c.compressed && c.compressed_size != c.uncompressed_size {
@@ -264,7 +285,10 @@ fn check_blob_tail(dir: &LocalBlobDir, blob: &BlobInfo, chunks: &[ChunkRef]) -> 
     let Some(meta) = &blob.meta else {
         return Ok(());
     };
-    let region = read(meta.offset, meta.compressed_size + CI_HEADER_SIZE)?;
+    let region = read(
+        meta.offset,
+        meta.compressed_size.saturating_add(CI_HEADER_SIZE),
+    )?;
     let (header, entries) = decode_blob_meta(blob, &region)?;
     if header.ci_entries != blob.chunk_count || entries.len() != blob.chunk_count as usize {
         return Err(Error::invalid(

@@ -15,7 +15,7 @@ use crate::blob::tail::{parse_tail_with, BlobTail};
 use crate::bootstrap::{Bootstrap, Summary};
 use crate::error::{Error, Result};
 use crate::model::{BlobInfo, FileType, RafsVersion};
-use crate::tools::display_path;
+use crate::tools::{display_path, ChunkBudget};
 use crate::v6::{DeviceSlot, SuperInfo};
 use crate::walk::walk;
 
@@ -71,6 +71,7 @@ pub fn inspect(b: &Bootstrap, blobs: Option<&LocalBlobDir>) -> Result<InspectRep
     let mut seen_links = HashSet::new();
     let mut chunks = HashSet::new();
     let mut paths: HashMap<u64, String> = HashMap::new();
+    let mut budget = ChunkBudget::new(b);
     walk(b, |e| {
         let key = if b.version() == RafsVersion::V6 {
             e.inode
@@ -91,8 +92,10 @@ pub fn inspect(b: &Bootstrap, blobs: Option<&LocalBlobDir>) -> Result<InspectRep
                     return Ok(());
                 }
                 stats.files += 1;
-                stats.total_file_bytes += e.attr.size;
-                for c in b.file_chunks(e.inode, 0, u64::MAX)? {
+                stats.total_file_bytes = stats.total_file_bytes.saturating_add(e.attr.size);
+                let refs = b.file_chunks(e.inode, 0, u64::MAX)?;
+                budget.take(refs.len())?;
+                for c in refs {
                     stats.chunk_refs += 1;
                     chunks.insert((c.blob_index, c.compressed_offset, c.digest));
                 }

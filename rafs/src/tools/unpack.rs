@@ -21,6 +21,7 @@ use crate::blob::source::ChunkSource;
 use crate::bootstrap::Bootstrap;
 use crate::error::Error;
 use crate::model::{Attr, FileType};
+use crate::tools::ChunkBudget;
 use crate::walk::{walk_tolerant, Visit, WalkEntry};
 
 /// What to restore besides names, types and content.
@@ -91,6 +92,7 @@ pub fn unpack(
         stats: UnpackStats::default(),
         links: HashMap::new(),
         dirs: Vec::new(),
+        budget: ChunkBudget::new(b),
     };
     let mut failure: Option<UnpackError> = None;
     walk_tolerant(b, |v| {
@@ -152,6 +154,7 @@ struct Unpacker<'a> {
     links: HashMap<u64, PathBuf>,
     /// Directories whose metadata is applied at the end.
     dirs: Vec<(PathBuf, u64, Attr)>,
+    budget: ChunkBudget,
 }
 
 impl Unpacker<'_> {
@@ -226,7 +229,9 @@ impl Unpacker<'_> {
             .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(path)
             .map_err(|err| io("create", path, err))?;
-        for c in self.b.file_chunks(inode, 0, size)? {
+        let chunks = self.b.file_chunks(inode, 0, size)?;
+        self.budget.take(chunks.len())?;
+        for c in chunks {
             let blob = self.b.blob(c.blob_index)?;
             let data = self.source.read_chunk(blob, &c)?;
             f.write_all_at(&data, c.file_offset)
