@@ -1,12 +1,13 @@
 //! Nydus RAFS on-disk format: a reader for v6 and v5 bootstraps, chunk decoding and
 //! verification over a [`ChunkSource`], the blob tail/TOC and CI parsers, the decoded-blob writer,
-//! and the `inspect` / `check` / `unpack` tools built on them.
+//! the `inspect` / `check` / `unpack` tools built on them, and the v6 builder and merge.
 //!
 //! Every parser here takes untrusted input: it returns an [`Error`] on anything malformed, never
 //! panics, never loops without bound and never allocates from an unchecked length field.
 
 mod blob;
 mod bootstrap;
+pub mod build;
 mod error;
 mod model;
 mod raw;

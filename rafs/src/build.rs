@@ -1,0 +1,150 @@
+//! The RAFS v6 builder: one OCI layer tar → a data blob and its bootstrap, and merging layer
+//! bootstraps into an image bootstrap — both written so that our reader, the stock nydus tools
+//! and kernel EROFS accept them.
+
+mod blob_writer;
+mod merge;
+mod tar_layer;
+mod tree;
+mod v6_writer;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::bootstrap::Bootstrap;
+use crate::model::{BlobInfo, Compressor, Digester};
+
+/// How chunks are cut, compressed and digested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BuildOptions {
+    pub compressor: Compressor,
+    pub digester: Digester,
+    /// Power of two in 4 KiB..=16 MiB.
+    pub chunk_size: u32,
+}
+
+impl Default for BuildOptions {
+    /// nydus-image's defaults: zstd, blake3, 1 MiB chunks.
+    fn default() -> Self {
+        BuildOptions {
+            compressor: Compressor::Zstd,
+            digester: Digester::Blake3,
+            chunk_size: 1 << 20,
+        }
+    }
+}
+
+/// Why a build or merge failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad layer tar: {0}")]
+    Tar(String),
+    #[error("tar entry would escape the image root or link outside the layer: {0}")]
+    UnsafePath(String),
+    #[error("extended attribute {0} cannot be stored in RAFS v6 (only user., trusted., security. and POSIX ACLs)")]
+    UnsupportedXattr(String),
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+    #[error(transparent)]
+    Image(#[from] crate::Error),
+    #[error("internal builder invariant violated: {0}")]
+    Internal(&'static str),
+}
+
+impl BuildError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        BuildError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What a layer build wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildOutput {
+    pub bootstrap: PathBuf,
+    pub blob_id: String,
+    pub blob: PathBuf,
+    pub blob_size: u64,
+    pub chunks: u64,
+    pub dedup_hits: u64,
+}
+
+/// Build one layer: read the tar (plain, gzip or zstd) from `input`, write `out_dir/bootstrap`
+/// and `out_dir/blobs/<blob id>`.
+pub fn build_layer(
+    input: impl Read,
+    opts: &BuildOptions,
+    out_dir: &Path,
+) -> Result<BuildOutput, BuildError> {
+    crate::v6::superblock::check_chunk_size("chunk size", opts.chunk_size)?;
+    if opts.compressor == Compressor::Gzip {
+        return Err(BuildError::Unsupported("gzip chunk compression"));
+    }
+    let blobs_dir = out_dir.join("blobs");
+    std::fs::create_dir_all(&blobs_dir).map_err(|e| BuildError::io("mkdir", &blobs_dir, e))?;
+    let tmp = blobs_dir.join(".building");
+    let mut writer = blob_writer::BlobWriter::new(&tmp, *opts)?;
+    let tree = tar_layer::read_layer(input, &mut writer, opts)?;
+    let dedup_hits = writer.dedup_hits;
+    let blob = writer.finish(&blobs_dir)?;
+    let info = BlobInfo {
+        index: 0,
+        blob_id: blob.blob_id.clone(),
+        chunk_size: opts.chunk_size,
+        chunk_count: blob.chunks.len() as u32,
+        compressor: opts.compressor,
+        digester: opts.digester,
+        features: blob_writer::BLOB_FEATURES,
+        compressed_size: blob.file_size,
+        uncompressed_size: blob.uncompressed_size,
+        meta: Some(blob.meta.clone()),
+        toc_size: 0,
+        toc_digest: [0; 32],
+    };
+    let boot = v6_writer::write_bootstrap(&tree, &[info], &blob.chunks, opts)?;
+    let bootstrap = out_dir.join("bootstrap");
+    std::fs::write(&bootstrap, &boot).map_err(|e| BuildError::io("write", &bootstrap, e))?;
+    Ok(BuildOutput {
+        bootstrap,
+        blob_id: blob.blob_id,
+        blob: blob.path,
+        blob_size: blob.file_size,
+        chunks: blob.chunks.len() as u64,
+        dedup_hits,
+    })
+}
+
+/// What a merge wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeOutput {
+    pub bootstrap: PathBuf,
+    /// Blob ids in device (`device=`) order.
+    pub blobs: Vec<String>,
+}
+
+/// Merge layer bootstraps (lowest first) into `output`.
+pub fn merge(layers: &[PathBuf], output: &Path) -> Result<MergeOutput, BuildError> {
+    let opened = layers
+        .iter()
+        .map(Bootstrap::open)
+        .collect::<Result<Vec<_>, _>>()?;
+    let m = merge::merge_layers(&opened)?;
+    let boot = v6_writer::write_bootstrap(&m.tree, &m.blobs, &m.chunks, &m.opts)?;
+    std::fs::write(output, &boot).map_err(|e| BuildError::io("write", output, e))?;
+    Ok(MergeOutput {
+        bootstrap: output.to_path_buf(),
+        blobs: m.blobs.iter().map(|b| b.blob_id.clone()).collect(),
+    })
+}

@@ -1,0 +1,193 @@
+//! Writes a RAFS v6 data blob: chunks compressed one by one and packed back to back, then the
+//! compression-info (CI v1) table and its 4 KiB header — the layout nydus-image writes without
+//! `--blob-inline-meta`. Chunks with equal digest and size are stored once.
+//!
+//! Invariants: uncompressed offsets are 4 KiB aligned and increase; a chunk is stored raw when
+//! compression does not make it smaller; the blob id is the sha256 of the finished file, which
+//! is renamed into place only when complete.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::Digest as _;
+
+use crate::build::{BuildError, BuildOptions};
+use crate::model::{BlobMetaInfo, ChunkRef, Compressor};
+
+const CI_MAGIC: u32 = 0xB10B_B10B;
+/// BlobFeatures written by the builder: ALIGNED | CAP_TAR_TOC (as nydus-image v2.2+).
+pub(crate) const BLOB_FEATURES: u32 = 0x4000_0001;
+
+/// A finished data blob.
+#[derive(Debug, Clone)]
+pub(crate) struct FinishedBlob {
+    pub blob_id: String,
+    pub path: PathBuf,
+    pub file_size: u64,
+    pub uncompressed_size: u64,
+    pub meta: BlobMetaInfo,
+    /// Unique chunks in CI order (`ci_index` = position).
+    pub chunks: Vec<ChunkRef>,
+}
+
+pub(crate) struct BlobWriter {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    hasher: sha2::Sha256,
+    opts: BuildOptions,
+    coff: u64,
+    uoff: u64,
+    dedup: HashMap<([u8; 32], u32), usize>,
+    chunks: Vec<ChunkRef>,
+    pub(crate) dedup_hits: u64,
+}
+
+impl BlobWriter {
+    pub(crate) fn new(tmp: &Path, opts: BuildOptions) -> Result<Self, BuildError> {
+        let f = File::create(tmp).map_err(|e| BuildError::io("create", tmp, e))?;
+        Ok(BlobWriter {
+            out: BufWriter::with_capacity(1 << 20, f),
+            tmp: tmp.to_path_buf(),
+            hasher: sha2::Sha256::new(),
+            opts,
+            coff: 0,
+            uoff: 0,
+            dedup: HashMap::new(),
+            chunks: Vec::new(),
+            dedup_hits: 0,
+        })
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), BuildError> {
+        self.hasher.update(data);
+        self.out
+            .write_all(data)
+            .map_err(|e| BuildError::io("write", &self.tmp, e))
+    }
+
+    /// Store one chunk of a file (or find it stored) and return its reference for that file.
+    pub(crate) fn add_chunk(
+        &mut self,
+        data: &[u8],
+        file_offset: u64,
+    ) -> Result<ChunkRef, BuildError> {
+        let digest = self.opts.digester.digest(data);
+        let usize_ = data.len() as u32;
+        if let Some(&i) = self.dedup.get(&(digest, usize_)) {
+            self.dedup_hits += 1;
+            let mut c = self
+                .chunks
+                .get(i)
+                .cloned()
+                .ok_or(BuildError::Internal("dedup index"))?;
+            c.file_offset = file_offset;
+            return Ok(c);
+        }
+        let compressed = compress(self.opts.compressor, data)?;
+        let (stored, is_compressed) = match &compressed {
+            Some(c) if c.len() < data.len() => (c.as_slice(), true),
+            _ => (data, false),
+        };
+        let c = ChunkRef {
+            blob_index: 0,
+            ci_index: self.chunks.len() as u32,
+            digest,
+            compressed: is_compressed,
+            compressed_offset: self.coff,
+            compressed_size: stored.len() as u32,
+            uncompressed_offset: self.uoff,
+            uncompressed_size: usize_,
+            file_offset,
+        };
+        let stored = stored.to_vec();
+        self.write(&stored)?;
+        self.coff += stored.len() as u64;
+        self.uoff = (self.uoff + u64::from(usize_)).div_ceil(4096) * 4096;
+        self.dedup.insert((digest, usize_), self.chunks.len());
+        self.chunks.push(c.clone());
+        Ok(c)
+    }
+
+    /// Append the CI table and header, and move the blob to `blobs_dir/<sha256>`.
+    pub(crate) fn finish(mut self, blobs_dir: &Path) -> Result<FinishedBlob, BuildError> {
+        let mut ci = Vec::with_capacity(self.chunks.len() * 16);
+        for c in &self.chunks {
+            let u1 = u64::from(c.uncompressed_size - 1);
+            let c1 = u64::from(c.compressed_size - 1);
+            let uncomp = (c.uncompressed_offset & 0xfff_ffff_f000)
+                | ((u1 & 0xf_ffff) << 44)
+                | (((u1 >> 20) & 0xf) << 8);
+            let comp = (c.compressed_offset & 0xff_ffff_ffff)
+                | ((c1 & 0xf_ffff) << 44)
+                | (((c1 >> 20) & 0xf) << 40);
+            ci.extend_from_slice(&uncomp.to_le_bytes());
+            ci.extend_from_slice(&comp.to_le_bytes());
+        }
+        let (ci_comp, ci_stored) = match compress(self.opts.compressor, &ci)? {
+            Some(z) if z.len() < ci.len() => (self.opts.compressor, z),
+            _ => (Compressor::None, ci.clone()),
+        };
+        let meta = BlobMetaInfo {
+            compressor: ci_comp,
+            offset: self.coff,
+            compressed_size: ci_stored.len() as u64,
+            uncompressed_size: ci.len() as u64,
+        };
+        let mut h = vec![0u8; 4096];
+        put(&mut h, 0, &CI_MAGIC.to_le_bytes());
+        put(&mut h, 4, &BLOB_FEATURES.to_le_bytes());
+        put(&mut h, 8, &compressor_enum(ci_comp).to_le_bytes());
+        put(&mut h, 12, &(self.chunks.len() as u32).to_le_bytes());
+        put(&mut h, 16, &meta.offset.to_le_bytes());
+        put(&mut h, 24, &meta.compressed_size.to_le_bytes());
+        put(&mut h, 32, &meta.uncompressed_size.to_le_bytes());
+        put(&mut h, 4092, &CI_MAGIC.to_le_bytes());
+        self.write(&ci_stored)?;
+        self.write(&h)?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| BuildError::io("write", &self.tmp, e.into_error()))?;
+        file.sync_all()
+            .map_err(|e| BuildError::io("sync", &self.tmp, e))?;
+        let blob_id = hex::encode(self.hasher.finalize());
+        let path = blobs_dir.join(&blob_id);
+        std::fs::rename(&self.tmp, &path).map_err(|e| BuildError::io("rename", &path, e))?;
+        Ok(FinishedBlob {
+            blob_id,
+            path,
+            file_size: self.coff + ci_stored.len() as u64 + 4096,
+            uncompressed_size: self.uoff,
+            meta,
+            chunks: self.chunks,
+        })
+    }
+}
+
+pub(crate) fn compressor_enum(c: Compressor) -> u32 {
+    match c {
+        Compressor::None => 0,
+        Compressor::Lz4Block => 1,
+        Compressor::Gzip => 2,
+        Compressor::Zstd => 3,
+    }
+}
+
+fn compress(c: Compressor, data: &[u8]) -> Result<Option<Vec<u8>>, BuildError> {
+    Ok(match c {
+        Compressor::None => None,
+        Compressor::Zstd => Some(
+            zstd::bulk::compress(data, 3).map_err(|e| BuildError::io("zstd", Path::new(""), e))?,
+        ),
+        Compressor::Lz4Block => Some(lz4_flex::block::compress(data)),
+        Compressor::Gzip => return Err(BuildError::Unsupported("gzip chunk compression")),
+    })
+}
+
+pub(crate) fn put(buf: &mut [u8], at: usize, v: &[u8]) {
+    if let Some(dst) = buf.get_mut(at..at + v.len()) {
+        dst.copy_from_slice(v);
+    }
+}

@@ -1,0 +1,252 @@
+//! The builder and merge, round-tripped: layer tars → our blob + bootstrap → unpacked by our reader
+//! and, as root, mounted by the kernel (file-backed EROFS with the decoded blobs as `device=`) →
+//! compared with the listings of the trees the layers were made from.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/common.rs"]
+mod common;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use shoal_rafs::build::{build_layer, merge, BuildError, BuildOptions};
+use shoal_rafs::tools::{check, unpack, UnpackOptions};
+use shoal_rafs::{Bootstrap, Compressor, Digester, LocalBlobDir};
+
+fn layer(name: &str) -> File {
+    File::open(nydus().join("source").join(name)).unwrap()
+}
+
+fn tree(name: &str) -> Vec<serde_json::Value> {
+    let mut l = load_listing(&nydus().join("source").join(name));
+    if !is_root() {
+        strip_privileged(&mut l);
+    }
+    l
+}
+
+fn unpacked_listing(boot: &Path, blobs: &LocalBlobDir) -> Vec<serde_json::Value> {
+    let b = Bootstrap::open(boot).unwrap();
+    let r = check(&b, Some(blobs));
+    assert!(r.is_ok(), "{r}");
+    let tmp = tempfile::tempdir().unwrap();
+    let dest = tmp.path().join("root");
+    unpack(&b, blobs, &dest, &UnpackOptions::for_current_user()).unwrap();
+    let mut l = listing(&dest);
+    if !is_root() {
+        strip_privileged(&mut l);
+    }
+    l
+}
+
+#[test]
+fn built_layer_a_unpacks_to_tree_a_with_every_option_set() {
+    for opts in [
+        BuildOptions::default(),
+        BuildOptions {
+            compressor: Compressor::Lz4Block,
+            digester: Digester::Sha256,
+            chunk_size: 64 << 10,
+        },
+        BuildOptions {
+            compressor: Compressor::None,
+            digester: Digester::Blake3,
+            chunk_size: 4 << 20,
+        },
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let r = build_layer(layer("layerA.tar.gz"), &opts, out.path()).unwrap();
+        assert!(r.dedup_hits > 0, "duplicate content must be stored once");
+        let blobs = LocalBlobDir::new(out.path().join("blobs"));
+        let b = Bootstrap::open(&r.bootstrap).unwrap();
+        assert_eq!(b.summary().compressor, opts.compressor);
+        assert_eq!(b.blobs()[0].blob_id, r.blob_id);
+        assert_same_listing(
+            &format!("{opts:?}"),
+            &unpacked_listing(&r.bootstrap, &blobs),
+            &tree("treeA.listing.jsonl"),
+        );
+    }
+}
+
+fn build_ab(dir: &Path) -> (PathBuf, LocalBlobDir) {
+    let a = build_layer(
+        layer("layerA.tar.gz"),
+        &BuildOptions::default(),
+        &dir.join("a"),
+    )
+    .unwrap();
+    let b = build_layer(
+        layer("layerB.tar.gz"),
+        &BuildOptions::default(),
+        &dir.join("b"),
+    )
+    .unwrap();
+    let merged = dir.join("merged.boot");
+    let m = merge(&[a.bootstrap, b.bootstrap], &merged).unwrap();
+    assert_eq!(m.blobs, [a.blob_id, b.blob_id]);
+    (
+        merged,
+        LocalBlobDir::with_dirs([dir.join("a/blobs"), dir.join("b/blobs")]),
+    )
+}
+
+#[test]
+fn merged_layers_unpack_to_tree_b() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (merged, blobs) = build_ab(tmp.path());
+    assert_same_listing(
+        "merge(A, B)",
+        &unpacked_listing(&merged, &blobs),
+        &tree("treeB.listing.jsonl"),
+    );
+}
+
+#[test]
+fn merging_nydus_built_layers_matches_nydus_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged.boot");
+    let layers = [
+        nydus().join("built/a-v6-zstd-blake3-1m/bootstrap"),
+        nydus().join("built/b-v6-zstd-blake3-1m/bootstrap"),
+    ];
+    merge(&layers, &out).unwrap();
+    let blobs = LocalBlobDir::with_dirs([
+        nydus().join("built/a-v6-zstd-blake3-1m/blobs"),
+        nydus().join("built/b-v6-zstd-blake3-1m/blobs"),
+    ]);
+    assert_same_listing(
+        "merge(nydus a, nydus b)",
+        &unpacked_listing(&out, &blobs),
+        &tree("treeB.listing.jsonl"),
+    );
+}
+
+fn tar_with(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, link) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        {
+            let name = path.as_bytes();
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name);
+            let l = link.as_bytes();
+            gnu.linkname[..l.len()].copy_from_slice(l);
+        }
+        h.set_cksum();
+        b.append(&h, std::io::empty()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn tar_entries_escaping_the_root_are_rejected() {
+    use tar::EntryType::*;
+    for bad in [
+        tar_with(&[("../evil", Regular, "")]),
+        tar_with(&[("a/../../evil", Regular, "")]),
+        tar_with(&[("ok", Regular, ""), ("x", Link, "../ok")]),
+        tar_with(&[("x", Link, "missing")]),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let e = build_layer(bad.as_slice(), &BuildOptions::default(), out.path()).unwrap_err();
+        assert!(matches!(e, BuildError::UnsafePath(_)), "{e}");
+    }
+    // Absolute and dotted paths stay inside the root; symlink targets are data.
+    let ok = tar_with(&[
+        ("/abs/file", Regular, ""),
+        ("./dot/./file", Regular, ""),
+        ("l", Symlink, "../../etc/passwd"),
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    let r = build_layer(ok.as_slice(), &BuildOptions::default(), out.path()).unwrap();
+    let b = Bootstrap::open(&r.bootstrap).unwrap();
+    assert!(b.lookup("/abs/file").is_ok() && b.lookup("/dot/file").is_ok());
+    assert_eq!(
+        b.readlink(b.lookup("/l").unwrap()).unwrap(),
+        b"../../etc/passwd"
+    );
+}
+
+/// Mount `boot` with the kernel (file-backed EROFS) using each blob's decoded form as `device=`.
+fn kernel_listing(
+    boot: &Path,
+    blobs: &LocalBlobDir,
+    work: &Path,
+) -> Option<Vec<serde_json::Value>> {
+    if !is_root() {
+        eprintln!("skipping kernel EROFS mount: needs root (CAP_SYS_ADMIN)");
+        return None;
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs.contains("erofs") {
+        eprintln!("skipping kernel EROFS mount: the kernel has no erofs filesystem");
+        return None;
+    }
+    let b = Bootstrap::open(boot).unwrap();
+    std::fs::create_dir_all(work).unwrap();
+    let mut devices = Vec::new();
+    for blob in b.blobs() {
+        let p = work.join(format!("{}.blob.data", blob.blob_id));
+        shoal_rafs::write_decoded_blob(&b, blob.index, blobs, &p).unwrap();
+        devices.push(format!("device={}", p.display()));
+    }
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let data = std::ffi::CString::new(devices.join(",")).unwrap();
+    rustix::mount::mount(
+        boot,
+        &mnt,
+        "erofs",
+        rustix::mount::MountFlags::RDONLY,
+        data.as_c_str(),
+    )
+    .unwrap_or_else(|e| panic!("mount erofs {}: {e}", boot.display()));
+    let l = listing(&mnt);
+    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+    Some(l)
+}
+
+#[test]
+fn kernel_mounts_what_we_build_and_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Sanity: the nydus-merged fixture mounts this way (as its README says).
+    let fixture = nydus().join("built/ab-v6-merged/bootstrap");
+    let fixture_blobs = LocalBlobDir::with_dirs([
+        nydus().join("built/a-v6-zstd-blake3-1m/blobs"),
+        nydus().join("built/b-v6-zstd-blake3-1m/blobs"),
+    ]);
+    let Some(l) = kernel_listing(&fixture, &fixture_blobs, &tmp.path().join("fixture")) else {
+        return;
+    };
+    assert_same_listing(
+        "kernel: nydus ab-v6-merged",
+        &l,
+        &tree("treeB.listing.jsonl"),
+    );
+
+    let a = build_layer(
+        layer("layerA.tar.gz"),
+        &BuildOptions::default(),
+        &tmp.path().join("a"),
+    )
+    .unwrap();
+    let l = kernel_listing(
+        &a.bootstrap,
+        &LocalBlobDir::new(tmp.path().join("a/blobs")),
+        &tmp.path().join("ka"),
+    )
+    .unwrap();
+    assert_same_listing("kernel: our layer A", &l, &tree("treeA.listing.jsonl"));
+
+    let (merged, blobs) = build_ab(&tmp.path().join("ab"));
+    let l = kernel_listing(&merged, &blobs, &tmp.path().join("kab")).unwrap();
+    assert_same_listing("kernel: our merge(A, B)", &l, &tree("treeB.listing.jsonl"));
+}
