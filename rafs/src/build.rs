@@ -54,6 +54,14 @@ pub enum BuildError {
     UnsupportedXattr(String),
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
+    #[error("layer {layer} ({path}) has {what} {found}, the first layer has {expected}; one image needs one value")]
+    LayerMismatch {
+        layer: usize,
+        path: String,
+        what: &'static str,
+        found: String,
+        expected: String,
+    },
     #[error(transparent)]
     Image(#[from] crate::Error),
     #[error("internal builder invariant violated: {0}")]

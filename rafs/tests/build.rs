@@ -70,6 +70,53 @@ fn built_layer_a_unpacks_to_tree_a_with_every_option_set() {
     }
 }
 
+#[test]
+fn default_build_is_byte_identical_to_nydus_image() {
+    // nydus-image v2.4 (`--fs-version 6`, zstd, blake3, 1 MiB) wrote the fixture blobs; ours
+    // must be the same bytes, so the same layer gets the same blob id (registry digest).
+    for (tar, fixture) in [
+        ("layerA.tar.gz", "a-v6-zstd-blake3-1m"),
+        ("layerB.tar.gz", "b-v6-zstd-blake3-1m"),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let r = build_layer(layer(tar), &BuildOptions::default(), out.path()).unwrap();
+        let nydus_blob = std::fs::read_dir(nydus().join("built").join(fixture).join("blobs"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.blob_id, nydus_blob.file_name().to_string_lossy(), "{tar}");
+    }
+}
+
+#[test]
+fn merge_refuses_layers_with_different_chunk_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = build_layer(
+        layer("layerB.tar.gz"),
+        &BuildOptions::default(),
+        &tmp.path().join("a"),
+    )
+    .unwrap();
+    let opts = BuildOptions {
+        chunk_size: 64 << 10,
+        ..BuildOptions::default()
+    };
+    let b = build_layer(layer("layerB.tar.gz"), &opts, &tmp.path().join("b")).unwrap();
+    let e = merge(&[a.bootstrap, b.bootstrap], &tmp.path().join("m")).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            BuildError::LayerMismatch {
+                layer: 1,
+                what: "chunk size",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
 fn build_ab(dir: &Path) -> (PathBuf, LocalBlobDir) {
     let a = build_layer(
         layer("layerA.tar.gz"),

@@ -1,17 +1,56 @@
-//! `shoal rafs inspect|check|unpack`: thin wrappers over `shoal_rafs::tools` — parse arguments,
-//! call the library, print a human summary or JSON, map the outcome to an exit code.
+//! `shoal rafs build|merge|inspect|check|unpack`: thin wrappers over `shoal_rafs` — parse
+//! arguments, call the library, print a human summary or JSON, map the outcome to an exit code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Subcommand;
+use clap::{Subcommand, ValueEnum};
+use shoal_rafs::build::{self, BuildOptions};
 use shoal_rafs::tools::{self, UnpackOptions};
-use shoal_rafs::{Bootstrap, LocalBlobDir};
+use shoal_rafs::{Bootstrap, Compressor, Digester, LocalBlobDir};
 
 /// Work with Nydus RAFS images (v6, and v5 for reading) on local files.
 #[derive(Subcommand, Debug)]
 pub enum RafsCommand {
+    /// Convert one OCI layer tar (plain, gzip or zstd) into a RAFS v6 data blob and bootstrap.
+    ///
+    /// Writes OUTPUT/bootstrap and OUTPUT/blobs/<blob id>, where the blob id is the sha256 of
+    /// the blob file (its registry digest). Whiteout files are kept; `merge` applies them.
+    Build {
+        /// The layer tar; `-` reads standard input.
+        layer_tar: PathBuf,
+        /// Output directory (created if absent).
+        #[arg(long, value_name = "DIR")]
+        output: PathBuf,
+        /// Chunk compression.
+        #[arg(long, value_enum, default_value_t = CompressorArg::Zstd)]
+        compressor: CompressorArg,
+        /// Chunk digest algorithm.
+        #[arg(long, value_enum, default_value_t = DigesterArg::Blake3)]
+        digester: DigesterArg,
+        /// Chunk size: a power of two from 4KiB to 16MiB (`1MiB`, `0x100000`, `65536`).
+        #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
+        chunk_size: u32,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge layer bootstraps (lowest layer first) into one image bootstrap.
+    ///
+    /// Applies OCI whiteouts (`.wh.NAME`) and opaque directories (`.wh..wh..opq`); the output
+    /// references the layers' data blobs, in the order printed (the kernel's `device=` order).
+    Merge {
+        /// Where to write the merged bootstrap.
+        #[arg(long, value_name = "FILE")]
+        output: PathBuf,
+        /// Layer bootstraps, lowest first.
+        #[arg(required = true)]
+        bootstraps: Vec<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe an image: superblock, blob table, prefetch table and tree statistics.
     ///
     /// With --blob-dir, also show each data blob's tail sections (tar headers and TOC).
@@ -65,6 +104,59 @@ pub enum RafsCommand {
 /// Run one `shoal rafs` subcommand.
 pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        RafsCommand::Build {
+            layer_tar,
+            output,
+            compressor,
+            digester,
+            chunk_size,
+            json,
+        } => {
+            let opts = BuildOptions {
+                compressor: compressor.into(),
+                digester: digester.into(),
+                chunk_size,
+            };
+            let out = if layer_tar.as_os_str() == "-" {
+                build::build_layer(std::io::stdin().lock(), &opts, &output)
+            } else {
+                let f = std::fs::File::open(&layer_tar)
+                    .with_context(|| format!("opening {}", layer_tar.display()))?;
+                build::build_layer(f, &opts, &output)
+            }
+            .with_context(|| format!("building RAFS from {}", layer_tar.display()))?;
+            if json {
+                emit(&serde_json::to_string_pretty(&out)?)?;
+            } else {
+                emit(&format!(
+                    "blob {} ({} bytes, {} chunks, {} deduplicated)\nbootstrap {}\n",
+                    out.blob_id,
+                    out.blob_size,
+                    out.chunks,
+                    out.dedup_hits,
+                    out.bootstrap.display()
+                ))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        RafsCommand::Merge {
+            output,
+            bootstraps,
+            json,
+        } => {
+            let out = build::merge(&bootstraps, &output)
+                .with_context(|| format!("merging into {}", output.display()))?;
+            if json {
+                emit(&serde_json::to_string_pretty(&out)?)?;
+            } else {
+                let mut text = format!("merged {} layers into {}\n", bootstraps.len(), output.display());
+                for (i, b) in out.blobs.iter().enumerate() {
+                    text.push_str(&format!("  device {}: {b}\n", i + 1));
+                }
+                emit(&text)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         RafsCommand::Inspect {
             bootstrap,
             blob_dir,
@@ -154,4 +246,63 @@ fn blob_dirs(dirs: Vec<PathBuf>) -> Option<LocalBlobDir> {
 
 fn open(path: &std::path::Path) -> anyhow::Result<Bootstrap> {
     Bootstrap::open(path).with_context(|| format!("opening RAFS bootstrap {}", path.display()))
+}
+
+/// `--compressor` values.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressorArg {
+    None,
+    #[value(name = "lz4_block")]
+    Lz4Block,
+    Zstd,
+}
+
+impl From<CompressorArg> for Compressor {
+    fn from(c: CompressorArg) -> Self {
+        match c {
+            CompressorArg::None => Compressor::None,
+            CompressorArg::Lz4Block => Compressor::Lz4Block,
+            CompressorArg::Zstd => Compressor::Zstd,
+        }
+    }
+}
+
+/// `--digester` values.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DigesterArg {
+    Blake3,
+    Sha256,
+}
+
+impl From<DigesterArg> for Digester {
+    fn from(d: DigesterArg) -> Self {
+        match d {
+            DigesterArg::Blake3 => Digester::Blake3,
+            DigesterArg::Sha256 => Digester::Sha256,
+        }
+    }
+}
+
+/// `1MiB`, `64KiB`, `4k`, `0x100000` or plain bytes; must be a power of two in 4 KiB..=16 MiB.
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = if let Some(hex) = lower.strip_prefix("0x") {
+        (u64::from_str_radix(hex, 16).map_err(|e| format!("{s}: {e}"))?, 1)
+    } else {
+        let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+        let (n, unit) = lower.split_at(split);
+        let mult = match unit {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            _ => return Err(format!("{s}: unknown unit (use KiB or MiB)")),
+        };
+        (n.parse::<u64>().map_err(|e| format!("{s}: {e}"))?, mult)
+    };
+    let v = num.checked_mul(mult).ok_or_else(|| format!("{s}: too large"))?;
+    if !v.is_power_of_two() || !(4096..=16 << 20).contains(&v) {
+        return Err(format!("{s}: chunk size must be a power of two from 4KiB to 16MiB"));
+    }
+    Ok(v as u32)
 }

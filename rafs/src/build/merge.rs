@@ -38,14 +38,30 @@ pub(crate) fn merge_layers(layers: &[Bootstrap]) -> Result<Merged, BuildError> {
     let mut blobs: Vec<BlobInfo> = Vec::new();
     let mut chunks: Vec<ChunkRef> = Vec::new();
     let mut merged: Option<Tree> = None;
-    for layer in layers {
+    for (n, layer) in layers.iter().enumerate() {
         let ls = layer.summary();
         if ls.version != RafsVersion::V6 {
             return Err(BuildError::Unsupported("merging RAFS v5 bootstraps"));
         }
-        if ls.chunk_size != opts.chunk_size || ls.digester != opts.digester {
-            return Err(BuildError::Unsupported(
-                "merging layers with different chunk sizes or digesters",
+        let mismatch = |what, found: String, expected: String| BuildError::LayerMismatch {
+            layer: n,
+            path: String::new(),
+            what,
+            found,
+            expected,
+        };
+        if ls.chunk_size != opts.chunk_size {
+            return Err(mismatch(
+                "chunk size",
+                ls.chunk_size.to_string(),
+                opts.chunk_size.to_string(),
+            ));
+        }
+        if ls.digester != opts.digester {
+            return Err(mismatch(
+                "digester",
+                ls.digester.name().into(),
+                opts.digester.name().into(),
             ));
         }
         let mut remap = Vec::with_capacity(layer.blobs().len());

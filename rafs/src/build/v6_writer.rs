@@ -14,8 +14,9 @@ use crate::build::{BuildError, BuildOptions};
 use crate::model::{BlobInfo, ChunkRef, Digester, FileType, Xattr};
 
 const BLOCK: u64 = 4096;
-const META_BLKADDR: u64 = 2;
 const INODE_SIZE: u64 = 64;
+/// Device slots fit between byte 1408 and the blob table at 4096.
+const MAX_BLOBS: usize = (4096 - 1408) / 128;
 const LAYOUT_FLAT_PLAIN: u16 = 0;
 const LAYOUT_FLAT_INLINE: u16 = 2;
 const LAYOUT_CHUNK_BASED: u16 = 4;
@@ -83,7 +84,14 @@ pub(crate) fn write_bootstrap(
         });
     }
     // Place inodes: root first at nid 128 (nid 0 would look like a deleted dirent).
-    let base = META_BLKADDR * BLOCK;
+    if blobs.len() > MAX_BLOBS {
+        return Err(BuildError::Unsupported(
+            "more than 21 blobs in one bootstrap (device table)",
+        ));
+    }
+    // The metadata area starts at the first block after the blob table.
+    let meta_blkaddr = (BLOCK + 256 * blobs.len() as u64).div_ceil(BLOCK);
+    let base = meta_blkaddr * BLOCK;
     let mut cur = base + BLOCK;
     for p in &mut plans {
         let node = tree
@@ -137,9 +145,9 @@ pub(crate) fn write_bootstrap(
         tree,
         blobs,
         opts,
+        meta_blkaddr,
         plans.len() as u64,
-        chunk_table_off,
-        chunk_table_size,
+        (chunk_table_off, chunk_table_size),
     )?;
     for (ino, p) in plans.iter().enumerate() {
         let node = tree
@@ -314,9 +322,9 @@ fn write_header(
     tree: &Tree,
     blobs: &[BlobInfo],
     opts: &BuildOptions,
+    meta_blkaddr: u64,
     inode_count: u64,
-    chunk_table_off: u64,
-    chunk_table_size: u64,
+    (chunk_table_off, chunk_table_size): (u64, u64),
 ) -> Result<(), BuildError> {
     let boot_blocks = out.len() as u64 / BLOCK;
     let device_blocks: u64 = blobs.iter().map(|b| b.uncompressed_size / BLOCK).sum();
@@ -327,7 +335,7 @@ fn write_header(
     put(out, sb + 14, &128u16.to_le_bytes());
     put(out, sb + 16, &inode_count.to_le_bytes());
     put(out, sb + 36, &(device_blocks as u32).to_le_bytes());
-    put(out, sb + 40, &(META_BLKADDR as u32).to_le_bytes());
+    put(out, sb + 40, &(meta_blkaddr as u32).to_le_bytes());
     put(out, sb + 80, &0xCu32.to_le_bytes());
     put(out, sb + 86, &(blobs.len() as u16).to_le_bytes());
     put(out, sb + 88, &11u16.to_le_bytes());
