@@ -148,7 +148,25 @@ pub fn merge(layers: &[PathBuf], output: &Path) -> Result<MergeOutput, BuildErro
         .iter()
         .map(Bootstrap::open)
         .collect::<Result<Vec<_>, _>>()?;
-    let m = merge::merge_layers(&opened)?;
+    let m = merge::merge_layers(&opened).map_err(|e| match e {
+        BuildError::LayerMismatch {
+            layer,
+            what,
+            found,
+            expected,
+            ..
+        } => BuildError::LayerMismatch {
+            path: layers
+                .get(layer)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            layer,
+            what,
+            found,
+            expected,
+        },
+        e => e,
+    })?;
     let boot = v6_writer::write_bootstrap(&m.tree, &m.blobs, &m.chunks, &m.opts)?;
     std::fs::write(output, &boot).map_err(|e| BuildError::io("write", output, e))?;
     Ok(MergeOutput {
