@@ -21,7 +21,8 @@ pub use blob::decoded::write_decoded_blob;
 pub use blob::meta::{decode_blob_meta, parse_ci_header, CiEntry, CiHeader, CI_HEADER_SIZE};
 pub use blob::source::{ChunkSource, LocalBlobDir};
 pub use blob::tail::{
-    parse_blob_tail, parse_tail_with, parse_toc, BlobTail, TailSection, TocEntry,
+    extract_inlined_bootstrap, parse_blob_tail, parse_tail_with, parse_toc, BlobTail, TailSection,
+    TocEntry,
 };
 pub use bootstrap::{Bootstrap, Summary, MAX_BOOTSTRAP_SIZE};
 pub use error::{Error, Result};

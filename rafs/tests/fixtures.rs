@@ -273,6 +273,33 @@ fn toc_blob_with_inlined_bootstrap_parses() {
         toc,
         ["image.blob", "blob.meta", "blob.meta.header", "image.boot"]
     );
+    let p = nydus()
+        .join("upstream/toc/2fa78cad554b75ac91a4a125ed148d0ddeb25efa4aaa8bd80e5dc292690a4dca");
+    let boot = shoal_rafs::extract_inlined_bootstrap(&std::fs::read(p).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(boot.len(), 20480);
+    let b = Bootstrap::from_bytes(boot).unwrap();
+    assert_eq!(b.version(), RafsVersion::V6);
+    assert!(!b.readdir(b.root()).unwrap().is_empty());
+    // The blob.digest section of the upstream blob is cross-checked by `check`.
+    let b = Bootstrap::open(nydus().join("upstream/bootstrap/rafs-v6-2.2.boot")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = &b.blobs()[0];
+    let mut data = std::fs::read(nydus().join("upstream/blobs").join(&blob.blob_id)).unwrap();
+    let tail = shoal_rafs::parse_blob_tail(&data).unwrap();
+    let d = tail
+        .sections
+        .iter()
+        .find(|s| s.name == "blob.digest")
+        .unwrap();
+    data[d.offset as usize + 5] ^= 1;
+    std::fs::write(tmp.path().join(&blob.blob_id), &data).unwrap();
+    let r = check(&b, Some(&LocalBlobDir::new(tmp.path())));
+    assert!(
+        r.problems.iter().any(|p| p.message.contains("blob.digest")),
+        "{r}"
+    );
 }
 
 #[test]

@@ -7,7 +7,9 @@
 
 use serde::Serialize;
 
+use crate::blob::decode::decompress_exact;
 use crate::error::{Error, Result};
+use crate::model::Compressor;
 use crate::raw::{bytes32_at, slice, u32_at, u64_at, until_nul};
 
 const TAR_HEADER: u64 = 512;
@@ -111,6 +113,56 @@ pub fn parse_tail_with(
         }
     }
     Ok(tail)
+}
+
+/// The bootstrap inlined in a whole blob (`image.boot`), decompressed and, when the blob has a
+/// TOC, checked against the TOC's sha256. `Ok(None)` when the blob carries no bootstrap.
+pub fn extract_inlined_bootstrap(blob: &[u8]) -> Result<Option<Vec<u8>>> {
+    let tail = parse_blob_tail(blob)?;
+    let Some(section) = tail.sections.iter().find(|s| s.name == "image.boot") else {
+        return Ok(None);
+    };
+    let stored = slice(blob, section.offset, section.size, "inlined bootstrap")?;
+    let Some(entry) = tail.toc.iter().flatten().find(|e| e.name == "image.boot") else {
+        // Without a TOC the bootstrap is stored as is.
+        return Ok(Some(stored.to_vec()));
+    };
+    if entry.uncompressed_size > crate::bootstrap::MAX_BOOTSTRAP_SIZE {
+        return Err(Error::LimitExceeded {
+            what: "inlined bootstrap size",
+            limit: crate::bootstrap::MAX_BOOTSTRAP_SIZE,
+        });
+    }
+    let compressor = match entry.flags & 0x7 {
+        0x1 => Compressor::None,
+        0x2 => Compressor::Zstd,
+        0x4 => Compressor::Lz4Block,
+        f => {
+            return Err(Error::invalid(
+                "TOC entry flags",
+                f.into(),
+                "unknown compression",
+            ))
+        }
+    };
+    let data = decompress_exact(
+        compressor,
+        stored,
+        entry.uncompressed_size as usize,
+        "inlined bootstrap",
+    )?;
+    let digest: [u8; 32] = {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(&data).into()
+    };
+    if digest != entry.sha256 {
+        return Err(Error::invalid(
+            "inlined bootstrap",
+            entry.uncompressed_size,
+            "sha256 differs from the TOC",
+        ));
+    }
+    Ok(Some(data))
 }
 
 /// Parse TOC entries (a multiple of 128 bytes).

@@ -250,7 +250,7 @@ fn check_blob(b: &Bootstrap, dir: &LocalBlobDir, blob: &BlobInfo, r: &mut CheckR
 
 /// TOC digest and the CI table against the bootstrap's chunk table.
 fn check_blob_tail(dir: &LocalBlobDir, blob: &BlobInfo, chunks: &[ChunkRef]) -> Result<()> {
-    let (size, _tail) = read_tail(dir, blob)?;
+    let (size, tail) = read_tail(dir, blob)?;
     let file = dir.open_blob(blob)?;
     let path = dir.blob_path(blob);
     let read = |off: u64, len: u64| -> Result<Vec<u8>> {
@@ -280,6 +280,27 @@ fn check_blob_tail(dir: &LocalBlobDir, blob: &BlobInfo, chunks: &[ChunkRef]) -> 
                 toc_size,
                 "sha256 of the TOC differs from the blob table",
             ));
+        }
+    }
+    if let Some(d) = tail.sections.iter().find(|s| s.name == "blob.digest") {
+        // INLINED_CHUNK_DIGEST: 32 bytes per chunk, in CI order.
+        if d.size != 32 * u64::from(blob.chunk_count) {
+            return Err(Error::invalid(
+                "blob.digest size",
+                d.size,
+                "not 32 bytes per chunk",
+            ));
+        }
+        let digests = read(d.offset, d.size)?;
+        for c in chunks {
+            let at = u64::from(c.ci_index) * 32;
+            if digests.get(at as usize..at as usize + 32) != Some(&c.digest[..]) {
+                return Err(Error::invalid(
+                    "blob.digest entry",
+                    c.ci_index.into(),
+                    "differs from the bootstrap's chunk digest",
+                ));
+            }
         }
     }
     let Some(meta) = &blob.meta else {
