@@ -3,6 +3,7 @@
 //! and kernel EROFS accept them.
 
 mod blob_writer;
+mod chunk_dict;
 mod merge;
 mod tar_layer;
 mod tree;
@@ -86,7 +87,12 @@ pub struct BuildOutput {
     pub blob: PathBuf,
     pub blob_size: u64,
     pub chunks: u64,
+    /// Chunks found again within this layer.
     pub dedup_hits: u64,
+    /// Chunks taken from the chunk dictionary.
+    pub dict_hits: u64,
+    /// Dictionary blobs the layer references (after its own blob in the blob table).
+    pub dict_blobs: Vec<String>,
 }
 
 /// Build one layer: read the tar (plain, gzip or zstd) from `input`, write `out_dir/bootstrap`
@@ -96,6 +102,18 @@ pub fn build_layer(
     opts: &BuildOptions,
     out_dir: &Path,
 ) -> Result<BuildOutput, BuildError> {
+    build_layer_with_dict(input, opts, out_dir, None)
+}
+
+/// [`build_layer`], referencing chunks already stored in the blobs of `chunk_dict` (a v6
+/// bootstrap, e.g. an earlier image's) instead of storing them again. The output bootstrap then
+/// lists those blobs after the layer's own.
+pub fn build_layer_with_dict(
+    input: impl Read,
+    opts: &BuildOptions,
+    out_dir: &Path,
+    chunk_dict: Option<&Bootstrap>,
+) -> Result<BuildOutput, BuildError> {
     crate::v6::superblock::check_chunk_size("chunk size", opts.chunk_size)?;
     if opts.compressor == Compressor::Gzip {
         return Err(BuildError::Unsupported("gzip chunk compression"));
@@ -104,8 +122,18 @@ pub fn build_layer(
     std::fs::create_dir_all(&blobs_dir).map_err(|e| BuildError::io("mkdir", &blobs_dir, e))?;
     let tmp = blobs_dir.join(".building");
     let mut writer = blob_writer::BlobWriter::new(&tmp, *opts)?;
+    writer.dict = chunk_dict
+        .map(|d| chunk_dict::ChunkDict::load(d, opts.digester))
+        .transpose()?;
     let tree = tar_layer::read_layer(input, &mut writer, opts)?;
     let dedup_hits = writer.dedup_hits;
+    let (dict_blobs, dict_chunks, dict_hits) = match &writer.dict {
+        Some(d) => {
+            let (b, c) = d.used_blobs();
+            (b, c, d.hits)
+        }
+        None => (Vec::new(), Vec::new(), 0),
+    };
     let blob = writer.finish(&blobs_dir)?;
     let info = BlobInfo {
         index: 0,
@@ -121,7 +149,10 @@ pub fn build_layer(
         toc_size: 0,
         toc_digest: [0; 32],
     };
-    let boot = v6_writer::write_bootstrap(&tree, &[info], &blob.chunks, opts)?;
+    let dict_ids = dict_blobs.iter().map(|b| b.blob_id.clone()).collect();
+    let blobs: Vec<BlobInfo> = std::iter::once(info).chain(dict_blobs).collect();
+    let chunks: Vec<_> = blob.chunks.iter().cloned().chain(dict_chunks).collect();
+    let boot = v6_writer::write_bootstrap(&tree, &blobs, &chunks, opts)?;
     let bootstrap = out_dir.join("bootstrap");
     std::fs::write(&bootstrap, &boot).map_err(|e| BuildError::io("write", &bootstrap, e))?;
     Ok(BuildOutput {
@@ -131,6 +162,8 @@ pub fn build_layer(
         blob_size: blob.file_size,
         chunks: blob.chunks.len() as u64,
         dedup_hits,
+        dict_hits,
+        dict_blobs: dict_ids,
     })
 }
 

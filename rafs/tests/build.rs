@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use shoal_rafs::build::{build_layer, merge, BuildError, BuildOptions};
+use shoal_rafs::build::{build_layer, build_layer_with_dict, merge, BuildError, BuildOptions};
 use shoal_rafs::tools::{check, unpack, UnpackOptions};
 use shoal_rafs::{Bootstrap, Compressor, Digester, LocalBlobDir};
 
@@ -296,4 +296,52 @@ fn kernel_mounts_what_we_build_and_merge() {
     let (merged, blobs) = build_ab(&tmp.path().join("ab"));
     let l = kernel_listing(&merged, &blobs, &tmp.path().join("kab")).unwrap();
     assert_same_listing("kernel: our merge(A, B)", &l, &tree("treeB.listing.jsonl"));
+}
+
+#[test]
+fn chunk_dict_reuses_chunks_of_another_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = BuildOptions::default();
+    let a = build_layer(layer("layerA.tar.gz"), &opts, &tmp.path().join("a")).unwrap();
+    let plain = build_layer(layer("layerB.tar.gz"), &opts, &tmp.path().join("plain")).unwrap();
+    let dict = Bootstrap::open(&a.bootstrap).unwrap();
+    let b = build_layer_with_dict(
+        layer("layerB.tar.gz"),
+        &opts,
+        &tmp.path().join("b"),
+        Some(&dict),
+    )
+    .unwrap();
+    // added/dup_of_A (2 MiB + 123 B = 3 chunks) and small files whose content A also has come
+    // from layer A's blob.
+    assert_eq!(b.dict_hits, 5);
+    assert_eq!(b.dict_blobs, std::slice::from_ref(&a.blob_id));
+    assert!(b.blob_size + 2 * (1 << 20) < plain.blob_size + (1 << 20));
+    let blobs = LocalBlobDir::with_dirs([tmp.path().join("b/blobs"), tmp.path().join("a/blobs")]);
+    let layer_b = Bootstrap::open(&b.bootstrap).unwrap();
+    assert_eq!(layer_b.blobs().len(), 2);
+    let dup = layer_b.lookup("/added/dup_of_A").unwrap();
+    assert!(layer_b
+        .file_chunks(dup, 0, u64::MAX)
+        .unwrap()
+        .iter()
+        .all(|c| c.blob_index == 1));
+    let r = check(&layer_b, Some(&blobs));
+    assert!(r.is_ok(), "{r}");
+    // Merged with A, the image is treeB, and each blob is listed once.
+    let merged = tmp.path().join("merged.boot");
+    let m = merge(&[a.bootstrap, b.bootstrap], &merged).unwrap();
+    assert_eq!(m.blobs, [a.blob_id, b.blob_id]);
+    assert_same_listing(
+        "merge(A, B with dict A)",
+        &unpacked_listing(&merged, &blobs),
+        &tree("treeB.listing.jsonl"),
+    );
+    if let Some(l) = kernel_listing(&merged, &blobs, &tmp.path().join("k")) {
+        assert_same_listing(
+            "kernel: merge(A, B with dict A)",
+            &l,
+            &tree("treeB.listing.jsonl"),
+        );
+    }
 }

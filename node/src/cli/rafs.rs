@@ -32,6 +32,10 @@ pub enum RafsCommand {
         /// Chunk size: a power of two from 4KiB to 16MiB (`1MiB`, `0x100000`, `65536`).
         #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
         chunk_size: u32,
+        /// A RAFS v6 bootstrap whose chunks are referenced instead of stored again (dedup across
+        /// images); the output then also needs that image's blobs.
+        #[arg(long, value_name = "FILE")]
+        chunk_dict: Option<PathBuf>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -110,32 +114,39 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
             compressor,
             digester,
             chunk_size,
+            chunk_dict,
             json,
         } => {
+            let dict = chunk_dict.as_deref().map(open).transpose()?;
             let opts = BuildOptions {
                 compressor: compressor.into(),
                 digester: digester.into(),
                 chunk_size,
             };
             let out = if layer_tar.as_os_str() == "-" {
-                build::build_layer(std::io::stdin().lock(), &opts, &output)
+                build::build_layer_with_dict(std::io::stdin().lock(), &opts, &output, dict.as_ref())
             } else {
                 let f = std::fs::File::open(&layer_tar)
                     .with_context(|| format!("opening {}", layer_tar.display()))?;
-                build::build_layer(f, &opts, &output)
+                build::build_layer_with_dict(f, &opts, &output, dict.as_ref())
             }
             .with_context(|| format!("building RAFS from {}", layer_tar.display()))?;
             if json {
                 emit(&serde_json::to_string_pretty(&out)?)?;
             } else {
-                emit(&format!(
-                    "blob {} ({} bytes, {} chunks, {} deduplicated)\nbootstrap {}\n",
+                let mut text = format!(
+                    "blob {} ({} bytes, {} chunks, {} deduplicated, {} from the chunk dictionary)\nbootstrap {}\n",
                     out.blob_id,
                     out.blob_size,
                     out.chunks,
                     out.dedup_hits,
+                    out.dict_hits,
                     out.bootstrap.display()
-                ))?;
+                );
+                for id in &out.dict_blobs {
+                    text.push_str(&format!("also references blob {id}\n"));
+                }
+                emit(&text)?;
             }
             Ok(ExitCode::SUCCESS)
         }

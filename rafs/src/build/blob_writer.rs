@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::Digest as _;
 
+use crate::build::chunk_dict::ChunkDict;
 use crate::build::{BuildError, BuildOptions};
 use crate::model::{BlobMetaInfo, ChunkRef, Compressor};
 
@@ -42,6 +43,7 @@ pub(crate) struct BlobWriter {
     dedup: HashMap<([u8; 32], u32), usize>,
     chunks: Vec<ChunkRef>,
     pub(crate) dedup_hits: u64,
+    pub(crate) dict: Option<ChunkDict>,
 }
 
 impl BlobWriter {
@@ -57,6 +59,7 @@ impl BlobWriter {
             dedup: HashMap::new(),
             chunks: Vec::new(),
             dedup_hits: 0,
+            dict: None,
         })
     }
 
@@ -83,6 +86,13 @@ impl BlobWriter {
                 .cloned()
                 .ok_or(BuildError::Internal("dedup index"))?;
             c.file_offset = file_offset;
+            return Ok(c);
+        }
+        if let Some(c) = self
+            .dict
+            .as_mut()
+            .and_then(|d| d.lookup(digest, usize_, file_offset))
+        {
             return Ok(c);
         }
         let compressed = compress(self.opts.compressor, data)?;
