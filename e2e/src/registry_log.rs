@@ -131,7 +131,7 @@ mod tests {
         assert_eq!(log.blob_requests("sha256:cf92").len(), 3);
         assert_eq!(log.blob_bytes_written(), 21_596_750);
         assert_eq!(log.blob_fetch_count(), 2);
-        assert_eq!(log.since(4).blob_fetch_count(), 1);
+        assert_eq!(log.since(3).blob_fetch_count(), 1);
     }
 
     #[test]
