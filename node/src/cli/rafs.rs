@@ -160,7 +160,11 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
             if json {
                 emit(&serde_json::to_string_pretty(&out)?)?;
             } else {
-                let mut text = format!("merged {} layers into {}\n", bootstraps.len(), output.display());
+                let mut text = format!(
+                    "merged {} layers into {}\n",
+                    bootstraps.len(),
+                    output.display()
+                );
                 for (i, b) in out.blobs.iter().enumerate() {
                     text.push_str(&format!("  device {}: {b}\n", i + 1));
                 }
@@ -210,7 +214,9 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
             let b = open(&bootstrap)?;
             let source = LocalBlobDir::with_dirs(blob_dir);
             let stats = tools::unpack(&b, &source, &dest, &UnpackOptions::for_current_user())
-                .with_context(|| format!("unpacking {} into {}", bootstrap.display(), dest.display()))?;
+                .with_context(|| {
+                    format!("unpacking {} into {}", bootstrap.display(), dest.display())
+                })?;
             if json {
                 emit(&serde_json::to_string_pretty(&stats)?)?;
             } else {
@@ -299,9 +305,14 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     let (num, mult) = if let Some(hex) = lower.strip_prefix("0x") {
-        (u64::from_str_radix(hex, 16).map_err(|e| format!("{s}: {e}"))?, 1)
+        (
+            u64::from_str_radix(hex, 16).map_err(|e| format!("{s}: {e}"))?,
+            1,
+        )
     } else {
-        let split = lower.find(|c: char| !c.is_ascii_digit()).unwrap_or(lower.len());
+        let split = lower
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(lower.len());
         let (n, unit) = lower.split_at(split);
         let mult = match unit {
             "" | "b" => 1,
@@ -311,9 +322,13 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
         };
         (n.parse::<u64>().map_err(|e| format!("{s}: {e}"))?, mult)
     };
-    let v = num.checked_mul(mult).ok_or_else(|| format!("{s}: too large"))?;
+    let v = num
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s}: too large"))?;
     if !v.is_power_of_two() || !(4096..=16 << 20).contains(&v) {
-        return Err(format!("{s}: chunk size must be a power of two from 4KiB to 16MiB"));
+        return Err(format!(
+            "{s}: chunk size must be a power of two from 4KiB to 16MiB"
+        ));
     }
     Ok(v as u32)
 }
