@@ -17,6 +17,7 @@ pub mod http;
 pub mod metrics;
 pub mod node;
 pub mod paths;
+pub mod ranges;
 pub mod registry;
 pub mod registry_log;
 pub mod setup;

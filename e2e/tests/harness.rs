@@ -169,3 +169,18 @@ fn raw_get_keeps_dot_segments() {
         Ok(())
     });
 }
+
+#[test]
+fn origin_answers_the_range_cases_the_mirror_must() {
+    run(
+        "origin_answers_the_range_cases_the_mirror_must",
+        REGISTRY,
+        |t| {
+            let (registry, image) = setup::anonymous_origin(t)?;
+            let layer = image.largest_layer()?;
+            let bytes = OciLayout::debian_python()?.blob(&layer.digest)?;
+            let url = format!("{}/v2/{REPO}/blobs/{}", registry.url(), layer.digest);
+            shoal_e2e::ranges::check_ranges(&http::client()?, &url, &bytes)
+        },
+    );
+}

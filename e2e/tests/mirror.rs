@@ -17,7 +17,7 @@ use shoal_e2e::node::{Node, NodeOptions};
 use shoal_e2e::registry::{Creds, Registry};
 use shoal_e2e::setup::{self, IMAGE, MANIFEST_ACCEPT, REPO, TAG};
 use shoal_e2e::wait::poll;
-use shoal_e2e::{run, skopeo, Need, TestCtx};
+use shoal_e2e::{ranges, run, skopeo, Need, TestCtx};
 
 const MIRROR: &[Need] = &[
     Need::Bin("docker-registry"),
@@ -133,7 +133,7 @@ fn forward_proxy_ranges_return_right_bytes() {
         let proxy = http::proxy_client(&node.listen_addr())?;
 
         // Cold (the node is fetching while it answers), then warm (after a whole-blob read).
-        check_ranges(&proxy, &url, &bytes).context("ranges on an uncached blob")?;
+        ranges::check_ranges(&proxy, &url, &bytes).context("ranges on an uncached blob")?;
         let whole = http::fetch_hashed(proxy.get(&url))?;
         ensure!(
             whole.status.as_u16() == 200,
@@ -144,7 +144,7 @@ fn forward_proxy_ranges_return_right_bytes() {
             whole.digest == layer.digest && whole.body_error.is_none(),
             "whole blob: {whole:?}"
         );
-        check_ranges(&proxy, &url, &bytes).context("ranges on a cached blob")?;
+        ranges::check_ranges(&proxy, &url, &bytes).context("ranges on a cached blob")?;
 
         // Other absolute-URI requests pass through; nydusd's health endpoint answers.
         let v2 = http::fetch(proxy.get(format!("{}/v2/", registry.url())))?;
@@ -163,61 +163,6 @@ fn forward_proxy_ranges_return_right_bytes() {
         }
         Ok(())
     });
-}
-
-fn check_ranges(proxy: &reqwest::blocking::Client, url: &str, bytes: &[u8]) -> Result<()> {
-    let len = bytes.len() as u64;
-    let mid = len / 2;
-    let cases: Vec<(String, u64, u64)> = vec![
-        ("bytes=0-0".into(), 0, 0),
-        ("bytes=0-65535".into(), 0, 65_535),
-        (
-            format!("bytes={mid}-{}", mid + 1_000_000),
-            mid,
-            mid + 1_000_000,
-        ),
-        (format!("bytes={}-{}", len - 1, len - 1), len - 1, len - 1),
-        (format!("bytes={}-", len - 5000), len - 5000, len - 1),
-        ("bytes=-4097".into(), len - 4097, len - 1),
-        (
-            format!("bytes={}-{}", len - 10, len + 1000),
-            len - 10,
-            len - 1,
-        ),
-    ];
-    for (range, first, last) in cases {
-        let got = http::fetch(proxy.get(url).header("Range", &range))?;
-        ensure!(
-            got.status.as_u16() == 206,
-            "{range}: expected 206, got {}",
-            got.short()
-        );
-        let expected_cr = format!("bytes {first}-{last}/{len}");
-        ensure!(
-            got.header("content-range") == Some(expected_cr.as_str()),
-            "{range}: Content-Range {:?}, expected {expected_cr:?}",
-            got.header("content-range")
-        );
-        let want = &bytes[first as usize..=last as usize];
-        ensure!(
-            got.body_error.is_none(),
-            "{range}: body broke off: {:?}",
-            got.body_error
-        );
-        ensure!(
-            got.body == want,
-            "{range}: wrong bytes ({} received)",
-            got.body.len()
-        );
-    }
-    let bad = format!("bytes={len}-{}", len + 10);
-    let got = http::fetch(proxy.get(url).header("Range", &bad))?;
-    ensure!(
-        got.status.as_u16() == 416,
-        "{bad}: expected 416, got {}",
-        got.short()
-    );
-    Ok(())
 }
 
 // ---------------------------------------------------------------- 4. one download per blob
