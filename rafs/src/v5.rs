@@ -305,6 +305,10 @@ impl V5 {
         let flags = u64_at(&i, 80);
         let name_size = u64::from(u16_at(&i, 100));
         let symlink_size = u64::from(u16_at(&i, 102));
+        if name_size > 255 {
+            // Checked before copying: many table entries may alias one record.
+            return Err(bad("file name longer than 255 bytes"));
+        }
         let name = slice(&self.buf, off + INODE_SIZE, name_size, "v5 file name")?.to_vec();
         let symlink_off = off + INODE_SIZE + round_up(name_size, 8).unwrap_or(0);
         let mut xattr_off = symlink_off;
