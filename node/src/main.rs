@@ -1,1 +1,24 @@
-fn main() {}
+//! `shoal`: parse the command line and hand off to the subcommand.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use shoal_node::cli::{self, Cli, Command};
+
+fn main() -> ExitCode {
+    // rustls with the ring provider; must happen before any TLS client exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Node(a) => cli::node::run(a),
+        Command::Status(a) => cli::status::run(a),
+        Command::Rafs(c) => cli::rafs::run(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shoal: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

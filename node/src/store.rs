@@ -216,7 +216,10 @@ impl Store {
     pub fn add_repo(&self, id: &BlobId, repo: RepoKey, public: bool) -> Result<(), StoreError> {
         let shared = &self.shared;
         let _gate = shared.gate_shared();
-        let _repos = shared.repo_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _repos = shared
+            .repo_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let Some(generation) = shared.state().index.get(id).map(|e| e.generation) else {
             return Err(StoreError::NotFound { id: id.clone() });
         };
@@ -268,7 +271,10 @@ impl Store {
     /// Calls `listener` (from the thread doing the removal, with no store
     /// lock held) for every blob that leaves the store, e.g. to announce
     /// evictions to the scheduler. Replaces any earlier listener.
-    pub fn set_removal_listener(&self, listener: impl Fn(&BlobId, Removal) + Send + Sync + 'static) {
+    pub fn set_removal_listener(
+        &self,
+        listener: impl Fn(&BlobId, Removal) + Send + Sync + 'static,
+    ) {
         *self
             .shared
             .listener
@@ -296,27 +302,45 @@ impl Store {
             });
         }
         let shared = &self.shared;
-        let _repos = shared.repo_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _repos = shared
+            .repo_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let mut merged = rec.clone();
         if let Some(old) = shared.tables().manifest(&rec.digest)? {
             merged.repos.extend(old.repos);
             merged.public |= old.public;
         }
-        shared
-            .db
-            .put(keys::manifest(&rec.digest), to_json(&merged), Durability::Sync)?;
+        shared.db.put(
+            keys::manifest(&rec.digest),
+            to_json(&merged),
+            Durability::Sync,
+        )?;
         Ok(())
     }
 
-    pub fn get_tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
+    pub fn get_tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StoreError> {
         self.shared.tables().tag(upstream, repo, tag)
     }
 
     /// Stores (replaces) the resolution of `upstream`/`repo`:`tag`.
-    pub fn put_tag(&self, upstream: &str, repo: &RepoName, tag: &Tag, rec: &TagRecord) -> Result<(), StoreError> {
-        self.shared
-            .db
-            .put(keys::tag(upstream, repo, tag), to_json(rec), Durability::Sync)?;
+    pub fn put_tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        rec: &TagRecord,
+    ) -> Result<(), StoreError> {
+        self.shared.db.put(
+            keys::tag(upstream, repo, tag),
+            to_json(rec),
+            Durability::Sync,
+        )?;
         Ok(())
     }
 

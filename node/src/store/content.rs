@@ -175,7 +175,9 @@ pub fn sha256_of_range(file: &File, range: std::ops::Range<u64>) -> io::Result<[
     let mut chunk = vec![0u8; chunk_len(range.end - range.start)];
     let mut pos = range.start;
     while pos < range.end {
-        let n = chunk.len().min(usize::try_from(range.end - pos).unwrap_or(usize::MAX));
+        let n = chunk
+            .len()
+            .min(usize::try_from(range.end - pos).unwrap_or(usize::MAX));
         if read_full_at(file, pos, &mut chunk[..n])? < n {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
@@ -211,7 +213,12 @@ mod tests {
             .path(&id)
             .ends_with(format!("blobs/sha256/{}", id.hex())));
         fs::write(content.root.join("sha256/junk"), b"x").expect("junk");
-        let mut ids: Vec<_> = content.list().expect("list").into_iter().map(|f| f.id).collect();
+        let mut ids: Vec<_> = content
+            .list()
+            .expect("list")
+            .into_iter()
+            .map(|f| f.id)
+            .collect();
         ids.sort();
         assert_eq!(ids, vec![None, Some(id.clone())]);
         content.remove(&id).expect("remove");

@@ -21,6 +21,9 @@ pub enum DbError {
     },
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// Whether a write must be on stable storage before `write` returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
@@ -62,7 +65,7 @@ pub trait MetaStore: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
 
     /// Every entry whose key starts with `prefix`, in key order.
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError>;
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, DbError>;
 
     /// Applies `batch` atomically.
     fn write(&self, batch: Batch, durability: Durability) -> Result<(), DbError>;

@@ -189,7 +189,13 @@ impl BlobReader {
 
     /// Reads and hashes the whole of piece `piece` (bytes `pr`), copying the
     /// bytes at `offset..offset+out.len()` from the hashed buffer.
-    fn read_verified(&self, piece: u64, pr: Range<u64>, offset: u64, out: &mut [u8]) -> Result<(), StoreError> {
+    fn read_verified(
+        &self,
+        piece: u64,
+        pr: Range<u64>,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
         let Some(expected) = usize::try_from(piece)
             .ok()
             .and_then(|i| self.record.piece_sha256.get(i).copied().flatten())
@@ -202,7 +208,8 @@ impl BlobReader {
         let mut pos = pr.start;
         while pos < pr.end {
             let n = chunk.len().min((pr.end - pos) as usize);
-            let got = read_full_at(&self.file, pos, &mut chunk[..n]).map_err(StoreError::io(&self.path))?;
+            let got = read_full_at(&self.file, pos, &mut chunk[..n])
+                .map_err(StoreError::io(&self.path))?;
             if got < n {
                 return Err(self.corrupt(piece));
             }
@@ -284,14 +291,21 @@ impl std::fmt::Debug for BlobReader {
     }
 }
 
-fn persist_access(shared: &Shared, id: &BlobId, generation: u64, ms: u64) -> Result<(), StoreError> {
+fn persist_access(
+    shared: &Shared,
+    id: &BlobId,
+    generation: u64,
+    ms: u64,
+) -> Result<(), StoreError> {
     let _gate = shared.gate_shared();
     if shared.state().entry_mut(id, generation).is_none() {
         return Ok(());
     }
-    shared
-        .db
-        .put(keys::access(id), ms.to_be_bytes().to_vec(), Durability::Buffered)?;
+    shared.db.put(
+        keys::access(id),
+        ms.to_be_bytes().to_vec(),
+        Durability::Buffered,
+    )?;
     Ok(())
 }
 

@@ -133,7 +133,11 @@ impl Tables<'_> {
     }
 
     /// The assembled record, with `last_access_ms` as given.
-    pub fn record(&self, id: &BlobId, last_access_ms: u64) -> Result<Option<BlobRecord>, StoreError> {
+    pub fn record(
+        &self,
+        id: &BlobId,
+        last_access_ms: u64,
+    ) -> Result<Option<BlobRecord>, StoreError> {
         let Some(stored) = self.blob(id)? else {
             return Ok(None);
         };
@@ -152,13 +156,18 @@ impl Tables<'_> {
         }))
     }
 
-    pub fn piece_hashes(&self, id: &BlobId, count: u64) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
+    pub fn piece_hashes(
+        &self,
+        id: &BlobId,
+        count: u64,
+    ) -> Result<Vec<Option<[u8; 32]>>, StoreError> {
         let mut hashes = vec![None; usize::try_from(count).unwrap_or(usize::MAX).min(1 << 24)];
         for (k, v) in self.db.scan(&keys::piece_hash_prefix(id))? {
             let Some(index) = keys::decode_piece_hash(id, &k) else {
                 continue;
             };
-            let (Ok(i), Ok(hash)) = (usize::try_from(index), <[u8; 32]>::try_from(v.as_slice())) else {
+            let (Ok(i), Ok(hash)) = (usize::try_from(index), <[u8; 32]>::try_from(v.as_slice()))
+            else {
                 continue;
             };
             if let Some(slot) = hashes.get_mut(i) {
@@ -172,18 +181,27 @@ impl Tables<'_> {
         let Some(v) = self.db.get(&keys::access(id))? else {
             return Ok(None);
         };
-        Ok(<[u8; 8]>::try_from(v.as_slice()).ok().map(u64::from_be_bytes))
+        Ok(<[u8; 8]>::try_from(v.as_slice())
+            .ok()
+            .map(u64::from_be_bytes))
     }
 
     pub fn repos(&self, id: &BlobId) -> Result<StoredRepos, StoreError> {
-        Ok(self.json(&keys::blob_repos(id), "blob_repos")?.unwrap_or_default())
+        Ok(self
+            .json(&keys::blob_repos(id), "blob_repos")?
+            .unwrap_or_default())
     }
 
     pub fn manifest(&self, digest: &Digest) -> Result<Option<ManifestRecord>, StoreError> {
         self.json(&keys::manifest(digest), "manifest")
     }
 
-    pub fn tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Result<Option<TagRecord>, StoreError> {
+    pub fn tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StoreError> {
         self.json(&keys::tag(upstream, repo, tag), "tag")
     }
 
@@ -199,7 +217,11 @@ impl Tables<'_> {
         Ok(batch)
     }
 
-    fn json<T: for<'de> Deserialize<'de>>(&self, key: &[u8], table: &'static str) -> Result<Option<T>, StoreError> {
+    fn json<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &[u8],
+        table: &'static str,
+    ) -> Result<Option<T>, StoreError> {
         let Some(v) = self.db.get(key)? else {
             return Ok(None);
         };

@@ -18,9 +18,9 @@ use super::content::remove_path;
 use super::error::StoreError;
 use super::meta::Durability;
 use super::records::StoredBlob;
+use super::shared::Shared;
 use super::shared::State;
 use super::MAX_BLOB_SIZE;
-use super::shared::Shared;
 
 /// What recovery did, for the caller to log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -38,7 +38,13 @@ pub fn recover(shared: &Shared, state: &mut State) -> Result<RecoveryReport, Sto
         match check(shared, &id, stored)? {
             Some(stored) => {
                 let access = shared.tables().access(&id)?.unwrap_or(0);
-                state.insert(&id, stored.size, stored.present.len(), stored.complete, access);
+                state.insert(
+                    &id,
+                    stored.size,
+                    stored.present.len(),
+                    stored.complete,
+                    access,
+                );
                 kept.insert(id);
                 report.kept += 1;
             }
@@ -61,7 +67,11 @@ pub fn recover(shared: &Shared, state: &mut State) -> Result<RecoveryReport, Sto
 }
 
 /// The record if it and its file are usable (fixing the file's length).
-fn check(shared: &Shared, id: &BlobId, stored: Option<StoredBlob>) -> Result<Option<StoredBlob>, StoreError> {
+fn check(
+    shared: &Shared,
+    id: &BlobId,
+    stored: Option<StoredBlob>,
+) -> Result<Option<StoredBlob>, StoreError> {
     let Some(stored) = stored.filter(|s| s.is_sane() && s.size <= MAX_BLOB_SIZE) else {
         return Ok(None);
     };

@@ -18,7 +18,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{
+    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use shoal_proto::BlobId;
@@ -208,7 +210,10 @@ impl Shared {
         if self.cfg.quota_bytes == 0 {
             return Ok(Vec::new());
         }
-        let _one_at_a_time = self.evict_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let _one_at_a_time = self
+            .evict_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let high = self.watermark(self.cfg.high_watermark);
         let low = self.watermark(self.cfg.low_watermark);
         let (mut bytes, candidates) = {
@@ -221,7 +226,14 @@ impl Shared {
                 .index
                 .iter()
                 .filter(|(id, _)| !state.is_pinned(id))
-                .map(|(id, e)| ((e.last_access_ms, e.access_seq), id.clone(), e.generation, e.present_bytes))
+                .map(|(id, e)| {
+                    (
+                        (e.last_access_ms, e.access_seq),
+                        id.clone(),
+                        e.generation,
+                        e.present_bytes,
+                    )
+                })
                 .collect();
             candidates.sort();
             (bytes, candidates)
@@ -231,7 +243,9 @@ impl Shared {
             if bytes <= low {
                 break;
             }
-            if self.drop_blob(&id, Some(generation), true, Removal::Evicted)? == DropOutcome::Dropped {
+            if self.drop_blob(&id, Some(generation), true, Removal::Evicted)?
+                == DropOutcome::Dropped
+            {
                 bytes = bytes.saturating_sub(present);
                 evicted.push(id);
             }
@@ -262,7 +276,14 @@ impl State {
     }
 
     /// Adds an index entry for a blob whose record was just written.
-    pub fn insert(&mut self, id: &BlobId, size: u64, present_bytes: u64, complete: bool, access_ms: u64) -> u64 {
+    pub fn insert(
+        &mut self,
+        id: &BlobId,
+        size: u64,
+        present_bytes: u64,
+        complete: bool,
+        access_ms: u64,
+    ) -> u64 {
         self.next_generation += 1;
         self.access_seq += 1;
         let generation = self.next_generation;
@@ -286,7 +307,9 @@ impl State {
 
     /// The entry of `id` if it still has `generation`.
     pub fn entry_mut(&mut self, id: &BlobId, generation: u64) -> Option<&mut Entry> {
-        self.index.get_mut(id).filter(|e| e.generation == generation)
+        self.index
+            .get_mut(id)
+            .filter(|e| e.generation == generation)
     }
 }
 

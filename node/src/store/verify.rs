@@ -3,8 +3,8 @@
 //! `BlobWriter::complete` accepts nothing else: "verified data has its own
 //! type".
 
-use shoal_proto::{BlobId, Digest};
 use shoal_proto::digest::Hasher;
+use shoal_proto::{BlobId, Digest};
 
 /// Hashes a blob's bytes, in order, with the algorithm of its id.
 #[derive(Debug)]

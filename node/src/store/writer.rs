@@ -68,7 +68,9 @@ impl BlobWriter {
                 return Err(StoreError::WriterBusy { id: id.clone() });
             }
             let existing = match state.index.get(id) {
-                Some(e) if e.complete => return Err(StoreError::AlreadyComplete { id: id.clone() }),
+                Some(e) if e.complete => {
+                    return Err(StoreError::AlreadyComplete { id: id.clone() })
+                }
                 Some(e) if e.size != size => {
                     return Err(StoreError::SizeMismatch {
                         id: id.clone(),
@@ -184,7 +186,11 @@ impl BlobWriter {
         self.write_record(batch, &stored)?;
         self.stored = stored;
         let shared = &self.slot.shared;
-        let last_access = shared.state().index.get(&id).map_or(0, |e| e.last_access_ms);
+        let last_access = shared
+            .state()
+            .index
+            .get(&id)
+            .map_or(0, |e| e.last_access_ms);
         shared
             .tables()
             .record(&id, last_access)?
@@ -194,7 +200,12 @@ impl BlobWriter {
     /// Deletes the blob's file and record (e.g. its digest did not match).
     pub fn discard(self) -> Result<(), StoreError> {
         let shared = &self.slot.shared;
-        shared.drop_blob(&self.slot.id, Some(self.generation), false, Removal::Discarded)?;
+        shared.drop_blob(
+            &self.slot.id,
+            Some(self.generation),
+            false,
+            Removal::Discarded,
+        )?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{Batch, DbError, Durability, MetaStore, Op};
+use super::{Batch, DbError, Durability, Entry, MetaStore, Op};
 
 #[derive(Debug, Default)]
 pub struct MemoryMeta {
@@ -25,7 +25,7 @@ impl MetaStore for MemoryMeta {
         Ok(self.map().get(key).cloned())
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, DbError> {
         Ok(self
             .map()
             .range(prefix.to_vec()..)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
-use super::{Batch, DbError, Durability, MetaStore, Op};
+use super::{Batch, DbError, Durability, Entry, MetaStore, Op};
 
 pub struct RocksMeta {
     db: DB,
@@ -45,7 +45,7 @@ impl MetaStore for RocksMeta {
         self.db.get(key).map_err(|e| self.err(e))
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<Entry>, DbError> {
         let mut out = Vec::new();
         for item in self
             .db

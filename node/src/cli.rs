@@ -1,0 +1,29 @@
+//! The `shoal` command line: one binary, one subcommand per file.
+
+pub mod node;
+pub mod rafs;
+pub mod status;
+
+use clap::{Parser, Subcommand};
+
+/// shoal: a peer-to-peer blob cache and registry mirror for container images.
+///
+/// Run `shoal node` on every host and point containerd, Docker, CRI-O or
+/// nydusd at it as a registry mirror; `shoal status` shows what it holds.
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node: registry mirror, HTTP proxy and blob cache.
+    Node(node::NodeArgs),
+    /// Show what a running node holds and has done.
+    Status(status::StatusArgs),
+    /// Nydus RAFS images: build, merge, inspect, check, unpack.
+    #[command(subcommand)]
+    Rafs(rafs::RafsCommand),
+}

@@ -1,0 +1,106 @@
+//! `shoal node`: load config, init logging, run until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::{FileConfig, LogFormat};
+
+/// Run a node.
+///
+/// With no flags it runs a single-host node: mirror on 127.0.0.1:5050,
+/// admin API on 127.0.0.1:5051, store in /var/lib/shoal (as root).
+///
+/// Example, in front of a local registry:
+///
+///   shoal node --data-dir /tmp/shoal --upstream http://127.0.0.1:5000
+///
+/// then pull through it, e.g.
+/// `skopeo copy --src-tls-verify=false docker://127.0.0.1:5050/repo:tag oci:out`,
+/// or point containerd at it with a hosts.toml (see deploy/).
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// TOML config file (see deploy/node.toml for every field).
+    #[arg(long, env = "SHOAL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Store directory (config: data_dir).
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Mirror/proxy address (config: listen) [default: 127.0.0.1:5050].
+    #[arg(long, env = "SHOAL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin API address (config: admin) [default: 127.0.0.1:5051].
+    #[arg(long, env = "SHOAL_ADMIN")]
+    pub admin: Option<SocketAddr>,
+    /// Origin registry: `URL` sets the default origin, `HOST=URL` the origin
+    /// for registry HOST (as containerd names it in ?ns=). http:// means
+    /// plain HTTP. Repeatable (config: [[upstream]]).
+    #[arg(long, value_name = "[HOST=]URL")]
+    pub upstream: Vec<String>,
+    /// Log format (config: log.format).
+    #[arg(long, env = "SHOAL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `shoal_node=debug` (config: log.level;
+    /// RUST_LOG wins).
+    #[arg(long, env = "SHOAL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    let mut file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    if let Some(d) = args.data_dir {
+        file.data_dir = Some(d);
+    }
+    if let Some(l) = args.listen {
+        file.listen = l;
+    }
+    if let Some(a) = args.admin {
+        file.admin = a;
+    }
+    if let Some(f) = args.log_format {
+        file.log.format = f;
+    }
+    if let Some(l) = args.log_level {
+        file.log.level = l;
+    }
+    for u in &args.upstream {
+        file.add_upstream_flag(u);
+    }
+    let cfg = file.validate()?;
+    init_tracing(cfg.log.format, &cfg.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::node::run(cfg, shutdown_signal()))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn init_tracing(format: LogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,107 @@
+//! `shoal status`: ask a node's admin API what it holds and has done.
+
+use std::net::SocketAddr;
+
+use clap::Args;
+
+use crate::admin::Status;
+use crate::units::ByteSize;
+
+/// Show what a running node holds and has done.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The node's admin address.
+    #[arg(long, default_value = "127.0.0.1:5051", env = "SHOAL_ADMIN")]
+    pub node: SocketAddr,
+    /// Print JSON (the admin API's /api/v1/status) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let url = format!("http://{}/api/v1/status", args.node);
+    let body = rt.block_on(async {
+        let resp = reqwest::get(&url).await?.error_for_status()?;
+        resp.text().await
+    });
+    let body = body
+        .map_err(|e| anyhow::anyhow!("cannot reach the node's admin API at {}: {e}", args.node))?;
+    if args.json {
+        println!("{body}");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let s: Status = serde_json::from_str(&body)?;
+    print!("{}", render(&s));
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn render(s: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "shoal node {} (mirror {}, admin {})",
+        s.node.version, s.node.listen, s.node.admin
+    );
+    let _ = writeln!(o, "data dir:  {}", s.node.data_dir);
+    let _ = writeln!(
+        o,
+        "upstreams: {}",
+        if s.node.upstreams.is_empty() {
+            "(none)".into()
+        } else {
+            s.node.upstreams.join(", ")
+        }
+    );
+    let quota = if s.store.quota_bytes == 0 {
+        "unlimited".into()
+    } else {
+        ByteSize(s.store.quota_bytes).to_string()
+    };
+    let _ = writeln!(
+        o,
+        "store:     {} in {} blobs ({} complete), quota {}",
+        ByteSize(s.store.bytes),
+        s.store.blobs,
+        s.store.complete,
+        quota
+    );
+    let t = &s.traffic;
+    let _ = writeln!(
+        o,
+        "traffic:   {} served to clients, {} from origin; blob cache hits {}, misses {}; downloads running {}",
+        ByteSize(t.served_bytes),
+        ByteSize(t.origin_bytes),
+        t.cache_hits,
+        t.cache_misses,
+        s.downloads_in_flight
+    );
+    if !s.blobs.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n{:<73} {:>10} {:>8}  repositories",
+            "BLOB", "SIZE", "HELD"
+        );
+        for b in &s.blobs {
+            let held = if b.complete {
+                "100%".to_string()
+            } else if b.size > 0 {
+                format!("{}%", b.present_bytes * 100 / b.size)
+            } else {
+                "0%".into()
+            };
+            let _ = writeln!(
+                o,
+                "{:<73} {:>10} {:>8}  {}",
+                b.digest,
+                ByteSize(b.size).to_string(),
+                held,
+                b.repos.join(", ")
+            );
+        }
+    }
+    o
+}

@@ -1,0 +1,441 @@
+//! Node configuration: one TOML file (every field optional, defaults in the
+//! single `Default` impl of each section), command-line flags and `SHOAL_*`
+//! environment variables layered over it, validated into [`Config`] with
+//! errors that name the offending field.
+//!
+//! Precedence: flag > environment (clap `env`) > file > default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, HumanDuration};
+
+/// The file form. `deny_unknown_fields` everywhere so a typo is an error, not
+/// a silently ignored setting.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    /// Where the store lives (RocksDB metadata + blob content). Default
+    /// `/var/lib/shoal` as root, else `$XDG_DATA_HOME/shoal` or `~/.local/share/shoal`.
+    pub data_dir: Option<PathBuf>,
+    /// Registry mirror / HTTP proxy address containerd, Docker, CRI-O and
+    /// nydusd talk to. Default `127.0.0.1:5050`.
+    pub listen: SocketAddr,
+    /// Local admin API (status, metrics, mounts). Default `127.0.0.1:5051`.
+    pub admin: SocketAddr,
+    pub log: LogConfig,
+    pub store: StoreSection,
+    pub mirror: MirrorSection,
+    /// Origin registries. `default = true` marks the one used when a request
+    /// names no registry; without one, the first entry is the default.
+    #[serde(rename = "upstream")]
+    pub upstreams: Vec<UpstreamSection>,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 5050)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 5051)),
+            log: LogConfig::default(),
+            store: StoreSection::default(),
+            mirror: MirrorSection::default(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `shoal_node=debug,info`); `RUST_LOG` wins.
+    /// Default `info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// Disk quota for cached content; `0` means unlimited. Default `0`.
+    pub quota: ByteSize,
+    /// Eviction starts above this fraction of the quota. Default `0.9`.
+    pub high_watermark: f64,
+    /// Eviction stops at this fraction of the quota. Default `0.8`.
+    pub low_watermark: f64,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            quota: ByteSize(0),
+            high_watermark: 0.9,
+            low_watermark: 0.8,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorSection {
+    /// How long a tag → digest answer is used without asking the origin.
+    /// When the origin is unreachable a stale answer is served. Default `5m`.
+    pub tag_ttl: HumanDuration,
+    /// How long an origin's "yes, these credentials may read this
+    /// repository" is remembered. Default `60s`.
+    pub access_ttl: HumanDuration,
+    /// Largest manifest accepted from an origin. Default `4MiB`.
+    pub max_manifest_size: ByteSize,
+    /// Timeout for connecting to and hearing back from an origin. Default `30s`.
+    pub upstream_timeout: HumanDuration,
+    /// Accept requests for registries that are not configured (containerd's
+    /// `?ns=`, the `X-Shoal-Registry` header, proxy requests), reaching them
+    /// over HTTPS. Default `true`.
+    pub allow_unlisted_upstreams: bool,
+}
+
+impl Default for MirrorSection {
+    fn default() -> Self {
+        Self {
+            tag_ttl: HumanDuration(Duration::from_secs(300)),
+            access_ttl: HumanDuration(Duration::from_secs(60)),
+            max_manifest_size: ByteSize::mib(4),
+            upstream_timeout: HumanDuration(Duration::from_secs(30)),
+            allow_unlisted_upstreams: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// The registry host as clients name it (`docker.io`, `ghcr.io`,
+    /// `127.0.0.1:5000`). Default: the host of `url`.
+    pub host: Option<String>,
+    /// Base URL of the origin, `https://…` or `http://…` (plain HTTP). Required.
+    pub url: String,
+    /// Use this registry when a request names none. Default `false`.
+    pub default: bool,
+    /// Extra CA certificate (PEM) to trust for this origin.
+    pub ca_file: Option<PathBuf>,
+    /// Node-side credentials. Content fetched with them is served to every
+    /// client of this node: configure them only where that is intended.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Read the password from this file instead (trailing newline trimmed).
+    pub password_file: Option<PathBuf>,
+}
+
+/// Validated runtime configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: LogConfig,
+    pub store: StoreSection,
+    pub mirror: MirrorSection,
+    pub upstreams: Vec<Upstream>,
+}
+
+/// One origin registry, validated.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    pub host: String,
+    pub url: Url,
+    pub default: bool,
+    pub ca_pem: Option<Vec<u8>>,
+    pub credentials: Option<(String, String)>,
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl FileConfig {
+    /// Read a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.into(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Add an upstream from the command-line form `[HOST=]URL`. Without
+    /// HOST it becomes the default upstream.
+    pub fn add_upstream_flag(&mut self, flag: &str) {
+        let (host, url) = match flag.split_once('=') {
+            Some((h, u)) if !h.contains("://") => (Some(h.to_owned()), u.to_owned()),
+            _ => (None, flag.to_owned()),
+        };
+        let default = host.is_none();
+        if default {
+            for u in &mut self.upstreams {
+                u.default = false;
+            }
+        }
+        self.upstreams.push(UpstreamSection {
+            host,
+            url,
+            default,
+            ..UpstreamSection::default()
+        });
+    }
+
+    /// Check every field and build the runtime config.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let s = &self.store;
+        if !(0.0..=1.0).contains(&s.high_watermark) {
+            return Err(invalid("store.high_watermark", "must be between 0 and 1"));
+        }
+        if !(0.0..=1.0).contains(&s.low_watermark) || s.low_watermark > s.high_watermark {
+            return Err(invalid(
+                "store.low_watermark",
+                "must be between 0 and store.high_watermark",
+            ));
+        }
+        if self.mirror.max_manifest_size.0 == 0 {
+            return Err(invalid("mirror.max_manifest_size", "must be more than 0"));
+        }
+        if self.mirror.upstream_timeout.0.is_zero() {
+            return Err(invalid("mirror.upstream_timeout", "must be more than 0s"));
+        }
+        if self.listen == self.admin {
+            return Err(invalid("admin", "must differ from listen"));
+        }
+        let mut upstreams = Vec::with_capacity(self.upstreams.len());
+        for (i, u) in self.upstreams.into_iter().enumerate() {
+            upstreams.push(validate_upstream(i, u)?);
+        }
+        if upstreams.iter().filter(|u| u.default).count() > 1 {
+            return Err(invalid(
+                "upstream",
+                "more than one upstream has default = true",
+            ));
+        }
+        if !upstreams.iter().any(|u| u.default) {
+            if let Some(first) = upstreams.first_mut() {
+                first.default = true;
+            }
+        }
+        let data_dir = self.data_dir.unwrap_or_else(default_data_dir);
+        Ok(Config {
+            data_dir,
+            listen: self.listen,
+            admin: self.admin,
+            log: self.log,
+            store: self.store,
+            mirror: self.mirror,
+            upstreams,
+        })
+    }
+}
+
+fn validate_upstream(i: usize, u: UpstreamSection) -> Result<Upstream, ConfigError> {
+    let field = |name: &str| format!("upstream[{i}].{name}");
+    let url = Url::parse(&u.url).map_err(|e| invalid(field("url"), format!("{:?}: {e}", u.url)))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(field("url"), "scheme must be http or https"));
+    }
+    let Some(url_host) = url.host_str() else {
+        return Err(invalid(field("url"), "has no host"));
+    };
+    if url.path() != "/" && !url.path().is_empty() {
+        return Err(invalid(
+            field("url"),
+            "must not have a path (the registry root)",
+        ));
+    }
+    let host = match u.host {
+        Some(h) if h.is_empty() || h.contains('/') => {
+            return Err(invalid(
+                field("host"),
+                "must be a host[:port] like docker.io",
+            ))
+        }
+        Some(h) => h,
+        None => match url.port() {
+            Some(p) => format!("{url_host}:{p}"),
+            None => url_host.to_owned(),
+        },
+    };
+    let ca_pem = match &u.ca_file {
+        Some(p) => Some(
+            std::fs::read(p)
+                .map_err(|e| invalid(field("ca_file"), format!("{}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let password = match (&u.password, &u.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                field("password_file"),
+                "set password or password_file, not both",
+            ))
+        }
+        (Some(p), None) => Some(p.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| invalid(field("password_file"), format!("{}: {e}", f.display())))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let credentials = match (u.username, password) {
+        (Some(user), Some(pass)) => Some((user, pass)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                field("password"),
+                "username given without password",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                field("username"),
+                "password given without username",
+            ))
+        }
+    };
+    Ok(Upstream {
+        host,
+        url,
+        default: u.default,
+        ca_pem,
+        credentials,
+    })
+}
+
+fn default_data_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/shoal");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("shoal");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/shoal"),
+        None => PathBuf::from("shoal-data"),
+    }
+}
+
+fn is_root() -> bool {
+    // The owner of /proc/self is our effective uid; avoids unsafe libc calls.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_valid() {
+        let c = FileConfig::parse("")
+            .expect("empty parses")
+            .validate()
+            .expect("valid");
+        assert_eq!(c.listen.port(), 5050);
+        assert!(c.upstreams.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = FileConfig::parse("[store]\nhigh_watermark = 2.0")
+            .expect("parses")
+            .validate()
+            .expect_err("invalid");
+        assert!(e.to_string().starts_with("store.high_watermark"), "{e}");
+        let e = FileConfig::parse("[[upstream]]\nurl = \"ftp://x\"")
+            .expect("parses")
+            .validate()
+            .expect_err("invalid");
+        assert!(e.to_string().starts_with("upstream[0].url"), "{e}");
+        let e = FileConfig::parse("[mirror]\ntag_ttl = \"soon\"").expect_err("bad duration");
+        assert!(e.contains("tag_ttl"), "{e}");
+        let e = FileConfig::parse("lsten = \"1.2.3.4:5\"").expect_err("typo");
+        assert!(e.contains("lsten"), "{e}");
+    }
+
+    #[test]
+    fn upstream_flags() {
+        let mut f = FileConfig::default();
+        f.add_upstream_flag("http://127.0.0.1:5000");
+        f.add_upstream_flag("docker.io=https://registry-1.docker.io");
+        let c = f.validate().expect("valid");
+        assert_eq!(c.upstreams[0].host, "127.0.0.1:5000");
+        assert!(c.upstreams[0].default);
+        assert_eq!(c.upstreams[1].host, "docker.io");
+        assert!(!c.upstreams[1].default);
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("deploy/ exists").flatten() {
+            let p = entry.path();
+            let is_node_toml = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("node") && n.ends_with(".toml"));
+            if is_node_toml {
+                let text = std::fs::read_to_string(&p).expect("readable");
+                let f = FileConfig::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                f.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no deploy/node*.toml found");
+    }
+}

@@ -1,0 +1,14 @@
+//! shoal node: registry mirror and proxy, persistent blob store, download
+//! engine, admin API. The `shoal` binary (`main.rs`) is a thin shell over this.
+
+pub mod access;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod download;
+pub mod metrics;
+pub mod mirror;
+pub mod node;
+pub mod store;
+pub mod units;
+pub mod upstream;

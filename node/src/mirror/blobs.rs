@@ -1,0 +1,382 @@
+//! `GET`/`HEAD /v2/<name>/blobs/<digest>`, with `Range`.
+//!
+//! Complete blobs are served from the store after the access check; others
+//! join the node's single download of that blob and stream as it arrives.
+//! A range far ahead of a running download is fetched from the origin
+//! directly, so a random reader never waits behind a whole-blob download.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use reqwest::Method;
+use shoal_proto::{BlobId, RepoName};
+
+use super::range::{self, RangeError};
+use super::{api_headers, Ctx, MirrorError, MirrorState};
+use crate::access::{Decision, Known};
+use crate::download::{DownloadError, Join, Source};
+use crate::store::{RepoKey, StoreError};
+use crate::upstream::AuthMode;
+
+/// How far ahead of a running download a range must start to be fetched
+/// from the origin directly.
+const DIRECT_RANGE_AHEAD: u64 = 32 << 20;
+const READ_CHUNK: usize = 1 << 20;
+
+pub(super) async fn get(
+    st: &MirrorState,
+    ctx: &Ctx,
+    repo: &RepoName,
+    digest: &BlobId,
+) -> Result<Response, MirrorError> {
+    let range_req = match ctx.headers.get(header::RANGE) {
+        Some(v) => {
+            let s = v.to_str().unwrap_or("");
+            Some(range::parse(s).map_err(|_| MirrorError::RangeInvalid {
+                header: s.chars().take(100).collect(),
+            })?)
+        }
+        None => None,
+    };
+    let record = st.store.blob(digest).map_err(internal)?;
+    let key = RepoKey {
+        upstream: ctx.origin.host.clone(),
+        repo: repo.clone(),
+    };
+    let known = record.as_ref().map_or(Known::default(), |r| Known {
+        public: r.public,
+        in_repo: r.repos.contains(&key),
+    });
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let decision = st
+        .access
+        .check(&ctx.origin, repo, &path, ctx.client_auth.as_ref(), known)
+        .await;
+    let (auth, public) = match decision {
+        Decision::Public => (AuthMode::Node, true),
+        Decision::Granted(mode) => (mode, false),
+        Decision::Denied(d) => return Err(MirrorError::from_denial(d, MirrorError::BlobUnknown)),
+    };
+    if !known.in_repo && record.as_ref().is_some_and(|r| r.complete) {
+        // The check just confirmed it is in this repository (or public).
+        let _ = st.store.add_repo(digest, key, public);
+    }
+    if record.as_ref().is_some_and(|r| r.complete) {
+        match serve_stored(st, ctx, digest, range_req).await {
+            Ok(resp) => {
+                st.metrics.hit();
+                return Ok(resp);
+            }
+            Err(Served::Gone) => {}
+            Err(Served::Error(e)) => return Err(e),
+        }
+    }
+    st.metrics.miss();
+    if ctx.method == Method::HEAD {
+        return head_origin(ctx, repo, &path, &auth).await;
+    }
+    let source = Source {
+        origin: ctx.origin.clone(),
+        repo: repo.clone(),
+        auth: auth.clone(),
+        public,
+    };
+    let download = match st.downloads.join(digest, source).map_err(internal)? {
+        Join::Complete => {
+            return serve_stored(st, ctx, digest, range_req)
+                .await
+                .map_err(|e| match e {
+                    Served::Gone => MirrorError::BlobUnknown,
+                    Served::Error(e) => e,
+                })
+        }
+        Join::Download(d) => d,
+    };
+    let size = download.size().await.map_err(download_error)?;
+    let range = resolve(range_req, size)?;
+    if let Some(r) = &range {
+        let written = download.subscribe().borrow().written;
+        if r.start > written + DIRECT_RANGE_AHEAD {
+            return direct_range(st, ctx, repo, &path, &auth, r.clone(), size).await;
+        }
+    }
+    let served = range.clone().unwrap_or(0..size);
+    let body = Body::from_stream(download.stream(served.clone(), st.metrics.clone()));
+    Ok(blob_response(digest, size, range.as_ref(), body))
+}
+
+enum Served {
+    /// Not (or no longer) in the store: fetch it.
+    Gone,
+    Error(MirrorError),
+}
+
+/// Serve a complete blob from the store. Pieces are verified as they are
+/// read; a corrupt piece drops the blob from the store and aborts the
+/// response, and a corrupt first piece is caught before the headers go out.
+async fn serve_stored(
+    st: &MirrorState,
+    ctx: &Ctx,
+    digest: &BlobId,
+    range_req: Option<range::ByteRange>,
+) -> Result<Response, Served> {
+    let store = st.store.clone();
+    let id = digest.clone();
+    let reader = tokio::task::spawn_blocking(move || store.open_reader(&id))
+        .await
+        .map_err(|e| Served::Error(internal(e)))?
+        .map_err(|e| Served::Error(internal(e)))?;
+    let Some(reader) = reader else {
+        return Err(Served::Gone);
+    };
+    if !reader.record().complete {
+        return Err(Served::Gone);
+    }
+    let size = reader.record().size;
+    let range = resolve(range_req, size).map_err(Served::Error)?;
+    let served = range.clone().unwrap_or(0..size);
+    if ctx.method == Method::HEAD || served.is_empty() {
+        return Ok(blob_response(digest, size, range.as_ref(), Body::empty()));
+    }
+    let reader = Arc::new(reader);
+    // Read the first chunk up front so a corrupt store file is refetched
+    // instead of answered with an aborted 200.
+    let first_len = (served.end - served.start).min(READ_CHUNK as u64);
+    let first = match read_chunk(reader.clone(), served.start, first_len).await {
+        Ok(b) => b,
+        Err(StoreError::Corrupt { .. }) => {
+            tracing::error!(blob = %digest, "store file corrupt; dropping and refetching");
+            return Err(Served::Gone);
+        }
+        Err(e) => return Err(Served::Error(internal(e))),
+    };
+    let metrics = st.metrics.clone();
+    metrics.served("blob", first.len() as u64);
+    let start = served.start + first.len() as u64;
+    let rest = futures::stream::unfold(start, move |pos| {
+        let reader = reader.clone();
+        let metrics = metrics.clone();
+        let end = served.end;
+        async move {
+            if pos >= end {
+                return None;
+            }
+            let len = (end - pos).min(READ_CHUNK as u64);
+            match read_chunk(reader, pos, len).await {
+                Ok(b) => {
+                    metrics.served("blob", b.len() as u64);
+                    let next = pos + b.len() as u64;
+                    Some((Ok(b), next))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "aborting blob response");
+                    Some((Err(std::io::Error::other(e.to_string())), end))
+                }
+            }
+        }
+    });
+    let stream = futures::StreamExt::chain(futures::stream::once(async move { Ok(first) }), rest);
+    Ok(blob_response(
+        digest,
+        size,
+        range.as_ref(),
+        Body::from_stream(stream),
+    ))
+}
+
+async fn read_chunk(
+    reader: Arc<crate::store::BlobReader>,
+    pos: u64,
+    len: u64,
+) -> Result<bytes::Bytes, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            let n = reader.read_at(pos + filled as u64, &mut buf[filled..])?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buf.truncate(filled);
+        Ok(bytes::Bytes::from(buf))
+    })
+    .await
+    .map_err(|e| StoreError::Io {
+        path: Default::default(),
+        source: std::io::Error::other(e),
+    })?
+}
+
+/// `HEAD` for a blob the node does not hold: ask the origin.
+async fn head_origin(
+    ctx: &Ctx,
+    repo: &RepoName,
+    path: &str,
+    auth: &AuthMode,
+) -> Result<Response, MirrorError> {
+    let resp = ctx
+        .origin
+        .send(
+            Method::HEAD,
+            path,
+            &HeaderMap::new(),
+            auth,
+            Some(repo),
+            "blob_head",
+        )
+        .await?;
+    match resp.status() {
+        s if s.is_success() => {
+            let mut out = Response::new(Body::empty());
+            let h = out.headers_mut();
+            h.extend(api_headers());
+            h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            for name in [header::CONTENT_LENGTH, header::ETAG] {
+                if let Some(v) = resp.headers().get(&name) {
+                    h.insert(name, v.clone());
+                }
+            }
+            if let Some(v) = resp.headers().get("docker-content-digest") {
+                h.insert("docker-content-digest", v.clone());
+            }
+            Ok(out)
+        }
+        StatusCode::UNAUTHORIZED => Err(MirrorError::Unauthorized {
+            challenge: resp.headers().get(header::WWW_AUTHENTICATE).cloned(),
+        }),
+        StatusCode::FORBIDDEN => Err(MirrorError::Denied),
+        StatusCode::NOT_FOUND => Err(MirrorError::BlobUnknown),
+        status => Err(MirrorError::OriginStatus { status }),
+    }
+}
+
+/// A range far ahead of the download, straight from the origin. These bytes
+/// are not kept (the download will bring them, verified); the client checks
+/// nothing here, as with any registry range read, which DESIGN.md allows for
+/// bytes streamed straight from the origin.
+async fn direct_range(
+    st: &MirrorState,
+    ctx: &Ctx,
+    repo: &RepoName,
+    path: &str,
+    auth: &AuthMode,
+    r: Range<u64>,
+    size: u64,
+) -> Result<Response, MirrorError> {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes={}-{}", r.start, r.end - 1)) {
+        h.insert(header::RANGE, v);
+    }
+    let resp = ctx
+        .origin
+        .send(Method::GET, path, &h, auth, Some(repo), "blob_range")
+        .await?;
+    if resp.status() != StatusCode::PARTIAL_CONTENT {
+        return Err(MirrorError::OriginStatus {
+            status: resp.status(),
+        });
+    }
+    let metrics = st.metrics.clone();
+    let expected = r.end - r.start;
+    let stream = futures::stream::unfold((resp, 0u64), move |(mut resp, got)| {
+        let metrics = metrics.clone();
+        async move {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    metrics.from_origin("blob", c.len() as u64);
+                    metrics.served("blob", c.len() as u64);
+                    let got = got + c.len() as u64;
+                    Some((Ok(c), (resp, got)))
+                }
+                Ok(None) if got == expected => None,
+                Ok(None) => Some((
+                    Err(std::io::Error::other("origin range short")),
+                    (resp, u64::MAX),
+                )),
+                Err(e) => Some((Err(std::io::Error::other(e)), (resp, u64::MAX))),
+            }
+        }
+    });
+    let digest: BlobId = path
+        .rsplit('/')
+        .next()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| MirrorError::Internal("bad blob path".into()))?;
+    Ok(blob_response(
+        &digest,
+        size,
+        Some(&r),
+        Body::from_stream(stream),
+    ))
+}
+
+fn resolve(req: Option<range::ByteRange>, size: u64) -> Result<Option<Range<u64>>, MirrorError> {
+    match req {
+        None => Ok(None),
+        Some(r) => match r.resolve(size) {
+            Ok(r) => Ok(Some(r)),
+            Err(RangeError::Unsatisfiable | RangeError::Malformed) => {
+                Err(MirrorError::RangeNotSatisfiable { size })
+            }
+        },
+    }
+}
+
+fn blob_response(digest: &BlobId, size: u64, range: Option<&Range<u64>>, body: Body) -> Response {
+    let mut out = Response::new(body);
+    let h = out.headers_mut();
+    h.extend(api_headers());
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&digest.to_string()) {
+        h.insert("docker-content-digest", v.clone());
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+            h.insert(header::ETAG, etag);
+        }
+    }
+    let len = match range {
+        Some(r) => {
+            *out.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&range::content_range(r, size)) {
+                out.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            r.end - r.start
+        }
+        None => size,
+    };
+    out.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    out
+}
+
+fn download_error(e: DownloadError) -> MirrorError {
+    match e {
+        DownloadError::Status { status, challenge } => match status {
+            StatusCode::UNAUTHORIZED => MirrorError::Unauthorized { challenge },
+            StatusCode::FORBIDDEN => MirrorError::Denied,
+            StatusCode::NOT_FOUND => MirrorError::BlobUnknown,
+            status => MirrorError::OriginStatus { status },
+        },
+        DownloadError::DigestMismatch(d) => MirrorError::DigestMismatch {
+            digest: d.to_string(),
+        },
+        DownloadError::Origin(reason) => MirrorError::OriginUnavailable { reason },
+        other => MirrorError::Internal(other.to_string()),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> MirrorError {
+    MirrorError::Internal(e.to_string())
+}

@@ -1,0 +1,128 @@
+//! A running node: wires the store, origins, access checks, downloads, the
+//! mirror and the admin API together, and shuts them down in order.
+//!
+//! Shutdown order: stop accepting connections and give in-flight responses
+//! a grace period → cancel downloads (each commits what it has) → wait for
+//! every task → flush the store.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::access::Access;
+use crate::admin::{self, AdminState, NodeInfo};
+use crate::config::Config;
+use crate::download::Downloads;
+use crate::metrics::Metrics;
+use crate::mirror::{self, MirrorState};
+use crate::store::{Backend, Store, StoreConfig};
+use crate::upstream::Upstreams;
+
+/// How long in-flight responses may run on after a shutdown signal.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// Run a node until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let store_cfg = StoreConfig {
+        dir: cfg.data_dir.clone(),
+        backend: Backend::RocksDb,
+        quota_bytes: cfg.store.quota.0,
+        high_watermark: cfg.store.high_watermark,
+        low_watermark: cfg.store.low_watermark,
+    };
+    let store = tokio::task::spawn_blocking(move || Store::open(store_cfg))
+        .await?
+        .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+    let usage = store.usage();
+    tracing::info!(dir = %cfg.data_dir.display(), blobs = usage.blobs, complete = usage.complete, bytes = usage.bytes, "store open");
+
+    let work = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let upstreams = Arc::new(Upstreams::new(&cfg, metrics.clone())?);
+    let access = Arc::new(Access::new(cfg.mirror.access_ttl.0, metrics.clone()));
+    let downloads = Downloads::new(
+        store.clone(),
+        metrics.clone(),
+        tracker.clone(),
+        work.clone(),
+    );
+    let passthrough = reqwest::Client::builder()
+        .use_rustls_tls()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(cfg.mirror.upstream_timeout.0)
+        .build()?;
+    let mirror_state = MirrorState {
+        store: store.clone(),
+        upstreams,
+        access,
+        downloads: downloads.clone(),
+        metrics: metrics.clone(),
+        cfg: Arc::new(cfg.mirror.clone()),
+        passthrough,
+    };
+    let info = NodeInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        data_dir: cfg.data_dir.display().to_string(),
+        listen: cfg.listen.to_string(),
+        admin: cfg.admin.to_string(),
+        upstreams: cfg
+            .upstreams
+            .iter()
+            .map(|u| format!("{}={}", u.host, u.url))
+            .collect(),
+        started_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    let admin_state = AdminState {
+        store: store.clone(),
+        downloads,
+        metrics,
+        info: Arc::new(info),
+    };
+
+    let mirror_listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding the mirror to {} (listen)", cfg.listen))?;
+    let admin_listener = TcpListener::bind(cfg.admin)
+        .await
+        .with_context(|| format!("binding the admin API to {} (admin)", cfg.admin))?;
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, "node ready");
+
+    let stop_accepting = CancellationToken::new();
+    let servers = TaskTracker::new();
+    let s = stop_accepting.clone();
+    servers.spawn(async move {
+        let app = mirror::router(mirror_state);
+        axum::serve(mirror_listener, app)
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+    });
+    let s = stop_accepting.clone();
+    servers.spawn(async move {
+        axum::serve(admin_listener, admin::router(admin_state))
+            .with_graceful_shutdown(s.cancelled_owned())
+            .await
+    });
+    servers.close();
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections");
+    stop_accepting.cancel();
+    if tokio::time::timeout(GRACE, servers.wait()).await.is_err() {
+        tracing::warn!("in-flight responses still running after {GRACE:?}; cutting them");
+    }
+    work.cancel();
+    tracker.close();
+    tracker.wait().await;
+    tokio::task::spawn_blocking(move || store.flush()).await??;
+    tracing::info!("store flushed; bye");
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! Origin registries: which origin a request goes to, and sending requests
+//! to it with the right credentials.
+//!
+//! Credentials come in three modes (see [`AuthMode`]): the client's own
+//! `Authorization` header, forwarded untouched; the node's configured
+//! credentials; or none. For the last two the node answers the origin's
+//! challenge itself (Basic, or the Bearer token dance of the distribution
+//! spec), caching tokens per scope until they expire. With the client's
+//! header, a 401 goes back to the client with its `WWW-Authenticate`, so the
+//! client's own token dance works through the mirror.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode, Url};
+use shoal_proto::RepoName;
+
+use crate::config::{Config, Upstream};
+use crate::metrics::Metrics;
+
+/// Whose credentials a request to an origin carries.
+#[derive(Clone, Debug)]
+pub enum AuthMode {
+    /// The client's `Authorization` header, as sent.
+    Client(HeaderValue),
+    /// The node's own configured credentials (or none): the node answers
+    /// challenges itself.
+    Node,
+}
+
+/// Why an origin could not be chosen or reached.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("registry {host:?} is not configured and mirror.allow_unlisted_upstreams is off")]
+    Unlisted { host: String },
+    #[error("no registry named by the request (?ns=, X-Shoal-Registry) and no default upstream configured")]
+    NoDefault,
+    #[error("registry host {host:?} is not a valid host[:port]")]
+    BadHost { host: String },
+    #[error("origin {host} unreachable: {source}")]
+    Unreachable {
+        host: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("origin {host} token service failed: {message}")]
+    Token { host: String, message: String },
+}
+
+/// One origin registry with its HTTP client and token cache.
+#[derive(Debug)]
+pub struct Origin {
+    /// The host as clients name it (`docker.io`, `127.0.0.1:5000`).
+    pub host: String,
+    pub base: Url,
+    client: reqwest::Client,
+    credentials: Option<(String, String)>,
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+    metrics: Arc<Metrics>,
+}
+
+/// The set of origins a node knows, plus those it learns from requests.
+#[derive(Debug)]
+pub struct Upstreams {
+    configured: HashMap<String, Arc<Origin>>,
+    default: Option<Arc<Origin>>,
+    allow_unlisted: bool,
+    learned: Mutex<HashMap<String, Arc<Origin>>>,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Upstreams {
+    pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let timeout = cfg.mirror.upstream_timeout.0;
+        let mut configured = HashMap::new();
+        let mut default = None;
+        for u in &cfg.upstreams {
+            let origin = Arc::new(Origin::new(u, timeout, metrics.clone())?);
+            if u.default {
+                default = Some(origin.clone());
+            }
+            configured.insert(u.host.clone(), origin);
+        }
+        Ok(Self {
+            configured,
+            default,
+            allow_unlisted: cfg.mirror.allow_unlisted_upstreams,
+            learned: Mutex::new(HashMap::new()),
+            timeout,
+            metrics,
+        })
+    }
+
+    /// The origin for a mirror request: containerd's `?ns=` first, then the
+    /// `X-Shoal-Registry` header, then the default.
+    pub fn select(
+        &self,
+        ns: Option<&str>,
+        header: Option<&str>,
+    ) -> Result<Arc<Origin>, OriginError> {
+        match ns.or(header) {
+            Some(host) => self.by_host(host, "https"),
+            None => self.default.clone().ok_or(OriginError::NoDefault),
+        }
+    }
+
+    /// The origin for a forward-proxy request to `scheme://authority`.
+    pub fn for_proxy(&self, scheme: &str, authority: &str) -> Result<Arc<Origin>, OriginError> {
+        self.by_host(authority, scheme)
+    }
+
+    fn by_host(&self, host: &str, scheme: &str) -> Result<Arc<Origin>, OriginError> {
+        let host = normalize_host(host);
+        if let Some(o) = self.configured.get(host) {
+            return Ok(o.clone());
+        }
+        // docker.io is what clients say; the default upstream may be it.
+        if let Some(d) = &self.default {
+            if d.base.host_str().is_some_and(|h| h == host) {
+                return Ok(d.clone());
+            }
+        }
+        if !self.allow_unlisted {
+            return Err(OriginError::Unlisted { host: host.into() });
+        }
+        let valid = !host.is_empty()
+            && host.len() <= 255
+            && host.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+            });
+        let url = Url::parse(&format!("{scheme}://{host}/"))
+            .ok()
+            .filter(|_| valid);
+        let Some(url) = url else {
+            return Err(OriginError::BadHost {
+                host: host.chars().take(100).collect(),
+            });
+        };
+        let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(o) = learned.get(host) {
+            return Ok(o.clone());
+        }
+        let upstream = Upstream {
+            host: host.to_owned(),
+            url,
+            default: false,
+            ca_pem: None,
+            credentials: None,
+        };
+        let origin = Arc::new(
+            Origin::new(&upstream, self.timeout, self.metrics.clone()).map_err(|e| {
+                OriginError::Token {
+                    host: host.into(),
+                    message: e.to_string(),
+                }
+            })?,
+        );
+        learned.insert(host.to_owned(), origin.clone());
+        Ok(origin)
+    }
+}
+
+/// containerd says `docker.io`; Docker Hub's API lives elsewhere.
+fn normalize_host(host: &str) -> &str {
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io",
+        h => h,
+    }
+}
+
+impl Origin {
+    fn new(u: &Upstream, timeout: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")));
+        if let Some(pem) = &u.ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        let host = if u.url.host_str() == Some("registry-1.docker.io") {
+            "docker.io".to_owned()
+        } else {
+            u.host.clone()
+        };
+        Ok(Self {
+            host,
+            base: u.url.clone(),
+            client: b.build()?,
+            credentials: u.credentials.clone(),
+            tokens: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// Whether the operator gave this node credentials for this origin.
+    pub fn has_node_credentials(&self) -> bool {
+        self.credentials.is_some()
+    }
+
+    /// The absolute URL of a `/v2/...` path on this origin.
+    pub fn url(&self, path_and_query: &str) -> Url {
+        let mut u = self.base.clone();
+        match path_and_query.split_once('?') {
+            Some((p, q)) => {
+                u.set_path(p);
+                u.set_query(Some(q));
+            }
+            None => u.set_path(path_and_query),
+        }
+        u
+    }
+
+    /// Send `method path` with `headers`, authenticating as `auth` says.
+    /// `kind` labels the origin-request metric. `repo` scopes tokens.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &HeaderMap,
+        auth: &AuthMode,
+        repo: Option<&RepoName>,
+        kind: &'static str,
+    ) -> Result<reqwest::Response, OriginError> {
+        let scope = repo.map(|r| format!("repository:{r}:pull"));
+        match auth {
+            AuthMode::Client(value) => {
+                let mut h = headers.clone();
+                h.insert(AUTHORIZATION, value.clone());
+                self.raw(method, path, h, kind).await
+            }
+            AuthMode::Node => {
+                let cached = scope.as_deref().and_then(|s| self.cached_token(s));
+                let mut h = headers.clone();
+                if let Some(t) = &cached {
+                    h.insert(AUTHORIZATION, bearer(t));
+                } else if let Some((u, p)) = &self.credentials {
+                    // Registries that use Basic accept it up front; a
+                    // token registry answers 401 with its challenge anyway.
+                    h.insert(AUTHORIZATION, basic(u, p));
+                }
+                let resp = self.raw(method.clone(), path, h, kind).await?;
+                if resp.status() != StatusCode::UNAUTHORIZED {
+                    return Ok(resp);
+                }
+                let Some(challenge) = resp.headers().get(WWW_AUTHENTICATE).cloned() else {
+                    return Ok(resp);
+                };
+                let Some(token) = self.token_for(&challenge, scope.as_deref()).await? else {
+                    return Ok(resp);
+                };
+                let mut h = headers.clone();
+                h.insert(AUTHORIZATION, bearer(&token));
+                self.raw(method, path, h, kind).await
+            }
+        }
+    }
+
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        kind: &'static str,
+    ) -> Result<reqwest::Response, OriginError> {
+        self.metrics.origin_request(kind);
+        self.client
+            .request(method, self.url(path))
+            .headers(headers)
+            .send()
+            .await
+            .map_err(|source| OriginError::Unreachable {
+                host: self.host.clone(),
+                source,
+            })
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        tokens
+            .get(scope)
+            .filter(|(_, exp)| *exp > Instant::now())
+            .map(|(t, _)| t.clone())
+    }
+
+    /// Answer a Bearer challenge with the node's credentials (or
+    /// anonymously). `None` when the challenge is not a Bearer one.
+    async fn token_for(
+        &self,
+        challenge: &HeaderValue,
+        scope: Option<&str>,
+    ) -> Result<Option<String>, OriginError> {
+        let Some(ch) = challenge.to_str().ok().and_then(BearerChallenge::parse) else {
+            return Ok(None);
+        };
+        let scope = ch.scope.as_deref().or(scope);
+        let Ok(mut url) = Url::parse(&ch.realm) else {
+            return Err(OriginError::Token {
+                host: self.host.clone(),
+                message: format!("bad realm {:?}", ch.realm),
+            });
+        };
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = &ch.service {
+                q.append_pair("service", s);
+            }
+            if let Some(s) = scope {
+                q.append_pair("scope", s);
+            }
+        }
+        let mut req = self.client.get(url);
+        if let Some((u, p)) = &self.credentials {
+            req = req.header(AUTHORIZATION, basic(u, p));
+        }
+        self.metrics.origin_request("token");
+        let resp = req
+            .send()
+            .await
+            .map_err(|source| OriginError::Unreachable {
+                host: self.host.clone(),
+                source,
+            })?;
+        if !resp.status().is_success() {
+            return Ok(None);
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let bytes = resp.bytes().await.map_err(|e| OriginError::Token {
+            host: self.host.clone(),
+            message: e.to_string(),
+        })?;
+        let body: TokenResponse =
+            serde_json::from_slice(&bytes).map_err(|e| OriginError::Token {
+                host: self.host.clone(),
+                message: e.to_string(),
+            })?;
+        let Some(token) = body.token.or(body.access_token) else {
+            return Ok(None);
+        };
+        // Renew a little early; the spec's default lifetime is 60 s.
+        let life = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(10, 3600));
+        if let Some(s) = scope {
+            let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            tokens.insert(
+                s.to_owned(),
+                (
+                    token.clone(),
+                    Instant::now() + life - Duration::from_secs(5),
+                ),
+            );
+        }
+        Ok(Some(token))
+    }
+}
+
+fn bearer(token: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("Bearer {token}"))
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn basic(user: &str, pass: &str) -> HeaderValue {
+    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    HeaderValue::from_str(&format!("Basic {enc}")).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `Bearer realm="…",service="…",scope="…"`
+#[derive(Debug, PartialEq, Eq)]
+struct BearerChallenge {
+    realm: String,
+    service: Option<String>,
+    scope: Option<String>,
+}
+
+impl BearerChallenge {
+    fn parse(s: &str) -> Option<Self> {
+        let rest = s
+            .trim()
+            .strip_prefix("Bearer ")
+            .or_else(|| s.trim().strip_prefix("bearer "))?;
+        let mut realm = None;
+        let mut service = None;
+        let mut scope = None;
+        for (k, v) in parse_params(rest) {
+            match k.to_ascii_lowercase().as_str() {
+                "realm" => realm = Some(v),
+                "service" => service = Some(v),
+                "scope" => scope = Some(v),
+                _ => {}
+            }
+        }
+        Some(Self {
+            realm: realm?,
+            service,
+            scope,
+        })
+    }
+}
+
+/// `k="v", k2=v2` pairs; quoted values may contain commas.
+fn parse_params(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s.trim();
+    while !rest.is_empty() {
+        let Some(eq) = rest.find('=') else { break };
+        let key = rest[..eq].trim().trim_start_matches(',').trim().to_owned();
+        rest = rest[eq + 1..].trim_start();
+        let value;
+        if let Some(r) = rest.strip_prefix('"') {
+            let end = r.find('"').unwrap_or(r.len());
+            value = r[..end].to_owned();
+            rest = r.get(end + 1..).unwrap_or("");
+        } else {
+            let end = rest.find(',').unwrap_or(rest.len());
+            value = rest[..end].trim().to_owned();
+            rest = &rest[end..];
+        }
+        rest = rest.trim_start().trim_start_matches(',').trim_start();
+        out.push((key, value));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_challenges() {
+        let c = BearerChallenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/debian:pull,push""#,
+        )
+        .expect("bearer");
+        assert_eq!(c.realm, "https://auth.docker.io/token");
+        assert_eq!(c.service.as_deref(), Some("registry.docker.io"));
+        assert_eq!(
+            c.scope.as_deref(),
+            Some("repository:library/debian:pull,push")
+        );
+        assert!(BearerChallenge::parse(r#"Basic realm="Registry Realm""#).is_none());
+        assert!(BearerChallenge::parse("Bearer").is_none());
+        assert!(BearerChallenge::parse(r#"Bearer service="x""#).is_none());
+    }
+}
