@@ -77,7 +77,8 @@ fn fill(w: &mut BlobWriter, bytes: &[u8], range: std::ops::Range<u64>) {
     let mut pos = range.start;
     while pos < range.end {
         let end = (pos + 100_003).min(range.end);
-        w.write_at(pos, &bytes[pos as usize..end as usize]).expect("write");
+        w.write_at(pos, &bytes[pos as usize..end as usize])
+            .expect("write");
         w.commit(pos..end).expect("commit");
         pos = end;
     }
@@ -105,7 +106,11 @@ fn read_all(r: &BlobReader) -> Result<Vec<u8>, StoreError> {
 
 /// Flips one byte of a file behind the store's back (like `dd conv=notrunc`).
 fn flip_byte(path: &Path, offset: u64) {
-    let f = OpenOptions::new().read(true).write(true).open(path).expect("open content");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open content");
     let mut b = [0u8];
     f.read_exact_at(&mut b, offset).expect("read byte");
     f.write_all_at(&[!b[0]], offset).expect("write byte");
@@ -131,7 +136,10 @@ fn write_commit_read(backend: Backend) {
     assert_eq!(rec.piece_sha256.len(), 5);
     for (i, hash) in rec.piece_sha256.iter().enumerate() {
         let piece = &bytes[i * PIECE as usize..((i as u64 + 1) * PIECE).min(SIZE) as usize];
-        assert_eq!(hash.as_ref().map(|h| h.as_slice()), Some(Digest::sha256(piece).bytes()));
+        assert_eq!(
+            hash.as_ref().map(|h| h.as_slice()),
+            Some(Digest::sha256(piece).bytes())
+        );
     }
     let usage = store.usage();
     assert_eq!((usage.bytes, usage.blobs, usage.complete), (SIZE, 1, 1));
@@ -159,12 +167,18 @@ fn partial_blob_serves_only_committed_ranges(backend: Backend) {
     // Uncommitted bytes are readable only through the raw reader.
     let raw = w.raw_reader().expect("raw");
     let mut buf = vec![0u8; 1000];
-    assert_eq!(raw.read_full_at(400 * KIB, &mut buf).expect("raw read"), 1000);
+    assert_eq!(
+        raw.read_full_at(400 * KIB, &mut buf).expect("raw read"),
+        1000
+    );
     assert_eq!(buf, bytes[400 * KIB as usize..400 * KIB as usize + 1000]);
 
     let rec = store.blob(&id).expect("blob").expect("record");
     assert!(!rec.complete);
-    assert_eq!(rec.present.iter().collect::<Vec<_>>(), vec![0..300 * KIB, 600 * KIB..700 * KIB]);
+    assert_eq!(
+        rec.present.iter().collect::<Vec<_>>(),
+        vec![0..300 * KIB, 600 * KIB..700 * KIB]
+    );
     // Piece 0 is full (hashed), pieces 1 and 2 only partly present.
     assert!(rec.piece_sha256[0].is_some());
     assert!(rec.piece_sha256[1..].iter().all(Option::is_none));
@@ -179,8 +193,14 @@ fn partial_blob_serves_only_committed_ranges(backend: Backend) {
         r.read_at(300 * KIB, &mut buf),
         Err(StoreError::NotPresent { offset, .. }) if offset == 300 * KIB
     ));
-    assert_eq!(r.read_at(650 * KIB, &mut buf[..1000]).expect("middle"), 1000);
-    assert_eq!(buf[..1000], bytes[650 * KIB as usize..650 * KIB as usize + 1000]);
+    assert_eq!(
+        r.read_at(650 * KIB, &mut buf[..1000]).expect("middle"),
+        1000
+    );
+    assert_eq!(
+        buf[..1000],
+        bytes[650 * KIB as usize..650 * KIB as usize + 1000]
+    );
     assert!(r.read_at(700 * KIB, &mut buf).is_err());
 }
 
@@ -197,8 +217,13 @@ fn complete_refuses_wrong_digest_and_missing_ranges(backend: Backend) {
 
     let mut w = store.open_writer(&id, SIZE).expect("writer");
     fill(&mut w, &bytes, 0..SIZE - 1);
-    let err = w.complete(verified(&id, &bytes)).expect_err("one byte missing");
-    assert!(matches!(err, StoreError::Incomplete { missing: 1, .. }), "{err:?}");
+    let err = w
+        .complete(verified(&id, &bytes))
+        .expect_err("one byte missing");
+    assert!(
+        matches!(err, StoreError::Incomplete { missing: 1, .. }),
+        "{err:?}"
+    );
 
     // The partial blob survived; resume it.
     let mut w = store.open_writer(&id, SIZE).expect("resume");
@@ -212,7 +237,11 @@ fn complete_refuses_wrong_digest_and_missing_ranges(backend: Backend) {
     assert!(!store.blob(&id).expect("blob").expect("record").complete);
 
     let w = store.open_writer(&id, SIZE).expect("resume");
-    assert!(w.complete(verified(&id, &bytes)).expect("complete").complete);
+    assert!(
+        w.complete(verified(&id, &bytes))
+            .expect("complete")
+            .complete
+    );
 }
 
 fn writer_rules(backend: Backend) {
@@ -221,23 +250,49 @@ fn writer_rules(backend: Backend) {
     let bytes = data(5, 1000);
     let id = Digest::sha256(&bytes);
     let mut w = store.open_writer(&id, 1000).expect("writer");
-    assert!(matches!(store.open_writer(&id, 1000), Err(StoreError::WriterBusy { .. })));
-    assert!(matches!(w.write_at(999, b"xy"), Err(StoreError::OutOfBounds { .. })));
-    assert!(matches!(w.write_at(u64::MAX, b"x"), Err(StoreError::OutOfBounds { .. })));
-    assert!(matches!(w.commit(0..1001), Err(StoreError::OutOfBounds { .. })));
+    assert!(matches!(
+        store.open_writer(&id, 1000),
+        Err(StoreError::WriterBusy { .. })
+    ));
+    assert!(matches!(
+        w.write_at(999, b"xy"),
+        Err(StoreError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        w.write_at(u64::MAX, b"x"),
+        Err(StoreError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        w.commit(0..1001),
+        Err(StoreError::OutOfBounds { .. })
+    ));
     drop(w);
     assert!(matches!(
         store.open_writer(&id, 999),
-        Err(StoreError::SizeMismatch { recorded: 1000, requested: 999, .. })
+        Err(StoreError::SizeMismatch {
+            recorded: 1000,
+            requested: 999,
+            ..
+        })
     ));
-    assert!(matches!(store.open_writer(&id, 1 << 50), Err(StoreError::TooLarge { .. })));
+    assert!(matches!(
+        store.open_writer(&id, 1 << 50),
+        Err(StoreError::TooLarge { .. })
+    ));
     put_complete(&store, &bytes);
-    assert!(matches!(store.open_writer(&id, 1000), Err(StoreError::AlreadyComplete { .. })));
+    assert!(matches!(
+        store.open_writer(&id, 1000),
+        Err(StoreError::AlreadyComplete { .. })
+    ));
 
     // An empty blob is complete with nothing written.
     let empty = Digest::sha256(b"");
     let w = store.open_writer(&empty, 0).expect("writer");
-    assert!(w.complete(verified(&empty, b"")).expect("complete").complete);
+    assert!(
+        w.complete(verified(&empty, b""))
+            .expect("complete")
+            .complete
+    );
     let r = store.open_reader(&empty).expect("reader").expect("present");
     assert_eq!(read_all(&r).expect("read"), b"");
 }
@@ -276,8 +331,13 @@ fn corrupt_file_is_detected_and_dropped(backend: Backend) {
     // Other pieces still read fine ...
     assert_eq!(r.read_at(0, &mut buf).expect("piece 0"), 1000);
     // ... a one-byte read of the damaged piece is refused.
-    let err = r.read_at(2 * PIECE + 500, &mut buf[..1]).expect_err("corrupt");
-    assert!(matches!(err, StoreError::Corrupt { piece: 2, .. }), "{err:?}");
+    let err = r
+        .read_at(2 * PIECE + 500, &mut buf[..1])
+        .expect_err("corrupt");
+    assert!(
+        matches!(err, StoreError::Corrupt { piece: 2, .. }),
+        "{err:?}"
+    );
     drop(r);
     assert!(store.blob(&id).expect("blob").is_none());
     assert!(store.open_reader(&id).expect("reader").is_none());
@@ -295,7 +355,8 @@ fn verified_pieces_are_not_rehashed_until_the_file_changes(backend: Backend) {
     let path = store.content_path(&id);
     // Age the file so its timestamps are settled (see `reader`).
     let file = OpenOptions::new().write(true).open(&path).expect("open");
-    file.set_modified(SystemTime::now() - Duration::from_secs(3600)).expect("set mtime");
+    file.set_modified(SystemTime::now() - Duration::from_secs(3600))
+        .expect("set mtime");
     drop(file);
 
     let before = store.stats().pieces_verified;
@@ -314,7 +375,10 @@ fn verified_pieces_are_not_rehashed_until_the_file_changes(backend: Backend) {
     flip_byte(&path, 4 * PIECE + 1);
     let r = store.open_reader(&id).expect("reader").expect("present");
     let err = read_all(&r).expect_err("corrupt");
-    assert!(matches!(err, StoreError::Corrupt { piece: 4, .. }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Corrupt { piece: 4, .. }),
+        "{err:?}"
+    );
 }
 
 fn restart_keeps_complete_and_partial_blobs(backend: Backend) {
@@ -332,17 +396,27 @@ fn restart_keeps_complete_and_partial_blobs(backend: Backend) {
         let mut w = store.open_writer(&part_id, SIZE).expect("writer");
         fill(&mut w, &part, 0..300 * KIB);
         // Written but never committed: must not be claimed after reopen.
-        w.write_at(300 * KIB, &part[300 * KIB as usize..600 * KIB as usize]).expect("write");
+        w.write_at(300 * KIB, &part[300 * KIB as usize..600 * KIB as usize])
+            .expect("write");
         store.flush().expect("flush");
         full_id
     };
     let store = open(dir.path(), backend);
-    let rec = store.blob(&full_id).expect("blob").expect("complete blob kept");
+    let rec = store
+        .blob(&full_id)
+        .expect("blob")
+        .expect("complete blob kept");
     assert!(rec.complete);
-    let r = store.open_reader(&full_id).expect("reader").expect("present");
+    let r = store
+        .open_reader(&full_id)
+        .expect("reader")
+        .expect("present");
     assert_eq!(read_all(&r).expect("read"), full);
 
-    let rec = store.blob(&part_id).expect("blob").expect("partial blob kept");
+    let rec = store
+        .blob(&part_id)
+        .expect("blob")
+        .expect("partial blob kept");
     assert!(!rec.complete);
     assert_eq!(rec.present.iter().collect::<Vec<_>>(), vec![0..300 * KIB]);
     assert_eq!(store.usage().bytes, SIZE + 300 * KIB);
@@ -350,7 +424,10 @@ fn restart_keeps_complete_and_partial_blobs(backend: Backend) {
     assert_eq!(w.present().iter().collect::<Vec<_>>(), vec![0..300 * KIB]);
     fill(&mut w, &part, 300 * KIB..SIZE);
     w.complete(verified(&part_id, &part)).expect("complete");
-    let r = store.open_reader(&part_id).expect("reader").expect("present");
+    let r = store
+        .open_reader(&part_id)
+        .expect("reader")
+        .expect("present");
     assert_eq!(read_all(&r).expect("read"), part);
 }
 
@@ -370,9 +447,15 @@ fn corrupt_file_is_detected_after_reopen(backend: Backend) {
     };
     flip_byte(&path, 3);
     let store = open(dir.path(), backend);
-    let r = store.open_reader(&id).expect("reader").expect("kept until read");
+    let r = store
+        .open_reader(&id)
+        .expect("reader")
+        .expect("kept until read");
     let err = read_all(&r).expect_err("corrupt");
-    assert!(matches!(err, StoreError::Corrupt { piece: 0, .. }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::Corrupt { piece: 0, .. }),
+        "{err:?}"
+    );
     drop(r);
     assert!(store.blob(&id).expect("blob").is_none());
     drop(store);
@@ -397,7 +480,10 @@ fn recovery_removes_orphans_and_broken_records(backend: Backend) {
         let junk_path = orphan_path.with_file_name("not-a-digest");
         std::fs::write(&junk_path, b"junk").expect("junk");
         std::fs::remove_file(store.content_path(&gone_id)).expect("delete behind its back");
-        let f = OpenOptions::new().write(true).open(store.content_path(&short_id)).expect("open");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(store.content_path(&short_id))
+            .expect("open");
         f.set_len(SIZE / 2).expect("truncate");
         (kept_id, gone_id, short_id, orphan_path, junk_path)
     };
@@ -433,10 +519,16 @@ fn repos_are_merged_and_public_is_sticky(backend: Backend) {
             Err(StoreError::NotFound { .. })
         ));
         put_complete(&store, &bytes);
-        store.add_repo(&id, repo("ghcr.io", "org/private"), false).expect("add");
+        store
+            .add_repo(&id, repo("ghcr.io", "org/private"), false)
+            .expect("add");
         assert!(!store.blob(&id).expect("blob").expect("rec").public);
-        store.add_repo(&id, repo("docker.io", "library/x"), true).expect("add");
-        store.add_repo(&id, repo("docker.io", "library/x"), false).expect("add again");
+        store
+            .add_repo(&id, repo("docker.io", "library/x"), true)
+            .expect("add");
+        store
+            .add_repo(&id, repo("docker.io", "library/x"), false)
+            .expect("add again");
         let r = store.open_reader(&id).expect("reader").expect("present");
         let rec = r.record();
         assert!(rec.public, "public is sticky");

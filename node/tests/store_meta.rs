@@ -4,7 +4,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use shoal_node::store::{Backend, ManifestRecord, RepoKey, Store, StoreConfig, StoreError, TagRecord};
+use shoal_node::store::{
+    Backend, ManifestRecord, RepoKey, Store, StoreConfig, StoreError, TagRecord,
+};
 use shoal_proto::{Digest, RepoName, Tag};
 
 macro_rules! both_backends {
@@ -18,7 +20,10 @@ macro_rules! both_backends {
     };
 }
 
-both_backends!(manifests_round_trip_merge_and_persist, tags_round_trip_and_persist);
+both_backends!(
+    manifests_round_trip_merge_and_persist,
+    tags_round_trip_and_persist
+);
 
 fn open(dir: &Path, backend: Backend) -> Store {
     Store::open(StoreConfig {
@@ -52,8 +57,12 @@ fn manifests_round_trip_merge_and_persist(backend: Backend) {
     {
         let store = open(dir.path(), backend);
         assert!(store.get_manifest(&digest).expect("get").is_none());
-        store.put_manifest(&rec(repo("docker.io", "library/a"), true)).expect("put");
-        store.put_manifest(&rec(repo("ghcr.io", "b"), false)).expect("put");
+        store
+            .put_manifest(&rec(repo("docker.io", "library/a"), true))
+            .expect("put");
+        store
+            .put_manifest(&rec(repo("ghcr.io", "b"), false))
+            .expect("put");
         let got = store.get_manifest(&digest).expect("get").expect("present");
         assert_eq!(got.bytes, bytes);
         assert!(got.public, "public is sticky");
@@ -61,12 +70,21 @@ fn manifests_round_trip_merge_and_persist(backend: Backend) {
 
         let mut wrong = rec(repo("ghcr.io", "b"), false);
         wrong.bytes.push(b' ');
-        assert!(matches!(store.put_manifest(&wrong), Err(StoreError::ManifestDigest { .. })));
+        assert!(matches!(
+            store.put_manifest(&wrong),
+            Err(StoreError::ManifestDigest { .. })
+        ));
     }
     if backend == Backend::RocksDb {
         let store = open(dir.path(), backend);
-        let got = store.get_manifest(&digest).expect("get").expect("persisted");
-        assert_eq!(got.repos, BTreeSet::from([repo("docker.io", "library/a"), repo("ghcr.io", "b")]));
+        let got = store
+            .get_manifest(&digest)
+            .expect("get")
+            .expect("persisted");
+        assert_eq!(
+            got.repos,
+            BTreeSet::from([repo("docker.io", "library/a"), repo("ghcr.io", "b")])
+        );
         assert!(got.public);
     }
 }
@@ -84,20 +102,39 @@ fn tags_round_trip_and_persist(backend: Backend) {
     };
     {
         let store = open(dir.path(), backend);
-        store.put_tag("docker.io", &name, &latest, &rec).expect("put");
-        let got = store.get_tag("docker.io", &name, &latest).expect("get").expect("present");
-        assert_eq!((got.digest, got.fetched_at_ms, got.public), (rec.digest.clone(), 42, true));
-        assert!(store.get_tag("docker.io", &name, &other).expect("get").is_none());
-        assert!(store.get_tag("quay.io", &name, &latest).expect("get").is_none());
+        store
+            .put_tag("docker.io", &name, &latest, &rec)
+            .expect("put");
+        let got = store
+            .get_tag("docker.io", &name, &latest)
+            .expect("get")
+            .expect("present");
+        assert_eq!(
+            (got.digest, got.fetched_at_ms, got.public),
+            (rec.digest.clone(), 42, true)
+        );
+        assert!(store
+            .get_tag("docker.io", &name, &other)
+            .expect("get")
+            .is_none());
+        assert!(store
+            .get_tag("quay.io", &name, &latest)
+            .expect("get")
+            .is_none());
         let newer = TagRecord {
             fetched_at_ms: 43,
             ..rec.clone()
         };
-        store.put_tag("docker.io", &name, &latest, &newer).expect("replace");
+        store
+            .put_tag("docker.io", &name, &latest, &newer)
+            .expect("replace");
     }
     if backend == Backend::RocksDb {
         let store = open(dir.path(), backend);
-        let got = store.get_tag("docker.io", &name, &latest).expect("get").expect("persisted");
+        let got = store
+            .get_tag("docker.io", &name, &latest)
+            .expect("get")
+            .expect("persisted");
         assert_eq!(got.fetched_at_ms, 43);
     }
 }

@@ -44,7 +44,9 @@ fn open(dir: &Path, backend: Backend, quota_bytes: u64) -> Store {
 }
 
 fn bytes(seed: u8) -> Vec<u8> {
-    (0..BLOB).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..BLOB)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 fn put(store: &Store, seed: u8) -> BlobId {
@@ -82,13 +84,19 @@ fn evicts_least_recently_used_down_to_low_watermark(backend: Backend) {
     let log = record_removals(&store);
     let [a, b, c, d] = [1, 2, 3, 4].map(|s| put(&store, s));
     assert_eq!(store.usage().bytes, 4 * BLOB);
-    assert!(store.evict().expect("evict").is_empty(), "under the high watermark");
+    assert!(
+        store.evict().expect("evict").is_empty(),
+        "under the high watermark"
+    );
     touch(&store, &a);
 
     // The fifth blob takes usage to 1000 KiB > 900 KiB: its commit evicts
     // b, c, d (least recently used first) down to 400 KiB <= 500 KiB.
     let e = put(&store, 5);
-    assert_eq!(held(&store, &[&a, &b, &c, &d, &e]), [true, false, false, false, true]);
+    assert_eq!(
+        held(&store, &[&a, &b, &c, &d, &e]),
+        [true, false, false, false, true]
+    );
     assert_eq!(store.usage().bytes, 2 * BLOB);
     let evicted: Vec<_> = log.lock().expect("log").clone();
     let want: Vec<_> = [&b, &c, &d].map(|id| (id.clone(), Removal::Evicted)).into();
@@ -113,14 +121,25 @@ fn never_evicts_pinned_blobs(backend: Backend) {
 
     // Usage reaches 1000 KiB; c is the only unpinned blob.
     let e = put(&store, 5);
-    assert_eq!(held(&store, &[&a, &b, &c, &d, &e]), [true, true, false, true, true]);
-    assert!(store.usage().bytes > QUOTA / 2, "pins keep it above the low watermark");
+    assert_eq!(
+        held(&store, &[&a, &b, &c, &d, &e]),
+        [true, true, false, true, true]
+    );
+    assert!(
+        store.usage().bytes > QUOTA / 2,
+        "pins keep it above the low watermark"
+    );
 
     // Unpinned, they go in access order: b (created), a (read), d (created
     // after that read), until usage is at the low watermark.
     drop((reader, guard, writer));
     let f = put(&store, 6);
-    let evicted: Vec<_> = log.lock().expect("log").iter().map(|(id, _)| id.clone()).collect();
+    let evicted: Vec<_> = log
+        .lock()
+        .expect("log")
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
     assert_eq!(evicted, [c, b, a, d]);
     assert_eq!(held(&store, &[&e, &f]), [true, true]);
     assert_eq!(store.usage().bytes, 2 * BLOB);
@@ -154,7 +173,11 @@ fn no_quota_never_evicts(backend: Backend) {
 
 fn bad_watermarks_are_refused(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (high, low, field) in [(1.5, 0.5, "high_watermark"), (0.5, 0.8, "low_watermark"), (0.9, f64::NAN, "low_watermark")] {
+    for (high, low, field) in [
+        (1.5, 0.5, "high_watermark"),
+        (0.5, 0.8, "low_watermark"),
+        (0.9, f64::NAN, "low_watermark"),
+    ] {
         let err = Store::open(StoreConfig {
             dir: dir.path().to_owned(),
             backend,
@@ -163,6 +186,9 @@ fn bad_watermarks_are_refused(backend: Backend) {
             low_watermark: low,
         })
         .expect_err("invalid watermarks");
-        assert!(matches!(err, StoreError::Config { field: f, .. } if f == field), "{err:?}");
+        assert!(
+            matches!(err, StoreError::Config { field: f, .. } if f == field),
+            "{err:?}"
+        );
     }
 }
