@@ -54,12 +54,15 @@ pub enum Denial {
     Unavailable(String),
 }
 
+/// (hash of the client's credentials, origin host, repository)
+type GrantKey = ([u8; 32], String, RepoName);
+
 /// Remembered answers, per origin and repository.
 #[derive(Debug)]
 pub struct Access {
     ttl: Duration,
     repo_public: Mutex<HashMap<(String, RepoName), (Instant, bool)>>,
-    grants: Mutex<HashMap<([u8; 32], String, RepoName), Instant>>,
+    grants: Mutex<HashMap<GrantKey, Instant>>,
     metrics: Arc<Metrics>,
 }
 

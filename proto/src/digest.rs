@@ -27,7 +27,7 @@ impl DigestAlgorithm {
     }
 
     /// Length of the raw digest in bytes.
-    pub fn len(self) -> usize {
+    pub fn output_len(self) -> usize {
         match self {
             Self::Sha256 => 32,
             Self::Sha512 => 64,
@@ -90,7 +90,7 @@ impl Digest {
 
     /// Rebuild from an algorithm and raw bytes (e.g. from a database key).
     pub fn from_raw(algorithm: DigestAlgorithm, bytes: &[u8]) -> Option<Self> {
-        (bytes.len() == algorithm.len()).then(|| Self {
+        (bytes.len() == algorithm.output_len()).then(|| Self {
             algorithm,
             bytes: bytes.into(),
         })
@@ -113,7 +113,7 @@ impl FromStr for Digest {
                 })
             }
         };
-        let expected = algorithm.len() * 2;
+        let expected = algorithm.output_len() * 2;
         let lower_hex = hex_part
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));

@@ -209,7 +209,13 @@ mod tests {
 
     #[test]
     fn repo_names() {
-        for good in ["a", "library/debian", "test/python", "a.b_c__d---e/f0", "x/y/z"] {
+        for good in [
+            "a",
+            "library/debian",
+            "test/python",
+            "a.b_c__d---e/f0",
+            "x/y/z",
+        ] {
             assert!(good.parse::<RepoName>().is_ok(), "{good:?} rejected");
         }
         for bad in [

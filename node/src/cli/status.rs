@@ -88,10 +88,9 @@ fn render(s: &Status) -> String {
         for b in &s.blobs {
             let held = if b.complete {
                 "100%".to_string()
-            } else if b.size > 0 {
-                format!("{}%", b.present_bytes * 100 / b.size)
             } else {
-                "0%".into()
+                let pct = (b.present_bytes * 100).checked_div(b.size).unwrap_or(0);
+                format!("{pct}%")
             };
             let _ = writeln!(
                 o,

@@ -123,8 +123,11 @@ fn decode_digest(bytes: &[u8]) -> Option<(Digest, &[u8])> {
         2 => DigestAlgorithm::Sha512,
         _ => return None,
     };
-    let raw = rest.get(..algorithm.len())?;
-    Some((Digest::from_raw(algorithm, raw)?, &rest[algorithm.len()..]))
+    let raw = rest.get(..algorithm.output_len())?;
+    Some((
+        Digest::from_raw(algorithm, raw)?,
+        &rest[algorithm.output_len()..],
+    ))
 }
 
 fn push_string(key: &mut Vec<u8>, s: &[u8]) {
@@ -144,7 +147,7 @@ mod tests {
 
     fn digest(alg: DigestAlgorithm, seed: &[u8]) -> Digest {
         let mut raw = seed.to_vec();
-        raw.resize(alg.len(), 0);
+        raw.resize(alg.output_len(), 0);
         Digest::from_raw(alg, &raw).expect("right length")
     }
 
