@@ -122,6 +122,18 @@ fn ctr_pull_case(
         containerd.images()?.contains(&reference),
         "image not listed after the pull"
     );
+    // containerd silently falls back to the `server` of hosts.toml when the mirror fails.
+    let log = registry.log()?;
+    let bypass: Vec<_> = log
+        .requests
+        .iter()
+        .filter(|r| r.user_agent.starts_with("containerd") && r.uri.starts_with("/v2/test/"))
+        .map(|r| format!("{} {} -> {}", r.method, r.uri, r.status))
+        .collect();
+    ensure!(
+        bypass.is_empty(),
+        "containerd bypassed the mirror and pulled from the origin itself: {bypass:?}"
+    );
     ensure_served_layers(&node, image)?;
     ensure_each_layer_fetched_once(registry, image)
 }
