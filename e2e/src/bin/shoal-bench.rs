@@ -141,6 +141,10 @@ fn mirror(options: Options) -> Result<()> {
         mbs(size, median(&origin_times)?)
     );
     println!("ratio mirror/origin (best): {:.2}", mirror_mbs / origin_mbs);
+    println!(
+        "ratio mirror/origin (median): {:.2}",
+        mbs(size, median(&mirror_times)?) / mbs(size, median(&origin_times)?)
+    );
     println!("machine: {}", machine());
     Ok(())
 }
