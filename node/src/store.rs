@@ -268,9 +268,11 @@ impl Store {
         self.shared.evict()
     }
 
-    /// Calls `listener` (from the thread doing the removal, with no store
-    /// lock held) for every blob that leaves the store, e.g. to announce
-    /// evictions to the scheduler. Replaces any earlier listener.
+    /// Calls `listener` for every blob that leaves the store, e.g. to
+    /// announce evictions to the scheduler. It runs on the thread doing the
+    /// removal (possibly inside a `commit`), so it must be quick and must not
+    /// call back into the store (hand the id to a channel with `try_send`).
+    /// Replaces any earlier listener.
     pub fn set_removal_listener(
         &self,
         listener: impl Fn(&BlobId, Removal) + Send + Sync + 'static,

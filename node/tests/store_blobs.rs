@@ -550,3 +550,53 @@ fn handles_are_send_and_sync() {
     check::<BlobWriter>();
     check::<shoal_node::store::PinGuard>();
 }
+
+/// A reader following a writer on another thread only ever sees committed,
+/// correct bytes, and sees them all in the end.
+#[test]
+fn readers_follow_a_concurrent_writer() {
+    for backend in [Backend::Memory, Backend::RocksDb] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), backend);
+        let bytes = std::sync::Arc::new(data(16, SIZE));
+        let id = Digest::sha256(&bytes);
+        let mut w = store.open_writer(&id, SIZE).expect("writer");
+        let writer = {
+            let (bytes, id) = (std::sync::Arc::clone(&bytes), id.clone());
+            std::thread::spawn(move || {
+                let mut pos = 0;
+                while pos < SIZE {
+                    let end = (pos + 64 * KIB).min(SIZE);
+                    w.write_at(pos, &bytes[pos as usize..end as usize])
+                        .expect("write");
+                    w.commit(pos..end).expect("commit");
+                    pos = end;
+                }
+                w.complete(verified(&id, &bytes)).expect("complete");
+            })
+        };
+        let mut r = loop {
+            if let Some(r) = store.open_reader(&id).expect("reader") {
+                break r;
+            }
+        };
+        loop {
+            r.refresh().expect("refresh");
+            let rec = r.record().clone();
+            for run in rec.present.iter() {
+                let mut buf = vec![0u8; (run.end - run.start) as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    got += r
+                        .read_at(run.start + got as u64, &mut buf[got..])
+                        .expect("read");
+                }
+                assert_eq!(buf, bytes[run.start as usize..run.end as usize]);
+            }
+            if rec.complete {
+                break;
+            }
+        }
+        writer.join().expect("writer thread");
+    }
+}

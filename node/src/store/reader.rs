@@ -120,6 +120,22 @@ impl BlobReader {
         &self.record
     }
 
+    /// Reloads the record, to see ranges committed since the reader was
+    /// opened (e.g. when following a download). `Err(Dropped)` if the blob
+    /// was dropped meanwhile.
+    pub fn refresh(&mut self) -> Result<(), StoreError> {
+        let id = &self.record.id;
+        let last_access = match self.shared.state().entry_mut(id, self.generation) {
+            Some(entry) => entry.last_access_ms,
+            None => return Err(StoreError::Dropped { id: id.clone() }),
+        };
+        let Some(record) = self.shared.tables().record(id, last_access)? else {
+            return Err(StoreError::Dropped { id: id.clone() });
+        };
+        self.record = Arc::new(record);
+        Ok(())
+    }
+
     pub fn id(&self) -> &BlobId {
         &self.record.id
     }

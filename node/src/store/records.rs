@@ -104,6 +104,8 @@ impl StoredBlob {
     /// Whether the fields are consistent (a damaged value is dropped).
     pub fn is_sane(&self) -> bool {
         self.piece_size.is_power_of_two()
+            && (pieces::MIN_PIECE_SIZE..=pieces::MAX_PIECE_SIZE).contains(&self.piece_size)
+            && self.size <= super::MAX_BLOB_SIZE
             && self.present.end() <= self.size
             && (!self.complete || self.present.len() == self.size)
     }

@@ -20,7 +20,6 @@ use super::meta::Durability;
 use super::records::StoredBlob;
 use super::shared::Shared;
 use super::shared::State;
-use super::MAX_BLOB_SIZE;
 
 /// What recovery did, for the caller to log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -72,7 +71,7 @@ fn check(
     id: &BlobId,
     stored: Option<StoredBlob>,
 ) -> Result<Option<StoredBlob>, StoreError> {
-    let Some(stored) = stored.filter(|s| s.is_sane() && s.size <= MAX_BLOB_SIZE) else {
+    let Some(stored) = stored.filter(StoredBlob::is_sane) else {
         return Ok(None);
     };
     let Some(file) = shared.content.open_rw(id)? else {
