@@ -116,7 +116,10 @@ impl BlobWriter {
         &self.stored.present
     }
 
-    /// Writes `data` at `offset` (no sync, nothing recorded).
+    /// Writes `data` at `offset` (no sync, nothing recorded). Rewriting
+    /// committed bytes is allowed (resumes may overlap) but must write the
+    /// same bytes: a full piece keeps the hash it was committed with, so
+    /// different bytes make its reads fail as `Corrupt`.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         self.check_bounds(offset, data.len() as u64)?;
         self.file
