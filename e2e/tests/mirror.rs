@@ -419,13 +419,22 @@ fn corrupt_origin_blob_aborts_the_stream_and_is_not_kept() {
             let original = setup::flip_byte(&origin_file, offset)?;
             let url = format!("{}/v2/{REPO}/blobs/{}", node.url(), layer.digest);
 
-            for attempt in ["first", "second"] {
-                ensure_not_served_wrong(
-                    http::fetch_hashed(http::client()?.get(&url)),
-                    &layer.digest,
-                )
-                .with_context(|| format!("{attempt} GET of the corrupt blob"))?;
+            // Five clients share the one (corrupt) download; then one more asks again.
+            let clients: Vec<_> = (0..5)
+                .map(|_| {
+                    let url = url.clone();
+                    std::thread::spawn(move || http::fetch_hashed(http::client()?.get(&url)))
+                })
+                .collect();
+            for (i, client) in clients.into_iter().enumerate() {
+                let result = client
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("client {i} panicked"))?;
+                ensure_not_served_wrong(result, &layer.digest)
+                    .with_context(|| format!("concurrent client {i} of the corrupt blob"))?;
             }
+            ensure_not_served_wrong(http::fetch_hashed(http::client()?.get(&url)), &layer.digest)
+                .context("a later GET of the corrupt blob")?;
             let (out, _) = skopeo::copy_to_oci(t, &node.listen_addr(), IMAGE, None)?;
             ensure!(
                 !out.success,
@@ -475,6 +484,67 @@ fn ensure_not_served_wrong(result: Result<http::HashedFetch>, digest: &str) -> R
         got.len,
         got.digest
     )
+}
+
+#[test]
+fn corrupt_manifest_by_digest_from_origin_is_refused() {
+    run(
+        "corrupt_manifest_by_digest_from_origin_is_refused",
+        MIRROR,
+        |t| {
+            let (registry, image) = setup::anonymous_origin(t)?;
+            let node = Node::start(t, &registry.url())?;
+            // Change one hex digit inside the manifest (still valid JSON, so the origin serves it).
+            let stored = registry.blob_path(&image.manifest_digest)?;
+            let text = std::fs::read(&stored)?;
+            let at =
+                find(&text, image.config.digest.as_bytes()).context("config digest in manifest")?;
+            let offset = at + "sha256:".len();
+            let mut changed = text.clone();
+            changed[offset] = if text[offset] == b'0' { b'1' } else { b'0' };
+            std::fs::write(&stored, &changed)?;
+            let direct = format!(
+                "{}/v2/{REPO}/manifests/{}",
+                registry.url(),
+                image.manifest_digest
+            );
+            let got = http::fetch(
+                http::client()?
+                    .get(direct)
+                    .header("Accept", MANIFEST_ACCEPT),
+            )?;
+            ensure!(
+                got.completed_ok() && got.body == changed,
+                "origin refuses the bad manifest"
+            );
+
+            let url = format!(
+                "{}/v2/{REPO}/manifests/{}",
+                node.url(),
+                image.manifest_digest
+            );
+            for attempt in ["first", "second"] {
+                let got = http::fetch(http::client()?.get(&url).header("Accept", MANIFEST_ACCEPT))?;
+                ensure!(
+                    !(got.completed_ok() && got.body == changed),
+                    "{attempt} GET by digest served a manifest that does not match its digest"
+                );
+            }
+            // Repaired origin: the right manifest comes through.
+            std::fs::write(&stored, &text)?;
+            let got = http::fetch(http::client()?.get(&url).header("Accept", MANIFEST_ACCEPT))?;
+            ensure!(
+                got.completed_ok() && got.body == image.manifest,
+                "after repair: {}",
+                got.short()
+            );
+            Ok(())
+        },
+    );
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[test]
