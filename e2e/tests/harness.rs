@@ -2,7 +2,7 @@
 //! pushes and copies, htpasswd, and containerd pulling straight from the origin. If these fail, the
 //! mirror tests' verdicts cannot be trusted.
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Context};
 use shoal_e2e::containerd::Containerd;
 use shoal_e2e::fixture::{assert_same_image, OciLayout};
 use shoal_e2e::registry::Creds;

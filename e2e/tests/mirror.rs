@@ -794,7 +794,7 @@ fn corrupted_store_file_is_detected_not_served() {
         let url = format!("{}/v2/{REPO}/blobs/{}", node.url(), layer.digest);
         let first = http::fetch_hashed(http::client()?.get(&url))?;
         ensure!(first.digest == layer.digest, "first GET: {first:?}");
-        wait_complete(&node, &[layer.digest.clone()])?;
+        wait_complete(&node, std::slice::from_ref(&layer.digest))?;
         node.terminate()?;
         let file = node.blob_file(&layer.digest)?;
         ensure!(file.is_file(), "no content file at {}", file.display());

@@ -15,7 +15,7 @@ use shoal_e2e::wait::poll;
 use shoal_e2e::{http, TestCtx};
 
 const REPO: &str = "bench/blob";
-const SEED: u64 = 0x5eed_0f5_4a1;
+const SEED: u64 = 0x005e_ed0f_54a1;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
