@@ -1,6 +1,7 @@
 //! Nydus RAFS on-disk format: a reader for v6 and v5 bootstraps, chunk decoding and
 //! verification over a [`ChunkSource`], the blob tail/TOC and CI parsers, the decoded-blob writer,
-//! the `inspect` / `check` / `unpack` tools built on them, and the v6 builder and merge.
+//! the `inspect` / `check` / `unpack` tools built on them, the v6 builder and merge, and the
+//! read-only FUSE filesystem ([`fuse`]).
 //!
 //! Every parser here takes untrusted input: it returns an [`Error`] on anything malformed, never
 //! panics, never loops without bound and never allocates from an unchecked length field.
@@ -9,6 +10,7 @@ mod blob;
 mod bootstrap;
 pub mod build;
 mod error;
+pub mod fuse;
 mod model;
 mod raw;
 pub mod tools;
