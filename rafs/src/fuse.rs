@@ -12,17 +12,18 @@
 //! modes and owners), `allow_other` when running as root unless told otherwise; its entries,
 //! attributes and page cache are kept for long because the image never changes; a read that
 //! cannot get every chunk it needs fails with EIO (see `fuse/errno.rs`), never returns zeros or
-//! partial data. Mounting needs no root: fuser falls back to `fusermount3` when mount(2) is
-//! refused.
+//! partial data. Mounting needs no root: `fusermount3` mounts when mount(2) is refused.
 //!
 //! Layout: `fs` (the `fuser::Filesystem`), `reader` (byte range → chunks → bytes), `cache`
 //! (decoded-chunk LRU with single-flight), `pool` (bounded worker pool), `inodes` (numbering and
-//! attributes), `errno` (error → errno), `stats` (per-mount counters).
+//! attributes), `errno` (error → errno), `mounting` (mount(2) or fusermount3, and unmount),
+//! `stats` (per-mount counters).
 
 mod cache;
 mod errno;
 mod fs;
 mod inodes;
+mod mounting;
 mod pool;
 mod reader;
 mod stats;
@@ -32,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{BackgroundSession, MountOption, SessionACL};
+use fuser::{MountOption, SessionACL};
 use tracing::warn;
 
 use crate::blob::source::ChunkSource;
@@ -136,7 +137,7 @@ pub enum FuseError {
 
 /// A live mount. Dropping it unmounts (errors are logged); [`FuseMount::unmount`] reports them.
 pub struct FuseMount {
-    session: Option<BackgroundSession>,
+    session: Option<mounting::Mounted>,
     dir: PathBuf,
     stats: Arc<FuseStats>,
 }
@@ -172,7 +173,7 @@ pub fn mount(
     let fs = fs::RafsFs::new(bootstrap, source, opts, stats.clone())
         .map_err(|source| FuseError::Threads { source })?;
     let session =
-        fuser::spawn_mount(fs, &dir, &session_config(opts)).map_err(|source| FuseError::Mount {
+        mounting::mount(fs, &dir, &session_config(opts)).map_err(|source| FuseError::Mount {
             dir: dir.clone(),
             source,
         })?;
@@ -273,36 +274,11 @@ fn session_config(o: &FuseOptions) -> fuser::Config {
     c
 }
 
-fn unmount_session(session: BackgroundSession, dir: &Path) -> Result<(), FuseError> {
-    let Err(first) = session.umount_and_join() else {
-        return Ok(());
-    };
-    // Busy (a process still has a file open or its cwd inside): detach instead.
-    lazy_unmount(dir).map_err(|source| {
-        warn!(dir = %dir.display(), error = %first, "FUSE unmount failed");
-        FuseError::Unmount {
-            dir: dir.to_path_buf(),
-            source,
-        }
+fn unmount_session(session: mounting::Mounted, dir: &Path) -> Result<(), FuseError> {
+    mounting::unmount(session, dir).map_err(|source| FuseError::Unmount {
+        dir: dir.to_path_buf(),
+        source,
     })
-}
-
-fn lazy_unmount(dir: &Path) -> io::Result<()> {
-    if rustix::process::geteuid().is_root() {
-        return rustix::mount::unmount(dir, rustix::mount::UnmountFlags::DETACH)
-            .map_err(io::Error::from);
-    }
-    let out = std::process::Command::new("fusermount3")
-        .args(["-u", "-z", "--"])
-        .arg(dir)
-        .output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
-    }
 }
 
 #[cfg(test)]
