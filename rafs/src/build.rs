@@ -5,6 +5,7 @@
 mod blob_writer;
 mod chunk_dict;
 mod merge;
+mod pipeline;
 mod tar_layer;
 mod tree;
 mod v6_writer;
@@ -35,6 +36,24 @@ impl Default for BuildOptions {
             chunk_size: 1 << 20,
         }
     }
+}
+
+/// Everything about a layer build besides the format: a chunk dictionary, the prefetch list,
+/// parallelism and progress reporting. `BuildExtras::default()` is a plain build on all cores.
+#[derive(Default)]
+pub struct BuildExtras<'a> {
+    /// A v6 bootstrap whose chunks are referenced instead of stored again.
+    pub chunk_dict: Option<&'a Bootstrap>,
+    /// Image paths (`/usr/bin/python3`; a directory means everything below it, `/` the whole
+    /// image) whose inodes make up the prefetch table, in this order. Paths the layer does not
+    /// contain are reported in [`BuildOutput::prefetch_missing`], not an error: one prefetch
+    /// list usually serves every layer of an image.
+    pub prefetch: Vec<String>,
+    /// Threads digesting and compressing chunks; 0 means one per core. The output is the same
+    /// bytes for every value.
+    pub threads: usize,
+    /// Called now and then with the number of input bytes (as given, e.g. gzip) read so far.
+    pub progress: Option<&'a dyn Fn(u64)>,
 }
 
 /// Why a build or merge failed.
@@ -93,6 +112,10 @@ pub struct BuildOutput {
     pub dict_hits: u64,
     /// Dictionary blobs the layer references (after its own blob in the blob table).
     pub dict_blobs: Vec<String>,
+    /// Entries written to the prefetch table.
+    pub prefetch: usize,
+    /// Prefetch paths the layer does not contain.
+    pub prefetch_missing: Vec<String>,
 }
 
 /// Build one layer: read the tar (plain, gzip or zstd) from `input`, write `out_dir/bootstrap`
@@ -114,6 +137,20 @@ pub fn build_layer_with_dict(
     out_dir: &Path,
     chunk_dict: Option<&Bootstrap>,
 ) -> Result<BuildOutput, BuildError> {
+    let extras = BuildExtras {
+        chunk_dict,
+        ..BuildExtras::default()
+    };
+    build_layer_with(input, opts, out_dir, &extras)
+}
+
+/// [`build_layer`] with a chunk dictionary, a prefetch list, a thread count and progress.
+pub fn build_layer_with(
+    input: impl Read,
+    opts: &BuildOptions,
+    out_dir: &Path,
+    extras: &BuildExtras<'_>,
+) -> Result<BuildOutput, BuildError> {
     crate::v6::superblock::check_chunk_size("chunk size", opts.chunk_size)?;
     if opts.compressor == Compressor::Gzip {
         return Err(BuildError::Unsupported("gzip chunk compression"));
@@ -122,10 +159,29 @@ pub fn build_layer_with_dict(
     std::fs::create_dir_all(&blobs_dir).map_err(|e| BuildError::io("mkdir", &blobs_dir, e))?;
     let tmp = blobs_dir.join(".building");
     let mut writer = blob_writer::BlobWriter::new(&tmp, *opts)?;
-    writer.dict = chunk_dict
+    writer.dict = extras
+        .chunk_dict
         .map(|d| chunk_dict::ChunkDict::load(d, opts.digester))
         .transpose()?;
-    let tree = tar_layer::read_layer(input, &mut writer, opts)?;
+    let threads = match extras.threads {
+        0 => pipeline::default_threads(),
+        n => n,
+    };
+    let input = Progress {
+        inner: input,
+        read: 0,
+        reported: 0,
+        report: extras.progress,
+    };
+    let (mut tree, pending, refs) = std::thread::scope(|s| {
+        let mut pipe = pipeline::Pipeline::start(s, &mut writer, *opts, threads);
+        let (tree, pending) = tar_layer::read_layer(input, &mut pipe, opts)?;
+        let refs = pipe.finish()?;
+        Ok::<_, BuildError>((tree, pending, refs))
+    })?;
+    place_chunks(&mut tree, &pending, &refs, opts.chunk_size)?;
+    drop(refs);
+    let (prefetch, prefetch_missing) = tree.resolve_prefetch(&extras.prefetch);
     let dedup_hits = writer.dedup_hits;
     let (dict_blobs, dict_chunks, dict_hits) = match &writer.dict {
         Some(d) => {
@@ -152,7 +208,7 @@ pub fn build_layer_with_dict(
     let dict_ids = dict_blobs.iter().map(|b| b.blob_id.clone()).collect();
     let blobs: Vec<BlobInfo> = std::iter::once(info).chain(dict_blobs).collect();
     let chunks: Vec<_> = blob.chunks.iter().cloned().chain(dict_chunks).collect();
-    let boot = v6_writer::write_bootstrap(&tree, &blobs, &chunks, opts)?;
+    let boot = v6_writer::write_bootstrap(&tree, &blobs, &chunks, opts, &prefetch)?;
     let bootstrap = out_dir.join("bootstrap");
     std::fs::write(&bootstrap, &boot).map_err(|e| BuildError::io("write", &bootstrap, e))?;
     Ok(BuildOutput {
@@ -164,7 +220,63 @@ pub fn build_layer_with_dict(
         dedup_hits,
         dict_hits,
         dict_blobs: dict_ids,
+        prefetch: prefetch.len(),
+        prefetch_missing,
     })
+}
+
+/// Give every file its chunk references (sequence numbers → refs, placed at their offsets).
+fn place_chunks(
+    tree: &mut tree::Tree,
+    pending: &[tar_layer::PendingFile],
+    refs: &[crate::model::ChunkRef],
+    chunk_size: u32,
+) -> Result<(), BuildError> {
+    for p in pending {
+        let Some(tree::Node {
+            kind: tree::Kind::File { chunks, .. },
+            ..
+        }) = tree.inodes.get_mut(p.node)
+        else {
+            return Err(BuildError::Internal("pending file is not a file"));
+        };
+        let (first, count) = (p.first as usize, p.count as usize);
+        let Some(these) = refs.get(first..first + count) else {
+            return Err(BuildError::Internal("chunk sequence out of range"));
+        };
+        *chunks = these
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let mut c = c.clone();
+                c.file_offset = k as u64 * u64::from(chunk_size);
+                c
+            })
+            .collect();
+    }
+    Ok(())
+}
+
+/// Counts input bytes for [`BuildExtras::progress`], reporting every 4 MiB.
+struct Progress<'a, R> {
+    inner: R,
+    read: u64,
+    reported: u64,
+    report: Option<&'a dyn Fn(u64)>,
+}
+
+impl<R: Read> Read for Progress<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if let Some(f) = self.report {
+            if n == 0 || self.read - self.reported >= 4 << 20 {
+                self.reported = self.read;
+                f(self.read);
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// What a merge wrote.
@@ -200,7 +312,7 @@ pub fn merge(layers: &[PathBuf], output: &Path) -> Result<MergeOutput, BuildErro
         },
         e => e,
     })?;
-    let boot = v6_writer::write_bootstrap(&m.tree, &m.blobs, &m.chunks, &m.opts)?;
+    let boot = v6_writer::write_bootstrap(&m.tree, &m.blobs, &m.chunks, &m.opts, &m.prefetch)?;
     std::fs::write(output, &boot).map_err(|e| BuildError::io("write", output, e))?;
     Ok(MergeOutput {
         bootstrap: output.to_path_buf(),

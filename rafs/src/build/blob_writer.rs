@@ -1,4 +1,5 @@
-//! Writes a RAFS v6 data blob: chunks compressed one by one and packed back to back, then the
+//! Writes a RAFS v6 data blob: chunks (prepared — digested and compressed — by [`prepare`], on
+//! any thread) committed in order and packed back to back, then the
 //! compression-info (CI v1) table and its 4 KiB header — the layout nydus-image writes without
 //! `--blob-inline-meta`. Chunks with equal digest and size are stored once.
 //!
@@ -70,35 +71,26 @@ impl BlobWriter {
             .map_err(|e| BuildError::io("write", &self.tmp, e))
     }
 
-    /// Store one chunk of a file (or find it stored) and return its reference for that file.
-    pub(crate) fn add_chunk(
-        &mut self,
-        data: &[u8],
-        file_offset: u64,
-    ) -> Result<ChunkRef, BuildError> {
-        let digest = self.opts.digester.digest(data);
-        let usize_ = data.len() as u32;
+    /// Store one prepared chunk (or find it stored) and return its reference, with file offset
+    /// 0 (the caller places it in its file). Chunks must be committed in input order for the
+    /// blob to be deterministic.
+    pub(crate) fn commit(&mut self, p: &Prepared) -> Result<ChunkRef, BuildError> {
+        let usize_ = p.len;
+        let digest = p.digest;
         if let Some(&i) = self.dedup.get(&(digest, usize_)) {
             self.dedup_hits += 1;
-            let mut c = self
+            return self
                 .chunks
                 .get(i)
                 .cloned()
-                .ok_or(BuildError::Internal("dedup index"))?;
-            c.file_offset = file_offset;
+                .ok_or(BuildError::Internal("dedup index"));
+        }
+        if let Some(c) = self.dict.as_mut().and_then(|d| d.lookup(digest, usize_, 0)) {
             return Ok(c);
         }
-        if let Some(c) = self
-            .dict
-            .as_mut()
-            .and_then(|d| d.lookup(digest, usize_, file_offset))
-        {
-            return Ok(c);
-        }
-        let compressed = compress(self.opts.compressor, data)?;
-        let (stored, is_compressed) = match &compressed {
-            Some(c) if c.len() < data.len() => (c.as_slice(), true),
-            _ => (data, false),
+        let (stored, is_compressed) = match &p.compressed {
+            Some(c) if c.len() < usize_ as usize => (c.as_slice(), true),
+            _ => (p.data.as_slice(), false),
         };
         let c = ChunkRef {
             blob_index: 0,
@@ -109,10 +101,9 @@ impl BlobWriter {
             compressed_size: stored.len() as u32,
             uncompressed_offset: self.uoff,
             uncompressed_size: usize_,
-            file_offset,
+            file_offset: 0,
         };
-        let stored = stored.to_vec();
-        self.write(&stored)?;
+        self.write(stored)?;
         self.coff += stored.len() as u64;
         self.uoff = (self.uoff + u64::from(usize_)).div_ceil(4096) * 4096;
         self.dedup.insert((digest, usize_), self.chunks.len());
@@ -174,6 +165,36 @@ impl BlobWriter {
             chunks: self.chunks,
         })
     }
+}
+
+/// A chunk digested and compressed, ready for [`BlobWriter::commit`]. Preparing is the costly,
+/// order-independent part of a build, so it runs on worker threads.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    /// The uncompressed bytes (kept: stored raw when compression does not help; may be empty
+    /// when `compressed` is smaller, as the raw bytes are then never needed).
+    pub data: Vec<u8>,
+    pub len: u32,
+    pub digest: [u8; 32],
+    pub compressed: Option<Vec<u8>>,
+}
+
+/// Digest and compress one chunk.
+pub(crate) fn prepare(opts: &BuildOptions, data: Vec<u8>) -> Result<Prepared, BuildError> {
+    let digest = opts.digester.digest(&data);
+    let len = u32::try_from(data.len()).map_err(|_| BuildError::Internal("chunk size"))?;
+    let compressed = compress(opts.compressor, &data)?.filter(|c| c.len() < data.len());
+    let data = if compressed.is_some() {
+        Vec::new()
+    } else {
+        data
+    };
+    Ok(Prepared {
+        data,
+        len,
+        digest,
+        compressed,
+    })
 }
 
 pub(crate) fn compressor_enum(c: Compressor) -> u32 {

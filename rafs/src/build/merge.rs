@@ -20,6 +20,8 @@ pub(crate) struct Merged {
     pub blobs: Vec<BlobInfo>,
     pub chunks: Vec<ChunkRef>,
     pub opts: BuildOptions,
+    /// The layers' prefetch entries (by path, lowest layer first) still present in the image.
+    pub prefetch: Vec<NodeIdx>,
 }
 
 /// Merge `layers` (lowest first).
@@ -38,6 +40,7 @@ pub(crate) fn merge_layers(layers: &[Bootstrap]) -> Result<Merged, BuildError> {
     let mut blobs: Vec<BlobInfo> = Vec::new();
     let mut chunks: Vec<ChunkRef> = Vec::new();
     let mut merged: Option<Tree> = None;
+    let mut prefetch_paths = Vec::new();
     for (n, layer) in layers.iter().enumerate() {
         let ls = layer.summary();
         if ls.version != RafsVersion::V6 {
@@ -82,6 +85,7 @@ pub(crate) fn merge_layers(layers: &[Bootstrap]) -> Result<Merged, BuildError> {
             };
             remap.push(idx as u32);
         }
+        prefetch_paths.extend(prefetch_paths_of(layer)?);
         let upper = load_tree(layer, &remap)?;
         merged = Some(match merged {
             None => strip_markers(&upper),
@@ -95,12 +99,36 @@ pub(crate) fn merge_layers(layers: &[Bootstrap]) -> Result<Merged, BuildError> {
         });
     }
     let tree = merged.ok_or(BuildError::Internal("no layers"))?;
+    let (prefetch, _gone) = tree.resolve_prefetch(&prefetch_paths);
     Ok(Merged {
         tree,
         blobs,
         chunks,
         opts,
+        prefetch,
     })
+}
+
+/// The paths a bootstrap's prefetch table names, in table order.
+fn prefetch_paths_of(b: &Bootstrap) -> Result<Vec<String>, BuildError> {
+    let table = b.prefetch_table();
+    if table.is_empty() {
+        return Ok(Vec::new());
+    }
+    let wanted: std::collections::HashSet<u64> = table.iter().copied().collect();
+    let mut by_inode: HashMap<u64, String> = HashMap::new();
+    walk(b, |e| {
+        if wanted.contains(&e.inode) {
+            by_inode
+                .entry(e.inode)
+                .or_insert_with(|| format!("/{}", String::from_utf8_lossy(&e.path)));
+        }
+        Ok(())
+    })?;
+    Ok(table
+        .iter()
+        .filter_map(|i| by_inode.get(i).cloned())
+        .collect())
 }
 
 /// A bootstrap's tree, with blob indexes mapped through `remap`.

@@ -11,17 +11,26 @@ use std::io::{BufRead, BufReader, Read};
 
 use tar::EntryType;
 
-use crate::build::blob_writer::BlobWriter;
+use crate::build::pipeline::Pipeline;
 use crate::build::tree::{Kind, Meta, Node, NodeIdx, Tree};
 use crate::build::{BuildError, BuildOptions};
 use crate::model::{FileType, Xattr};
 
-/// Read `input` (a possibly compressed tar) into a tree, writing file data to `blob`.
+/// A file whose chunks are still in the pipeline: sequence numbers `first..first + count`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PendingFile {
+    pub node: NodeIdx,
+    pub first: u64,
+    pub count: u64,
+}
+
+/// Read `input` (a possibly compressed tar) into a tree, submitting file data to `pipe`. Files
+/// come back with empty chunk lists and are listed in the returned [`PendingFile`]s.
 pub(crate) fn read_layer(
     input: impl Read,
-    blob: &mut BlobWriter,
+    pipe: &mut Pipeline<'_>,
     opts: &BuildOptions,
-) -> Result<Tree, BuildError> {
+) -> Result<(Tree, Vec<PendingFile>), BuildError> {
     let mut r = BufReader::with_capacity(1 << 20, input);
     let magic = r
         .fill_buf()
@@ -40,6 +49,7 @@ pub(crate) fn read_layer(
     let mut archive = tar::Archive::new(reader);
     let mut tree = Tree::new(Meta::dir_default());
     let mut by_path: HashMap<Vec<Vec<u8>>, NodeIdx> = HashMap::new();
+    let mut pending = Vec::new();
     let entries = archive
         .entries()
         .map_err(|e| BuildError::Tar(e.to_string()))?;
@@ -57,9 +67,16 @@ pub(crate) fn read_layer(
             mtime_nsec: 0,
             xattrs: pax_xattrs(&mut entry)?,
         };
+        let mut chunks = None;
         let kind = match header.entry_type() {
             EntryType::Directory => None,
-            EntryType::Regular | EntryType::Continuous => Some(read_file(&mut entry, blob, opts)?),
+            // GNU sparse files read back with their holes as zeros (the tar crate expands them
+            // lazily), which the pipeline turns into one shared zero chunk.
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let (kind, seqs) = read_file(&mut entry, pipe, opts)?;
+                chunks = Some(seqs);
+                Some(kind)
+            }
             EntryType::Symlink => {
                 let target = entry
                     .link_name_bytes()
@@ -106,11 +123,14 @@ pub(crate) fn read_layer(
             }
         };
         let idx = place(&mut tree, &path, meta, kind)?;
+        if let (Some(node), Some((first, count))) = (idx, chunks) {
+            pending.push(PendingFile { node, first, count });
+        }
         if let Some(i) = idx {
             by_path.insert(path, i);
         }
     }
-    Ok(tree)
+    Ok((tree, pending))
 }
 
 fn tar_err(e: std::io::Error) -> BuildError {
@@ -163,17 +183,21 @@ fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Vec<Xattr>, Buil
     Ok(out)
 }
 
+/// Cut a file into chunks and submit them; returns the file (chunks still empty) and its
+/// chunks' sequence numbers as `(first, count)`.
 fn read_file<R: Read>(
     entry: &mut tar::Entry<'_, R>,
-    blob: &mut BlobWriter,
+    pipe: &mut Pipeline<'_>,
     opts: &BuildOptions,
-) -> Result<Kind, BuildError> {
-    let size = entry.header().size().map_err(tar_err)?;
+) -> Result<(Kind, (u64, u64)), BuildError> {
+    // `Entry::size` is the real size (PAX `size` records, GNU sparse real size).
+    let size = entry.size();
     let cs = opts.chunk_size as usize;
-    let mut chunks = Vec::with_capacity(size.div_ceil(cs as u64).min(1 << 16) as usize);
-    let mut buf = vec![0u8; cs];
     let mut offset = 0u64;
+    let mut first = None;
+    let mut count = 0u64;
     loop {
+        let mut buf = vec![0u8; cs];
         let mut n = 0;
         while n < cs {
             let got = entry
@@ -187,7 +211,10 @@ fn read_file<R: Read>(
         if n == 0 {
             break;
         }
-        chunks.push(blob.add_chunk(buf.get(..n).unwrap_or_default(), offset)?);
+        buf.truncate(n);
+        let seq = pipe.submit(buf)?;
+        first.get_or_insert(seq);
+        count += 1;
         offset += n as u64;
         if n < cs {
             break;
@@ -198,7 +225,11 @@ fn read_file<R: Read>(
             "file data is {offset} bytes, header says {size}"
         )));
     }
-    Ok(Kind::File { size, chunks })
+    let kind = Kind::File {
+        size,
+        chunks: Vec::new(),
+    };
+    Ok((kind, (first.unwrap_or(0), count)))
 }
 
 /// Put an entry at `path`: `None` kind means a directory (merged with an existing one).

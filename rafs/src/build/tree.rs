@@ -132,4 +132,27 @@ impl Tree {
         }
         Some(cur)
     }
+
+    /// The inode at an absolute image path (`/` is the root), following no symlinks.
+    pub(crate) fn lookup(&self, path: &str) -> Option<NodeIdx> {
+        let mut cur = 0;
+        for name in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+            cur = *self.children(cur)?.get(name.as_bytes())?;
+        }
+        Some(cur)
+    }
+
+    /// Prefetch paths → inodes (first occurrence of each, in order) and the paths not found.
+    pub(crate) fn resolve_prefetch(&self, paths: &[String]) -> (Vec<NodeIdx>, Vec<String>) {
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        for p in paths {
+            match self.lookup(p) {
+                Some(i) if !found.contains(&i) => found.push(i),
+                Some(_) => {}
+                None => missing.push(p.clone()),
+            }
+        }
+        (found, missing)
+    }
 }

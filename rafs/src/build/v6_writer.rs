@@ -35,12 +35,14 @@ struct Plan {
     nlink: u32,
 }
 
-/// Write the bootstrap for `tree` whose chunks live in `blobs` (in device order).
+/// Write the bootstrap for `tree` whose chunks live in `blobs` (in device order), with the
+/// inodes `prefetch` in the prefetch table (right after the blob table, as nydus-image does).
 pub(crate) fn write_bootstrap(
     tree: &Tree,
     blobs: &[BlobInfo],
     chunks: &[ChunkRef],
     opts: &BuildOptions,
+    prefetch: &[NodeIdx],
 ) -> Result<Vec<u8>, BuildError> {
     let (order, parents, links) = traverse(tree)?;
     let mut plans = Vec::with_capacity(order.len());
@@ -89,8 +91,9 @@ pub(crate) fn write_bootstrap(
             "more than 21 blobs in one bootstrap (device table)",
         ));
     }
-    // The metadata area starts at the first block after the blob table.
-    let meta_blkaddr = (BLOCK + 256 * blobs.len() as u64).div_ceil(BLOCK);
+    // The metadata area starts at the first block after the blob and prefetch tables.
+    let prefetch_off = BLOCK + 256 * blobs.len() as u64;
+    let meta_blkaddr = (prefetch_off + 4 * prefetch.len() as u64).div_ceil(BLOCK);
     let base = meta_blkaddr * BLOCK;
     let mut cur = base + BLOCK;
     for p in &mut plans {
@@ -149,6 +152,22 @@ pub(crate) fn write_bootstrap(
         plans.len() as u64,
         (chunk_table_off, chunk_table_size),
     )?;
+    for (k, idx) in prefetch.iter().enumerate() {
+        let nid = nid_of
+            .get(idx)
+            .copied()
+            .ok_or(BuildError::Internal("prefetch inode not in the tree"))?;
+        let nid = u32::try_from(nid).map_err(|_| BuildError::Internal("nid above 2^32"))?;
+        put(&mut out, prefetch_off as usize + 4 * k, &nid.to_le_bytes());
+    }
+    if !prefetch.is_empty() {
+        put(&mut out, 1152 + 40, &prefetch_off.to_le_bytes());
+        put(
+            &mut out,
+            1152 + 48,
+            &(4 * prefetch.len() as u32).to_le_bytes(),
+        );
+    }
     for (ino, p) in plans.iter().enumerate() {
         let node = tree
             .inodes

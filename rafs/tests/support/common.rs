@@ -100,11 +100,8 @@ fn entry(top: &Path, p: &Path, inodes: &mut BTreeMap<u64, u64>) -> Value {
     } else if ft.is_file() {
         e.insert("type".into(), json!("file"));
         e.insert("size".into(), json!(st.size()));
-        let data = std::fs::read(p).unwrap();
-        e.insert(
-            "sha256".into(),
-            json!(hex::encode(sha2::Sha256::digest(&data))),
-        );
+        let (key, digest) = content_digest(p, st.size());
+        e.insert(key.into(), json!(digest));
         if st.nlink() > 1 {
             let n = inodes.len() as u64;
             e.insert(
@@ -128,6 +125,55 @@ fn entry(top: &Path, p: &Path, inodes: &mut BTreeMap<u64, u64>) -> Value {
         }
     }
     Value::Object(e)
+}
+
+/// Files up to this size get a plain `sha256` (as the fixture listings have); larger ones a
+/// sparse-aware digest, so multi-GiB sparse files are compared without reading their holes.
+pub const PLAIN_DIGEST_MAX: u64 = 64 << 20;
+const BLOCK: u64 = 1 << 20;
+
+/// `("sha256", hex)` of the content, or for big files `("sha256_nonzero_blocks", hex)`: the
+/// sha256 over `(offset, bytes)` of every 1 MiB block that is not all zeros. Two files of equal
+/// size have equal block digests exactly when their contents are equal; holes (found with
+/// SEEK_DATA/SEEK_HOLE) are skipped without reading, so a file's holes and written zeros agree.
+pub fn content_digest(p: &Path, size: u64) -> (&'static str, String) {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = sha2::Sha256::new();
+    if size <= PLAIN_DIGEST_MAX {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        return ("sha256", hex::encode(h.finalize()));
+    }
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = vec![0u8; BLOCK as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let Ok(data) = rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(pos)) else {
+            break; // ENXIO: only a hole is left
+        };
+        let start = data / BLOCK * BLOCK;
+        let hole = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(data)).unwrap_or(size);
+        let end = (hole.div_ceil(BLOCK) * BLOCK).min(size);
+        let mut off = start;
+        while off < end {
+            let len = BLOCK.min(size - off) as usize;
+            f.read_exact_at(&mut buf[..len], off).unwrap();
+            if buf[..len].iter().any(|&b| b != 0) {
+                h.update(off.to_le_bytes());
+                h.update(&buf[..len]);
+            }
+            off += len as u64;
+        }
+        pos = end.max(pos + 1);
+    }
+    ("sha256_nonzero_blocks", hex::encode(h.finalize()))
 }
 
 fn xattrs(p: &Path) -> Map<String, Value> {
@@ -217,4 +263,22 @@ pub fn assert_same_listing(what: &str, actual: &[Value], expected: &[Value]) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// A scratch directory for trees of thousands of files: on tmpfs (`/dev/shm`) when it has room,
+/// because ext4 slows to milliseconds per create under the create/delete churn of repeated
+/// unpacks; `SHOAL_TEST_TMP` overrides.
+pub fn scratch() -> tempfile::TempDir {
+    if let Ok(dir) = std::env::var("SHOAL_TEST_TMP") {
+        return tempfile::tempdir_in(dir).unwrap();
+    }
+    let shm = Path::new("/dev/shm");
+    let roomy =
+        rustix::fs::statvfs(shm).is_ok_and(|s| s.f_bavail.saturating_mul(s.f_frsize) > 4 << 30);
+    if roomy {
+        if let Ok(t) = tempfile::tempdir_in(shm) {
+            return t;
+        }
+    }
+    tempfile::tempdir().unwrap()
 }
