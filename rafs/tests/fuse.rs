@@ -427,7 +427,12 @@ fn metadata_and_errno_are_exact() {
     // statfs: a read-only FUSE filesystem with the image's size and inode count.
     let st = rustix::fs::statvfs(&m.dir).unwrap();
     assert!(st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
-    assert!(st.f_blocks > 0 && st.f_files > 3000, "{} {}", st.f_blocks, st.f_files);
+    assert!(
+        st.f_blocks > 0 && st.f_files > 3000,
+        "{} {}",
+        st.f_blocks,
+        st.f_files
+    );
     let fs = rustix::fs::statfs(&m.dir).unwrap();
     assert_eq!(fs.f_type as i64, 0x6573_5546); // FUSE_SUPER_MAGIC
 

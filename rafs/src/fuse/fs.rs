@@ -95,7 +95,7 @@ impl RafsFs {
     }
 
     fn id(&self, ino: INodeNo) -> Result<InodeId, Errno> {
-        self.inodes.from_fuse(ino).ok_or(Errno::ENOENT)
+        self.inodes.image_id(ino).ok_or(Errno::ENOENT)
     }
 
     fn attr(&self, id: InodeId) -> Result<Attr, Errno> {
@@ -116,7 +116,7 @@ impl RafsFs {
     }
 
     fn fuse_attr(&self, id: InodeId, attr: &Attr) -> Result<FileAttr, Errno> {
-        let ino = self.inodes.to_fuse(id).ok_or(Errno::EIO)?;
+        let ino = self.inodes.fuse_ino(id).ok_or(Errno::EIO)?;
         Ok(file_attr(ino, attr))
     }
 
@@ -374,7 +374,7 @@ impl Filesystem for RafsFs {
                 .attr(child)
                 .map(|a| self.inodes.canonical(child, &a))
                 .ok()
-                .and_then(|c| self.inodes.to_fuse(c));
+                .and_then(|c| self.inodes.fuse_ino(c));
             let Some(number) = number else {
                 return reply.error(Errno::EIO);
             };

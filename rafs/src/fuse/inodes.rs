@@ -37,7 +37,7 @@ impl Inodes {
     }
 
     /// The FUSE number of `id` (None only for ids beyond `u64::MAX - 2`, which no parser makes).
-    pub(crate) fn to_fuse(&self, id: InodeId) -> Option<INodeNo> {
+    pub(crate) fn fuse_ino(&self, id: InodeId) -> Option<INodeNo> {
         if id == self.root {
             return Some(INodeNo::ROOT);
         }
@@ -45,7 +45,7 @@ impl Inodes {
     }
 
     /// The bootstrap inode behind a FUSE number (None for 0, which is never handed out).
-    pub(crate) fn from_fuse(&self, ino: INodeNo) -> Option<InodeId> {
+    pub(crate) fn image_id(&self, ino: INodeNo) -> Option<InodeId> {
         match ino.0 {
             0 => None,
             1 => Some(self.root),
@@ -174,12 +174,12 @@ mod tests {
             parents: Mutex::new(HashMap::new()),
         };
         for id in [0u64, 1, 2, 35, 36, 37, 1 << 40] {
-            let n = i.to_fuse(id).unwrap();
-            assert_eq!(i.from_fuse(n), Some(id));
+            let n = i.fuse_ino(id).unwrap();
+            assert_eq!(i.image_id(n), Some(id));
             assert_eq!(n == INodeNo::ROOT, id == 36);
         }
-        assert_eq!(i.from_fuse(INodeNo(0)), None);
-        assert_eq!(i.to_fuse(u64::MAX), None);
+        assert_eq!(i.image_id(INodeNo(0)), None);
+        assert_eq!(i.fuse_ino(u64::MAX), None);
     }
 
     #[test]

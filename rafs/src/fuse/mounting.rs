@@ -1,10 +1,11 @@
-//! Getting a filesystem mounted and unmounted: mount(2) ourselves when allowed (so the mount
-//! is typed `fuse.shoal` and a restarted node can find its stale mounts with `findmnt -t
-//! fuse.shoal`; fuser's own mount(2) path always says plain `fuse`), otherwise fuser's
-//! `fusermount3` path, which works unprivileged and sets the same type.
+//! Getting a filesystem mounted and unmounted: mount(2) ourselves when allowed, else fuser's
+//! path through the setuid `fusermount3` helper (unprivileged users, and `auto_unmount`, which
+//! keeps `fusermount3` waiting for this process to die). Both type the mount `fuse.shoal` (fuser's
+//! own mount(2) call would say plain `fuse`), so a restarted node finds stale mounts with
+//! `findmnt -t fuse.shoal`.
 //!
-//! Invariants: a mount made here is either handed back live (kernel handshake done) or undone
-//! before returning; unmounting never leaves the mount point in the namespace — a busy mount is
+//! Invariants: a mount made here is handed back live (kernel handshake done) or undone before
+//! returning; unmounting never leaves the mount point in the namespace — a busy mount is
 //! detached lazily instead, and its threads finish when the last user lets go.
 
 use std::fs::File;
@@ -17,10 +18,10 @@ use rustix::mount::{MountFlags, UnmountFlags};
 
 /// A live session and who mounted it.
 pub(crate) enum Mounted {
-    /// We called mount(2): we unmount with umount2(2).
+    /// We called mount(2): umount2(2) undoes it.
     Direct(BackgroundSession),
-    /// fusermount3 mounted it: fuser unmounts (through fusermount3 when unprivileged).
-    Fusermount(BackgroundSession),
+    /// fuser mounted it (through fusermount3): fuser undoes it.
+    Fuser(BackgroundSession),
 }
 
 /// Mount `fs` at `dir` (canonical) as `config` says; returns after the kernel handshake.
@@ -29,95 +30,132 @@ pub(crate) fn mount<FS: Filesystem>(
     dir: &Path,
     config: &fuser::Config,
 ) -> io::Result<Mounted> {
-    let wants_fusermount = config.mount_options.contains(&MountOption::AutoUnmount);
-    if !wants_fusermount {
-        if let Some(fd) = mount_direct(dir, config)? {
-            let session = Session::from_fd(fs, fd, config.acl, config.clone())
-                .and_then(Session::spawn)
-                .inspect_err(|_| {
-                    let _ = rustix::mount::unmount(dir, UnmountFlags::DETACH);
-                })?;
-            return Ok(Mounted::Direct(session));
-        }
+    if config.mount_options.contains(&MountOption::AutoUnmount) {
+        return fuser::spawn_mount(fs, dir, config).map(Mounted::Fuser);
     }
-    fuser::spawn_mount(fs, dir, config).map(Mounted::Fusermount)
+    let plan = Plan::new(config);
+    let Some(fd) = mount_direct(dir, &plan)? else {
+        return fuser::spawn_mount(fs, dir, config).map(Mounted::Fuser);
+    };
+    Session::from_fd(fs, fd, config.acl, config.clone())
+        .and_then(Session::spawn)
+        .map(Mounted::Direct)
+        .inspect_err(|_| {
+            let _ = rustix::mount::unmount(dir, UnmountFlags::DETACH);
+        })
 }
 
 /// Unmount; detach lazily if the mount is busy.
 pub(crate) fn unmount(m: Mounted, dir: &Path) -> io::Result<()> {
     match m {
         Mounted::Direct(session) => match rustix::mount::unmount(dir, UnmountFlags::empty()) {
-            // The event loops see ENODEV and end; the filesystem is dropped when they have.
-            Ok(()) => session.join(),
-            // Not ours any more (someone ran umount): the session has ended or is ending.
-            Err(rustix::io::Errno::INVAL) => session.join(),
+            // EINVAL: no longer a mount point (someone ran umount); the session is ending.
+            // Either way the event loops see ENODEV and end, then the filesystem is dropped.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => session.join(),
             Err(_) => {
-                // Busy: detach now; the session thread lives until the last user lets go.
+                // Busy: detach now; the session thread lives on until the last user lets go.
                 drop(session);
                 rustix::mount::unmount(dir, UnmountFlags::DETACH).map_err(io::Error::from)
             }
         },
-        Mounted::Fusermount(session) => match session.umount_and_join() {
-            Ok(()) => Ok(()),
-            Err(_) => lazy_unmount_unprivileged(dir),
-        },
+        // fuser detaches with `fusermount3 -u -z` itself when umount(2) is refused (EPERM).
+        Mounted::Fuser(session) => session.umount_and_join().or_else(|e| {
+            if rustix::process::geteuid().is_root() {
+                rustix::mount::unmount(dir, UnmountFlags::DETACH).map_err(io::Error::from)
+            } else {
+                Err(e)
+            }
+        }),
+    }
+}
+
+/// The mount options as mount(2) takes them.
+struct Plan {
+    flags: MountFlags,
+    /// Comma-separated options for the kernel (beyond fd/rootmode/user_id/group_id).
+    kernel: String,
+    fsname: String,
+}
+
+impl Plan {
+    fn new(config: &fuser::Config) -> Self {
+        let mut flags = MountFlags::NOSUID | MountFlags::NODEV;
+        let mut kernel = Vec::new();
+        let mut fsname = "shoal".to_string();
+        for o in &config.mount_options {
+            match o {
+                MountOption::RO => flags |= MountFlags::RDONLY,
+                MountOption::NoAtime => flags |= MountFlags::NOATIME,
+                MountOption::Suid => flags.remove(MountFlags::NOSUID),
+                MountOption::Dev => flags.remove(MountFlags::NODEV),
+                MountOption::DefaultPermissions => kernel.push("default_permissions"),
+                MountOption::FSName(n) => fsname.clone_from(n),
+                _ => {}
+            }
+        }
+        if config.acl != SessionACL::Owner {
+            kernel.push("allow_other");
+        }
+        Plan {
+            flags,
+            kernel: kernel.join(","),
+            fsname,
+        }
     }
 }
 
 /// mount(2) a FUSE filesystem at `dir`; `None` if we may not (then fusermount3 must).
-fn mount_direct(dir: &Path, config: &fuser::Config) -> io::Result<Option<OwnedFd>> {
-    let dev = File::options().read(true).write(true).open("/dev/fuse")?;
-    let mut flags = MountFlags::empty();
-    let mut fsname = "shoal".to_string();
+fn mount_direct(dir: &Path, plan: &Plan) -> io::Result<Option<OwnedFd>> {
+    let dev = match File::options().read(true).write(true).open("/dev/fuse") {
+        Ok(dev) => dev,
+        // fusermount3 is setuid root and can open it.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Ok(None),
+        Err(e) => return Err(e),
+    };
     let mut data = format!(
         "fd={},rootmode=40000,user_id={},group_id={}",
         dev.as_raw_fd(),
         rustix::process::geteuid().as_raw(),
         rustix::process::getegid().as_raw()
     );
-    let (mut suid, mut devices) = (false, false);
-    for o in &config.mount_options {
-        match o {
-            MountOption::RO => flags |= MountFlags::RDONLY,
-            MountOption::NoAtime => flags |= MountFlags::NOATIME,
-            MountOption::Suid => suid = true,
-            MountOption::Dev => devices = true,
-            MountOption::DefaultPermissions => data.push_str(",default_permissions"),
-            MountOption::FSName(n) => fsname.clone_from(n),
-            _ => {}
-        }
-    }
-    if !suid {
-        flags |= MountFlags::NOSUID;
-    }
-    if !devices {
-        flags |= MountFlags::NODEV;
-    }
-    if config.acl != SessionACL::Owner {
-        data.push_str(",allow_other");
+    if !plan.kernel.is_empty() {
+        data.push(',');
+        data.push_str(&plan.kernel);
     }
     let data = std::ffi::CString::new(data).map_err(io::Error::other)?;
-    match rustix::mount::mount(fsname.as_str(), dir, "fuse.shoal", flags, data.as_c_str()) {
+    let fsname = plan.fsname.as_str();
+    match rustix::mount::mount(fsname, dir, "fuse.shoal", plan.flags, data.as_c_str()) {
         Ok(()) => Ok(Some(dev.into())),
         Err(rustix::io::Errno::PERM) | Err(rustix::io::Errno::ACCESS) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
 
-/// `fusermount3 -u -z`: detach a mount we may not unmount ourselves.
-fn lazy_unmount_unprivileged(dir: &Path) -> io::Result<()> {
-    if rustix::process::geteuid().is_root() {
-        return rustix::mount::unmount(dir, UnmountFlags::DETACH).map_err(io::Error::from);
-    }
-    let out = std::process::Command::new("fusermount3")
-        .args(["-u", "-z", "--"])
-        .arg(dir)
-        .output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_maps_options_to_mount_flags_and_data() {
+        let mut c = fuser::Config::default();
+        c.mount_options = vec![
+            MountOption::RO,
+            MountOption::NoAtime,
+            MountOption::DefaultPermissions,
+            MountOption::FSName("shoal:app".into()),
+        ];
+        c.acl = SessionACL::All;
+        let p = Plan::new(&c);
+        assert_eq!(
+            p.flags,
+            MountFlags::RDONLY | MountFlags::NOATIME | MountFlags::NOSUID | MountFlags::NODEV
+        );
+        assert_eq!(p.kernel, "default_permissions,allow_other");
+        assert_eq!(p.fsname, "shoal:app");
+        c.mount_options.push(MountOption::Suid);
+        c.acl = SessionACL::Owner;
+        let p = Plan::new(&c);
+        assert!(!p.flags.contains(MountFlags::NOSUID));
+        assert_eq!(p.kernel, "default_permissions");
     }
 }
