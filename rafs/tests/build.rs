@@ -222,45 +222,6 @@ fn tar_entries_escaping_the_root_are_rejected() {
     );
 }
 
-/// Mount `boot` with the kernel (file-backed EROFS) using each blob's decoded form as `device=`.
-fn kernel_listing(
-    boot: &Path,
-    blobs: &LocalBlobDir,
-    work: &Path,
-) -> Option<Vec<serde_json::Value>> {
-    if !is_root() {
-        eprintln!("skipping kernel EROFS mount: needs root (CAP_SYS_ADMIN)");
-        return None;
-    }
-    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    if !fs.contains("erofs") {
-        eprintln!("skipping kernel EROFS mount: the kernel has no erofs filesystem");
-        return None;
-    }
-    let b = Bootstrap::open(boot).unwrap();
-    std::fs::create_dir_all(work).unwrap();
-    let mut devices = Vec::new();
-    for blob in b.blobs() {
-        let p = work.join(format!("{}.blob.data", blob.blob_id));
-        shoal_rafs::write_decoded_blob(&b, blob.index, blobs, &p).unwrap();
-        devices.push(format!("device={}", p.display()));
-    }
-    let mnt = work.join("mnt");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let data = std::ffi::CString::new(devices.join(",")).unwrap();
-    rustix::mount::mount(
-        boot,
-        &mnt,
-        "erofs",
-        rustix::mount::MountFlags::RDONLY,
-        data.as_c_str(),
-    )
-    .unwrap_or_else(|e| panic!("mount erofs {}: {e}", boot.display()));
-    let l = listing(&mnt);
-    rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
-    Some(l)
-}
-
 #[test]
 fn kernel_mounts_what_we_build_and_merge() {
     let tmp = tempfile::tempdir().unwrap();

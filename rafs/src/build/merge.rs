@@ -1,7 +1,8 @@
 //! Merge layer bootstraps (lowest first) into one image bootstrap with OCI overlay semantics:
 //! `.wh.<name>` deletes `<name>` from the layers below, `.wh..wh..opq` hides everything the
 //! layers below put in its directory, a non-directory replaces whatever had its name, and a
-//! directory over a directory merges into it. Whiteout markers do not appear in the result.
+//! directory over a directory merges into it (taking the upper attributes unless the upper
+//! directory was only implied by its children). Whiteout markers do not appear in the result.
 //!
 //! Invariants: the merged blob table lists each distinct blob once (lowest layer first) and
 //! every chunk reference is remapped to it; all layers share one chunk size and digester.
@@ -92,7 +93,9 @@ pub(crate) fn merge_layers(layers: &[Bootstrap]) -> Result<Merged, BuildError> {
             Some(mut lower) => {
                 overlay(&mut lower, 0, &upper, 0, &mut HashMap::new())?;
                 if let (Some(root), Some(up)) = (lower.inodes.first_mut(), upper.inodes.first()) {
-                    root.meta = up.meta.clone();
+                    if !is_implicit(&up.meta) {
+                        root.meta = up.meta.clone();
+                    }
                 }
                 lower
             }
@@ -205,6 +208,14 @@ pub(crate) fn load_tree(b: &Bootstrap, remap: &[u32]) -> Result<Tree, BuildError
     Ok(tree)
 }
 
+/// A directory the layer tar did not list but needed as a parent (the builder gives those
+/// [`Meta::dir_default`]): like OCI unpackers, merge keeps the lower layer's attributes for it
+/// instead of resetting them. (An explicit entry with exactly those attributes — mode 0755,
+/// root, mtime 0, no xattrs — is treated the same; its attributes then come from below.)
+fn is_implicit(meta: &Meta) -> bool {
+    *meta == Meta::dir_default()
+}
+
 fn is_marker(name: &[u8]) -> bool {
     name.starts_with(WHITEOUT_PREFIX)
 }
@@ -257,7 +268,11 @@ fn overlay(
         let lower_is_dir = existing
             .is_some_and(|i| matches!(lower.inodes.get(i).map(|n| &n.kind), Some(Kind::Dir(_))));
         if let (Kind::Dir(_), Some(li), true) = (&unode.kind, existing, lower_is_dir) {
-            if let Some(n) = lower.inodes.get_mut(li) {
+            if let Some(n) = lower
+                .inodes
+                .get_mut(li)
+                .filter(|_| !is_implicit(&unode.meta))
+            {
                 n.meta = unode.meta.clone();
             }
             overlay(lower, li, upper, uidx, copied)?;

@@ -282,3 +282,58 @@ pub fn scratch() -> tempfile::TempDir {
     }
     tempfile::tempdir().unwrap()
 }
+
+/// Mount `boot` with the kernel (file-backed EROFS) using each blob's decoded form as `device=`.
+pub fn kernel_listing(
+    boot: &Path,
+    blobs: &shoal_rafs::LocalBlobDir,
+    _work: &Path,
+) -> Option<Vec<serde_json::Value>> {
+    if !is_root() {
+        eprintln!("skipping kernel EROFS mount: needs root (CAP_SYS_ADMIN)");
+        return None;
+    }
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs.contains("erofs") {
+        eprintln!("skipping kernel EROFS mount: the kernel has no erofs filesystem");
+        return None;
+    }
+    // File-backed EROFS needs files whose filesystem has read_folio (tmpfs has not): the
+    // bootstrap and the decoded blobs go to disk.
+    let disk = tempfile::tempdir_in("/var/tmp").unwrap();
+    let boot_copy = disk.path().join("bootstrap");
+    std::fs::copy(boot, &boot_copy).unwrap();
+    let boot = boot_copy.as_path();
+    let work = disk.path().join("work");
+    let work = work.as_path();
+    let b = shoal_rafs::Bootstrap::open(boot).unwrap();
+    std::fs::create_dir_all(work).unwrap();
+    let mut devices = Vec::new();
+    for blob in b.blobs() {
+        let p = work.join(format!("{}.blob.data", blob.blob_id));
+        shoal_rafs::write_decoded_blob(&b, blob.index, blobs, &p).unwrap();
+        devices.push(format!("device={}", p.display()));
+    }
+    let mnt = work.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let data = std::ffi::CString::new(devices.join(",")).unwrap();
+    rustix::mount::mount(
+        boot,
+        &mnt,
+        "erofs",
+        rustix::mount::MountFlags::RDONLY,
+        data.as_c_str(),
+    )
+    .unwrap_or_else(|e| panic!("mount erofs {}: {e}", boot.display()));
+    // Unmounted even when the listing panics, so a failed test leaves no mount behind.
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = rustix::mount::unmount(self.0, rustix::mount::UnmountFlags::DETACH);
+        }
+    }
+    let guard = Unmount(&mnt);
+    let l = listing(&mnt);
+    drop(guard);
+    Some(l)
+}
