@@ -11,6 +11,8 @@ mod bootstrap;
 pub mod build;
 mod error;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzzing;
 mod model;
 mod raw;
 pub mod tools;
