@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{MountOption, SessionACL};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::blob::source::ChunkSource;
 use crate::bootstrap::Bootstrap;
@@ -70,7 +70,8 @@ pub struct FuseOptions {
     pub read_queue: usize,
     /// Bytes of decoded chunks kept per mount (default 64 MiB).
     pub chunk_cache_bytes: u64,
-    /// Largest kernel readahead, bytes (default 1 MiB; the kernel may lower it).
+    /// Kernel readahead, bytes (default 1 MiB). Above the kernel's 128 KiB default only when
+    /// mounted by root (it is set through sysfs).
     pub max_readahead: u32,
     /// Kernel limit on background (readahead, async) requests in flight (default 64).
     pub max_background: u16,
@@ -177,6 +178,9 @@ pub fn mount(
             dir: dir.clone(),
             source,
         })?;
+    if let Err(e) = mounting::raise_readahead(&dir, opts.max_readahead) {
+        debug!(dir = %dir.display(), error = %e, "FUSE readahead stays at the kernel default");
+    }
     Ok(FuseMount {
         session: Some(session),
         dir,

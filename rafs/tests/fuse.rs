@@ -436,6 +436,15 @@ fn metadata_and_errno_are_exact() {
     let fs = rustix::fs::statfs(&m.dir).unwrap();
     assert_eq!(fs.f_type as i64, 0x6573_5546); // FUSE_SUPER_MAGIC
 
+    // Readahead raised to 1 MiB through the mount's backing device.
+    let dev = std::fs::metadata(&m.dir).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    assert_eq!(std::fs::read_to_string(knob).unwrap().trim(), "1024");
+
     // Readdir of a 3,000-entry directory, twice (second from the kernel's cache).
     for _ in 0..2 {
         assert_eq!(std::fs::read_dir(p("/bigdir")).unwrap().count(), 3000);

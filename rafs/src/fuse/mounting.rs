@@ -45,6 +45,17 @@ pub(crate) fn mount<FS: Filesystem>(
         })
 }
 
+/// Let the kernel read ahead up to `bytes` on the mount at `dir`. A FUSE mount's readahead
+/// starts at the kernel default (128 KiB) and the FUSE handshake can only lower it, so it is
+/// raised through the mount's backing-device entry in sysfs. Best effort: needs root.
+pub(crate) fn raise_readahead(dir: &Path, bytes: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir)?.dev();
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    std::fs::write(knob, format!("{}", bytes / 1024))
+}
+
 /// Unmount; detach lazily if the mount is busy.
 pub(crate) fn unmount(m: Mounted, dir: &Path) -> io::Result<()> {
     match m {
