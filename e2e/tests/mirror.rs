@@ -74,6 +74,123 @@ fn skopeo_copy_through_mirror_with_htpasswd_origin() {
     );
 }
 
+#[test]
+fn metrics_status_and_headers_agree_with_the_origin() {
+    run(
+        "metrics_status_and_headers_agree_with_the_origin",
+        MIRROR,
+        |t| {
+            let (registry, image) = setup::anonymous_origin(t)?;
+            let node = Node::start(t, &registry.url())?;
+            let client = http::client()?;
+
+            let v2 = http::fetch(client.get(format!("{}/v2/", node.url())))?;
+            ensure!(v2.status.as_u16() == 200, "GET /v2/: {}", v2.short());
+            let manifest_url = format!("{}/v2/{REPO}/manifests/{TAG}", node.url());
+            let got = http::fetch(client.get(&manifest_url).header("Accept", MANIFEST_ACCEPT))?;
+            ensure!(
+                got.completed_ok() && got.body == image.manifest,
+                "manifest: {}",
+                got.short()
+            );
+            ensure!(
+                got.header("content-type") == Some(image.manifest_media_type.as_str()),
+                "manifest Content-Type {:?}",
+                got.header("content-type")
+            );
+            ensure!(
+                got.header("docker-content-digest") == Some(image.manifest_digest.as_str()),
+                "manifest Docker-Content-Digest {:?}",
+                got.header("docker-content-digest")
+            );
+            let layer = image.largest_layer()?;
+            let head = http::fetch(client.head(format!(
+                "{}/v2/{REPO}/blobs/{}",
+                node.url(),
+                layer.digest
+            )))?;
+            let length = head.header("content-length").map(str::to_owned);
+            ensure!(head.status.as_u16() == 200, "HEAD blob: {}", head.short());
+            ensure!(
+                length == Some(layer.size.to_string()),
+                "HEAD blob Content-Length {length:?}"
+            );
+
+            copy_and_compare(t, &node, &image, None)?;
+            copy_and_compare(t, &node, &image, None)?;
+            wait_complete(&node, &blob_digests(&image))?;
+
+            let metrics = node.metrics()?;
+            for name in [
+                "shoal_http_requests_total",
+                "shoal_served_bytes_total",
+                "shoal_origin_bytes_total",
+                "shoal_origin_requests_total",
+                "shoal_blob_cache_hits_total",
+                "shoal_blob_cache_misses_total",
+                "shoal_downloads_in_flight",
+                "shoal_request_duration_seconds_count",
+            ] {
+                ensure!(metrics.has(name), "metric {name} missing");
+            }
+            let log = registry.log()?;
+            let origin_blob = metrics.sum("shoal_origin_bytes_total", &[("kind", "blob")]);
+            ensure!(
+                origin_blob == log.blob_bytes_written() as f64,
+                "node says {origin_blob} blob bytes from the origin, the origin's log says {}",
+                log.blob_bytes_written()
+            );
+            let served = metrics.sum("shoal_served_bytes_total", &[("kind", "blob")]);
+            ensure!(
+                served >= 2.0 * image.layer_bytes() as f64,
+                "served {served} after two pulls"
+            );
+            ensure!(
+                metrics.sum("shoal_blob_cache_hits_total", &[]) >= 3.0,
+                "no cache hits counted"
+            );
+            ensure!(
+                metrics.sum("shoal_downloads_in_flight", &[]) == 0.0,
+                "downloads still in flight"
+            );
+            let ok_blob_gets = metrics.sum(
+                "shoal_http_requests_total",
+                &[("route", "blob"), ("method", "GET"), ("status", "200")],
+            );
+            ensure!(
+                ok_blob_gets >= 6.0,
+                "{ok_blob_gets} blob GETs counted with status 200"
+            );
+
+            let status = node.status()?;
+            let cli = node.status_cli()?;
+            for (source, status) in [("api", &status), ("shoal status --json", &cli)] {
+                ensure!(
+                    status.store.complete >= 3,
+                    "{source}: store {:?}",
+                    status.store
+                );
+                ensure!(
+                    status.traffic.origin_bytes >= log.blob_bytes_written(),
+                    "{source}: traffic {:?}",
+                    status.traffic
+                );
+                for desc in image.blobs() {
+                    let blob = status
+                        .blob(&desc.digest)
+                        .with_context(|| format!("{source}: {}", desc.digest))?;
+                    ensure!(
+                        blob.complete && blob.present_bytes == desc.size,
+                        "{source}: {blob:?}, expected {} bytes complete",
+                        desc.size
+                    );
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
 // ---------------------------------------------------------------- 2. containerd
 
 #[test]
