@@ -306,3 +306,75 @@ fn chunk_dict_reuses_chunks_of_another_image() {
         );
     }
 }
+
+#[test]
+fn prefetch_list_becomes_the_prefetch_table_and_survives_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let list: Vec<String> = ["/bigdir/entry-00002", "/bigdir", "/no/such/file", "/bigdir"]
+        .map(String::from)
+        .to_vec();
+    let extras = shoal_rafs::build::BuildExtras {
+        prefetch: list,
+        ..Default::default()
+    };
+    let a = shoal_rafs::build::build_layer_with(
+        layer("layerA.tar.gz"),
+        &BuildOptions::default(),
+        &tmp.path().join("a"),
+        &extras,
+    )
+    .unwrap();
+    assert_eq!(a.prefetch, 2);
+    assert_eq!(a.prefetch_missing, ["/no/such/file"]);
+    let b = Bootstrap::open(&a.bootstrap).unwrap();
+    let want = [
+        b.lookup("/bigdir/entry-00002").unwrap(),
+        b.lookup("/bigdir").unwrap(),
+    ];
+    assert_eq!(b.prefetch_table(), want);
+    let paths = |b: &Bootstrap| -> Vec<Option<String>> {
+        shoal_rafs::tools::inspect(b, None)
+            .unwrap()
+            .prefetch
+            .into_iter()
+            .map(|p| p.path)
+            .collect()
+    };
+    let expected = vec![
+        Some("/bigdir/entry-00002".to_string()),
+        Some("/bigdir".to_string()),
+    ];
+    assert_eq!(paths(&b), expected);
+    // The image stays valid (check, unpack, kernel mount) with the table in front of the inodes.
+    let blobs = LocalBlobDir::new(tmp.path().join("a/blobs"));
+    assert_same_listing(
+        "layer A with a prefetch table",
+        &unpacked_listing(&a.bootstrap, &blobs),
+        &tree("treeA.listing.jsonl"),
+    );
+    if let Some(l) = kernel_listing(&a.bootstrap, &blobs, &tmp.path().join("k")) {
+        assert_same_listing(
+            "kernel: layer A with prefetch",
+            &l,
+            &tree("treeA.listing.jsonl"),
+        );
+    }
+    // Merge keeps the entries (by path) that the upper layers leave in place.
+    let up = build_layer(
+        layer("layerB.tar.gz"),
+        &BuildOptions::default(),
+        &tmp.path().join("b"),
+    )
+    .unwrap();
+    let merged = tmp.path().join("merged.boot");
+    merge(&[a.bootstrap.clone(), up.bootstrap], &merged).unwrap();
+    let m = Bootstrap::open(&merged).unwrap();
+    let kept: Vec<Option<String>> = paths(&m);
+    assert!(
+        !kept.is_empty() && kept.iter().all(|p| p.is_some()),
+        "{kept:?}"
+    );
+    for p in kept.iter().flatten() {
+        assert!(expected.contains(&Some(p.clone())));
+    }
+}

@@ -38,6 +38,15 @@ fn main() -> anyhow::Result<()> {
             .trim()
     );
     println!(
+        "load average at start: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
         "layer: {:.1} MB gzip, {:.1} MB tar; best of {RUNS} runs; chunk size 1 MiB, blake3",
         gz.len() as f64 / 1e6,
         mb

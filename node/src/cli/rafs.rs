@@ -36,6 +36,15 @@ pub enum RafsCommand {
         /// images); the output then also needs that image's blobs.
         #[arg(long, value_name = "FILE")]
         chunk_dict: Option<PathBuf>,
+        /// A file of image paths, one per line (`/usr/bin/python3`; a directory stands for
+        /// everything below it, `/` for the whole image), written to the prefetch table in that
+        /// order. Paths this layer lacks are listed, not an error. `-` reads standard input.
+        #[arg(long, value_name = "FILE")]
+        prefetch: Option<PathBuf>,
+        /// Threads compressing and digesting chunks (0: one per core). The output is the same
+        /// bytes for every value.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -115,6 +124,8 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
             digester,
             chunk_size,
             chunk_dict,
+            prefetch,
+            threads,
             json,
         } => {
             let dict = chunk_dict.as_deref().map(open).transpose()?;
@@ -123,12 +134,34 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
                 digester: digester.into(),
                 chunk_size,
             };
+            let prefetch = match prefetch {
+                None => Vec::new(),
+                Some(p) => {
+                    let text = if p.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin().lock())
+                    } else {
+                        std::fs::read_to_string(&p)
+                    }
+                    .with_context(|| format!("reading the prefetch list {}", p.display()))?;
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from)
+                        .collect()
+                }
+            };
+            let extras = build::BuildExtras {
+                chunk_dict: dict.as_ref(),
+                prefetch,
+                threads,
+                progress: None,
+            };
             let out = if layer_tar.as_os_str() == "-" {
-                build::build_layer_with_dict(std::io::stdin().lock(), &opts, &output, dict.as_ref())
+                build::build_layer_with(std::io::stdin().lock(), &opts, &output, &extras)
             } else {
                 let f = std::fs::File::open(&layer_tar)
                     .with_context(|| format!("opening {}", layer_tar.display()))?;
-                build::build_layer_with_dict(f, &opts, &output, dict.as_ref())
+                build::build_layer_with(f, &opts, &output, &extras)
             }
             .with_context(|| format!("building RAFS from {}", layer_tar.display()))?;
             if json {
@@ -145,6 +178,12 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
                 );
                 for id in &out.dict_blobs {
                     text.push_str(&format!("also references blob {id}\n"));
+                }
+                if out.prefetch > 0 {
+                    text.push_str(&format!("prefetch table: {} entries\n", out.prefetch));
+                }
+                for p in &out.prefetch_missing {
+                    text.push_str(&format!("prefetch path not in this layer: {p}\n"));
                 }
                 emit(&text)?;
             }

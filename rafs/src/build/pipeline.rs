@@ -1,5 +1,5 @@
 //! The chunk pipeline of a layer build: the tar reader submits chunks in file order, worker
-//! threads digest and compress them (the costly part), and one committer stores them into the
+//! threads digest and compress them in batches (the costly part), and one committer stores them into the
 //! [`BlobWriter`] strictly in submission order.
 //!
 //! Invariants: the blob, its chunk table and every [`ChunkRef`] are the same bytes whatever the
@@ -20,11 +20,17 @@ use crate::build::blob_writer::{prepare, BlobWriter, Prepared};
 use crate::build::{BuildError, BuildOptions};
 use crate::model::ChunkRef;
 
-/// Chunks in flight per worker thread (bounds memory to about `threads × 4 × chunk size`).
+/// Batches in flight per worker thread (bounds memory to about `threads × 4 × BATCH_BYTES`
+/// plus one chunk per batch).
 const IN_FLIGHT_PER_THREAD: usize = 2;
+/// Chunks travel in batches of about this many bytes (or [`BATCH_CHUNKS`] chunks): most chunks
+/// of a layer are small files, and one channel hand-off per chunk would cost more than the work.
+const BATCH_BYTES: usize = 1 << 20;
+const BATCH_CHUNKS: usize = 256;
 
-type Job = (u64, Vec<u8>);
-type Done = (u64, Result<Arc<Prepared>, BuildError>);
+/// Consecutive chunks starting at a sequence number.
+type Job = (u64, Vec<Vec<u8>>);
+type Done = (u64, Result<Vec<Arc<Prepared>>, BuildError>);
 
 /// Accepts chunks in order; [`Pipeline::finish`] returns their references by sequence number.
 pub(crate) struct Pipeline<'scope> {
@@ -40,6 +46,8 @@ enum Mode<'scope> {
         refs: Vec<ChunkRef>,
     },
     Threaded {
+        /// The batch being filled: its first sequence number, chunks and bytes.
+        batch: (u64, Vec<Vec<u8>>, usize),
         jobs: Option<SyncSender<Job>>,
         done: Option<SyncSender<Done>>,
         workers: Vec<ScopedJoinHandle<'scope, ()>>,
@@ -79,6 +87,7 @@ impl<'scope> Pipeline<'scope> {
                 .collect();
             let committer = scope.spawn(move || commit_in_order(writer, done_rx));
             Mode::Threaded {
+                batch: (0, Vec::new(), 0),
                 jobs: Some(jobs_tx),
                 done: Some(done_tx),
                 workers,
@@ -97,26 +106,43 @@ impl<'scope> Pipeline<'scope> {
     pub(crate) fn submit(&mut self, data: Vec<u8>) -> Result<u64, BuildError> {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let zero = data.len() == self.opts.chunk_size as usize && is_zero(&data);
-        let sent = if zero {
-            let z = self.zero_chunk(data)?;
-            match &mut self.mode {
-                Mode::Inline { writer, refs } => {
-                    refs.push(writer.commit(&z)?);
-                    true
-                }
-                Mode::Threaded { done, .. } => {
-                    done.as_ref().is_some_and(|d| d.send((seq, Ok(z))).is_ok())
-                }
-            }
+        // Ok: bytes to prepare; Err: the shared prepared all-zero chunk.
+        let item = if data.len() == self.opts.chunk_size as usize && is_zero(&data) {
+            Err(self.zero_chunk(data)?)
         } else {
-            match &mut self.mode {
-                Mode::Inline { writer, refs } => {
-                    refs.push(writer.commit(&prepare(&self.opts, data)?)?);
-                    true
+            Ok(data)
+        };
+        let sent = match (&mut self.mode, item) {
+            (Mode::Inline { writer, refs }, Err(z)) => {
+                refs.push(writer.commit(&z)?);
+                true
+            }
+            (Mode::Inline { writer, refs }, Ok(data)) => {
+                refs.push(writer.commit(&prepare(&self.opts, data)?)?);
+                true
+            }
+            (
+                Mode::Threaded {
+                    batch, jobs, done, ..
+                },
+                Err(z),
+            ) => {
+                // The batch before this chunk goes first (the committer reorders anyway).
+                flush(batch, jobs.as_ref())
+                    && done
+                        .as_ref()
+                        .is_some_and(|d| d.send((seq, Ok(vec![z]))).is_ok())
+            }
+            (Mode::Threaded { batch, jobs, .. }, Ok(data)) => {
+                if batch.1.is_empty() {
+                    batch.0 = seq;
                 }
-                Mode::Threaded { jobs, .. } => {
-                    jobs.as_ref().is_some_and(|j| j.send((seq, data)).is_ok())
+                batch.2 += data.len();
+                batch.1.push(data);
+                if batch.2 >= BATCH_BYTES || batch.1.len() >= BATCH_CHUNKS {
+                    flush(batch, jobs.as_ref())
+                } else {
+                    true
                 }
             }
         };
@@ -132,11 +158,13 @@ impl<'scope> Pipeline<'scope> {
         match self.mode {
             Mode::Inline { refs, .. } => Ok(refs),
             Mode::Threaded {
+                mut batch,
                 jobs,
                 done,
                 workers,
                 committer,
             } => {
+                let flushed = flush(&mut batch, jobs.as_ref());
                 drop(jobs);
                 drop(done);
                 for w in workers {
@@ -146,6 +174,9 @@ impl<'scope> Pipeline<'scope> {
                 let refs = committer
                     .join()
                     .map_err(|_| BuildError::Internal("chunk committer panicked"))??;
+                if !flushed {
+                    return Err(BuildError::Internal("chunk pipeline stopped"));
+                }
                 if refs.len() as u64 != self.next_seq {
                     return Err(BuildError::Internal("chunk pipeline lost a chunk"));
                 }
@@ -172,28 +203,42 @@ fn is_zero(data: &[u8]) -> bool {
         && blocks.remainder().iter().all(|&b| b == 0)
 }
 
-/// Worker: take jobs until the channel closes, send each result.
+/// Send the batch being filled (if any) to the workers; false if they are gone.
+fn flush(batch: &mut (u64, Vec<Vec<u8>>, usize), jobs: Option<&SyncSender<Job>>) -> bool {
+    if batch.1.is_empty() {
+        return true;
+    }
+    let chunks = std::mem::take(&mut batch.1);
+    batch.2 = 0;
+    jobs.is_some_and(|j| j.send((batch.0, chunks)).is_ok())
+}
+
+/// Worker: take batches until the channel closes, send each batch's results.
 fn work(opts: &BuildOptions, jobs: &Mutex<Receiver<Job>>, done: &SyncSender<Done>) {
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((seq, data)) = job else { return };
-        if done.send((seq, prepare(opts, data).map(Arc::new))).is_err() {
+        let Ok((seq, chunks)) = job else { return };
+        let res = chunks
+            .into_iter()
+            .map(|data| prepare(opts, data).map(Arc::new))
+            .collect();
+        if done.send((seq, res)).is_err() {
             return;
         }
     }
 }
 
-/// Committer: reorder results by sequence number and commit them; after an error keep draining
-/// (so no producer blocks) and report the first error.
+/// Committer: reorder batches by first sequence number and commit them; after an error keep
+/// draining (so no producer blocks) and report the first error.
 fn commit_in_order(
     writer: &mut BlobWriter,
     done: Receiver<Done>,
 ) -> Result<Vec<ChunkRef>, BuildError> {
     let mut refs = Vec::new();
-    let mut pending: BTreeMap<u64, Result<Arc<Prepared>, BuildError>> = BTreeMap::new();
+    let mut pending: BTreeMap<u64, Result<Vec<Arc<Prepared>>, BuildError>> = BTreeMap::new();
     let mut failed: Option<BuildError> = None;
     for (seq, res) in done {
         if failed.is_some() {
@@ -201,13 +246,15 @@ fn commit_in_order(
         }
         pending.insert(seq, res);
         while let Some(res) = pending.remove(&(refs.len() as u64)) {
-            match res.and_then(|p| writer.commit(&p)) {
-                Ok(r) => refs.push(r),
-                Err(e) => {
-                    failed = Some(e);
-                    pending.clear();
-                    break;
-                }
+            let committed = res.and_then(|batch| {
+                batch
+                    .iter()
+                    .try_for_each(|p| writer.commit(p).map(|r| refs.push(r)))
+            });
+            if let Err(e) = committed {
+                failed = Some(e);
+                pending.clear();
+                break;
             }
         }
     }

@@ -197,9 +197,13 @@ fn read_file<R: Read>(
     let mut first = None;
     let mut count = 0u64;
     loop {
-        let mut buf = vec![0u8; cs];
+        // Sized to what the header says is left (small files are most of a layer), capped at
+        // one chunk; a short read below still ends the file and is caught by the size check.
+        let want = usize::try_from(size.saturating_sub(offset).min(cs as u64)).unwrap_or(cs);
+        let want = if want == 0 { cs.min(4096) } else { want };
+        let mut buf = vec![0u8; want];
         let mut n = 0;
-        while n < cs {
+        while n < want {
             let got = entry
                 .read(buf.get_mut(n..).unwrap_or_default())
                 .map_err(tar_err)?;
@@ -216,7 +220,7 @@ fn read_file<R: Read>(
         first.get_or_insert(seq);
         count += 1;
         offset += n as u64;
-        if n < cs {
+        if n < want || offset >= size {
             break;
         }
     }
