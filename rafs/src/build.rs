@@ -102,6 +102,9 @@ impl BuildError {
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildOutput {
     pub bootstrap: PathBuf,
+    /// `sha256:<hex>` of the bootstrap file: what `check --digest` compares against (a RAFS
+    /// bootstrap carries no checksum of its own; in a registry its digest is in the manifest).
+    pub bootstrap_digest: String,
     pub blob_id: String,
     pub blob: PathBuf,
     pub blob_size: u64,
@@ -213,6 +216,7 @@ pub fn build_layer_with(
     std::fs::write(&bootstrap, &boot).map_err(|e| BuildError::io("write", &bootstrap, e))?;
     Ok(BuildOutput {
         bootstrap,
+        bootstrap_digest: sha256_digest(&boot),
         blob_id: blob.blob_id,
         blob: blob.path,
         blob_size: blob.file_size,
@@ -283,6 +287,8 @@ impl<R: Read> Read for Progress<'_, R> {
 #[derive(Debug, Clone, Serialize)]
 pub struct MergeOutput {
     pub bootstrap: PathBuf,
+    /// `sha256:<hex>` of the merged bootstrap file.
+    pub bootstrap_digest: String,
     /// Blob ids in device (`device=`) order.
     pub blobs: Vec<String>,
 }
@@ -316,6 +322,13 @@ pub fn merge(layers: &[PathBuf], output: &Path) -> Result<MergeOutput, BuildErro
     std::fs::write(output, &boot).map_err(|e| BuildError::io("write", output, e))?;
     Ok(MergeOutput {
         bootstrap: output.to_path_buf(),
+        bootstrap_digest: sha256_digest(&boot),
         blobs: m.blobs.iter().map(|b| b.blob_id.clone()).collect(),
     })
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }

@@ -5,7 +5,7 @@ pub mod check;
 pub mod inspect;
 pub mod unpack;
 
-pub use check::{check, check_path, CheckReport, Problem};
+pub use check::{check, check_path, check_path_with_digest, CheckReport, Problem};
 pub use inspect::{inspect, InspectReport, TreeStats};
 pub use unpack::{unpack, UnpackError, UnpackOptions, UnpackStats};
 

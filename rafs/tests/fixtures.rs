@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use shoal_rafs::tools::{check, check_path, unpack, UnpackOptions};
+use shoal_rafs::tools::{check, check_path, check_path_with_digest, unpack, UnpackOptions};
 use shoal_rafs::{Bootstrap, ChunkSource, FileType, LocalBlobDir, RafsVersion};
 
 struct Case {
@@ -421,6 +421,33 @@ fn check_survives_flipped_bootstrap_bytes_and_catches_chunk_table_damage() {
                     std::fs::write(&boot_path, &original).unwrap();
                 }
             }
+        }
+    }
+}
+
+/// With the bootstrap's digest (as a manifest or `build` gives it), a flipped byte ANYWHERE in
+/// the bootstrap is reported, including fields where any value is structurally valid.
+#[test]
+fn check_with_digest_catches_a_flipped_byte_anywhere_in_the_bootstrap() {
+    for boot in [
+        "built/a-v6-zstd-blake3-1m/bootstrap",
+        "built/ab-v6-merged/bootstrap",
+        "built/a-v5-lz4-blake3-1m/bootstrap",
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("bootstrap");
+        let original = std::fs::read(nydus().join(boot)).unwrap();
+        std::fs::write(&path, &original).unwrap();
+        let digest = shoal_rafs::build::sha256_digest(&original);
+        let clean = check_path_with_digest(&path, Some(&digest), None);
+        assert!(clean.is_ok(), "{boot}: {clean}");
+        let len = original.len() as u64;
+        let step = (len / 400).max(1);
+        for at in (0..len).step_by(step as usize).chain([len - 1]) {
+            flip(&path, at);
+            let r = check_path_with_digest(&path, Some(&digest), None);
+            assert!(!r.is_ok(), "{boot}: flipped byte {at} not detected");
+            std::fs::write(&path, &original).unwrap();
         }
     }
 }

@@ -90,6 +90,10 @@ pub enum RafsCommand {
         /// image's blobs live in several directories.
         #[arg(long, value_name = "DIR")]
         blob_dir: Vec<PathBuf>,
+        /// The bootstrap's expected digest (`sha256:<hex>`, from the image manifest or from
+        /// `build`/`merge`): with it, a changed byte anywhere in the bootstrap is detected.
+        #[arg(long, value_name = "DIGEST")]
+        digest: Option<String>,
         /// Print the report (all problems) as JSON.
         #[arg(long)]
         json: bool,
@@ -230,9 +234,14 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
         RafsCommand::Check {
             bootstrap,
             blob_dir,
+            digest,
             json,
         } => {
-            let report = tools::check_path(&bootstrap, blob_dirs(blob_dir).as_ref());
+            let report = tools::check_path_with_digest(
+                &bootstrap,
+                digest.as_deref(),
+                blob_dirs(blob_dir).as_ref(),
+            );
             if json {
                 emit(&serde_json::to_string_pretty(&report)?)?;
             } else {

@@ -75,6 +75,33 @@ pub fn check_path(path: &Path, blobs: Option<&LocalBlobDir>) -> CheckReport {
     }
 }
 
+/// [`check_path`], and when `expected` (`sha256:<hex>`, from an image manifest or from what
+/// `build`/`merge` printed) is given, the file must hash to it. A bootstrap has no checksum of
+/// its own, so this is the only way to notice a flip in a field where any value is valid (an
+/// mtime, padding): with it, a flipped byte anywhere in the bootstrap is reported.
+pub fn check_path_with_digest(
+    path: &Path,
+    expected: Option<&str>,
+    blobs: Option<&LocalBlobDir>,
+) -> CheckReport {
+    let mut r = check_path(path, blobs);
+    let Some(expected) = expected else { return r };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let got = crate::build::sha256_digest(&bytes);
+            if got != expected.trim() {
+                r.add(
+                    None,
+                    None,
+                    format!("bootstrap digest is {got}, expected {}", expected.trim()),
+                );
+            }
+        }
+        Err(e) => r.add(None, None, format!("reading {}: {e}", path.display())),
+    }
+    r
+}
+
 /// Check `b`; with `blobs`, also verify every chunk and each blob's tail.
 pub fn check(b: &Bootstrap, blobs: Option<&LocalBlobDir>) -> CheckReport {
     let mut r = CheckReport {
