@@ -100,6 +100,16 @@ fn mirror(options: Options) -> Result<()> {
         rate(size, cold)
     );
 
+    // One untimed read of each side first, so neither is measured against the other's
+    // write-back of the freshly stored copy or a cold page cache.
+    let warm_mirror = timed_get(&mirror_url, size)?;
+    let warm_origin = timed_get(&origin_url, size)?;
+    println!(
+        "warm-up (untimed): mirror {}, origin {}",
+        rate(size, warm_mirror),
+        rate(size, warm_origin)
+    );
+
     let mut mirror_times = Vec::new();
     let mut origin_times = Vec::new();
     for round in 1..=options.rounds {
