@@ -21,6 +21,7 @@ pub struct AdminState {
     pub downloads: Downloads,
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
+    pub mounts: crate::mount::Mounts,
 }
 
 /// Static facts about the running node.
@@ -71,11 +72,13 @@ pub struct BlobStatus {
 }
 
 pub fn router(state: AdminState) -> Router {
+    let mounts = crate::mount::api::router(state.mounts.clone());
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .with_state(state)
+        .merge(mounts)
 }
 
 async fn metrics(State(st): State<AdminState>) -> Response {

@@ -1,5 +1,6 @@
 //! The `shoal` command line: one binary, one subcommand per file.
 
+pub mod mount;
 pub mod node;
 pub mod rafs;
 pub mod status;
@@ -23,6 +24,12 @@ pub enum Command {
     Node(node::NodeArgs),
     /// Show what a running node holds and has done.
     Status(status::StatusArgs),
+    /// Lazily mount a Nydus image through the local node.
+    Mount(mount::MountArgs),
+    /// Unmount a lazy mount.
+    Umount(mount::UmountArgs),
+    /// List the node's lazy mounts and their numbers.
+    Mounts(mount::MountsArgs),
     /// Nydus RAFS images: build, merge, inspect, check, unpack.
     #[command(subcommand)]
     Rafs(rafs::RafsCommand),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod download;
 pub mod metrics;
 pub mod mirror;
+pub mod mount;
 pub mod node;
 pub mod store;
 pub mod units;

@@ -2,7 +2,8 @@
 //! mirror and the admin API together, and shuts them down in order.
 //!
 //! Shutdown order: stop accepting connections and give in-flight responses
-//! a grace period → cancel downloads (each commits what it has) → wait for
+//! a grace period → unmount the lazy mounts (kept in the mount table for the
+//! next start) → cancel downloads (each commits what it has) → wait for
 //! every task → flush the store.
 
 use std::future::Future;
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::download::Downloads;
 use crate::metrics::Metrics;
 use crate::mirror::{self, MirrorState};
+use crate::mount::{MountDeps, Mounts};
 use crate::store::{Backend, Store, StoreConfig};
 use crate::upstream::Upstreams;
 
@@ -52,6 +54,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tracker.clone(),
         work.clone(),
     );
+    let mounts = Mounts::start(MountDeps {
+        data_dir: cfg.data_dir.clone(),
+        store: store.clone(),
+        upstreams: upstreams.clone(),
+        downloads: downloads.clone(),
+        metrics: metrics.clone(),
+        cancel: work.clone(),
+        tracker: tracker.clone(),
+    });
     let passthrough = reqwest::Client::builder()
         .use_rustls_tls()
         .redirect(reqwest::redirect::Policy::none())
@@ -86,6 +97,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         downloads,
         metrics,
         info: Arc::new(info),
+        mounts: mounts.clone(),
     };
 
     let mirror_listener = TcpListener::bind(cfg.listen)
@@ -119,6 +131,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if tokio::time::timeout(GRACE, servers.wait()).await.is_err() {
         tracing::warn!("in-flight responses still running after {GRACE:?}; cutting them");
     }
+    mounts.shutdown().await;
     work.cancel();
     tracker.close();
     tracker.wait().await;

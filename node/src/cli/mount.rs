@@ -1,0 +1,217 @@
+//! `shoal mount IMAGE DIR`, `shoal umount DIR`, `shoal mounts`: ask the local node's admin API
+//! to lazily mount an image, unmount it, or list mounts with their numbers.
+//!
+//! Exit codes: 0 done; 1 the node refused or failed (its message is printed); 2 the node could
+//! not be reached.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::mount::api::{ErrorBody, MountList};
+use crate::mount::{MountInfo, MountMode, MountRequest};
+use crate::units::ByteSize;
+
+const DEFAULT_NODE: &str = "127.0.0.1:5051";
+
+/// Lazily mount a Nydus image through the local node.
+///
+/// The node resolves IMAGE (`host[:port]/repo[:tag|@digest]`, on the origins it is configured
+/// with), fetches the image's bootstrap, and mounts it read-only at DIR; file data is fetched
+/// chunk by chunk on first read, verified, and kept in the node's store. The mount is restored
+/// when the node restarts, until `shoal umount DIR`. Plain OCI images must be converted first
+/// (`shoal convert`, or nydusify).
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// The image, e.g. `registry.example/app:1`.
+    pub image: String,
+    /// An existing directory to mount on.
+    pub dir: PathBuf,
+    /// `fuse` (any kernel) or `erofs` (kernel EROFS, Linux 6.12+; not implemented yet).
+    #[arg(long, value_enum, default_value_t = MountMode::Fuse)]
+    pub mode: MountMode,
+    /// Platform to pick from a multi-platform image, `os/arch[/variant]` (default: this host's).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// The node's admin address.
+    #[arg(long, default_value = DEFAULT_NODE, env = "SHOAL_ADMIN")]
+    pub node: SocketAddr,
+}
+
+/// Unmount a lazy mount and forget it (it is not restored at the next node start).
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// The mount point.
+    pub dir: PathBuf,
+    /// The node's admin address.
+    #[arg(long, default_value = DEFAULT_NODE, env = "SHOAL_ADMIN")]
+    pub node: SocketAddr,
+}
+
+/// List the node's lazy mounts: state, bytes read by programs, bytes fetched (local store,
+/// origin), chunks, read latency.
+#[derive(Args, Debug)]
+pub struct MountsArgs {
+    /// The node's admin address.
+    #[arg(long, default_value = DEFAULT_NODE, env = "SHOAL_ADMIN")]
+    pub node: SocketAddr,
+    /// Print the admin API's JSON (`GET /api/v1/mounts`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("mount point {}", args.dir.display()))?;
+    let req = MountRequest {
+        image: args.image,
+        dir,
+        mode: args.mode,
+        platform: args.platform,
+    };
+    let url = format!("http://{}/api/v1/mounts", args.node);
+    let body = serde_json::to_vec(&req)?;
+    let sent = block_on(async {
+        let r = reqwest::Client::new()
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await?;
+        Ok((r.status(), r.text().await?))
+    })?;
+    let Some((status, body)) = reachable(sent, args.node) else {
+        return Ok(ExitCode::from(2));
+    };
+    if !status.is_success() {
+        return Ok(refused(&body));
+    }
+    let info: MountInfo = serde_json::from_str(&body)?;
+    println!(
+        "mounted {} at {} ({})",
+        info.image,
+        info.dir.display(),
+        info.manifest.as_deref().unwrap_or("?")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
+    let dir = std::fs::canonicalize(&args.dir).unwrap_or(args.dir);
+    let url = format!("http://{}/api/v1/mounts", args.node);
+    let sent = block_on(async {
+        let r = reqwest::Client::new()
+            .delete(&url)
+            .query(&[("dir", dir.to_string_lossy().as_ref())])
+            .send()
+            .await?;
+        Ok((r.status(), r.text().await?))
+    })?;
+    let Some((status, body)) = reachable(sent, args.node) else {
+        return Ok(ExitCode::from(2));
+    };
+    if !status.is_success() {
+        return Ok(refused(&body));
+    }
+    println!("unmounted {}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_mounts(args: MountsArgs) -> anyhow::Result<ExitCode> {
+    let url = format!("http://{}/api/v1/mounts", args.node);
+    let sent = block_on(async {
+        let r = reqwest::get(&url).await?;
+        Ok((r.status(), r.text().await?))
+    })?;
+    let Some((status, body)) = reachable(sent, args.node) else {
+        return Ok(ExitCode::from(2));
+    };
+    if !status.is_success() {
+        return Ok(refused(&body));
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list: MountList = serde_json::from_str(&body)?;
+    print!("{}", render(&list.mounts));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn block_on<T>(
+    f: impl std::future::Future<Output = Result<T, reqwest::Error>>,
+) -> anyhow::Result<Result<T, reqwest::Error>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(rt.block_on(f))
+}
+
+fn reachable<T>(r: Result<T, reqwest::Error>, node: SocketAddr) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("shoal: cannot reach the node's admin API at {node}: {e}");
+            None
+        }
+    }
+}
+
+fn refused(body: &str) -> ExitCode {
+    let msg = serde_json::from_str::<ErrorBody>(body)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| body.to_owned());
+    eprintln!("shoal: {msg}");
+    ExitCode::FAILURE
+}
+
+fn render(mounts: &[MountInfo]) -> String {
+    use std::fmt::Write as _;
+    if mounts.is_empty() {
+        return "no mounts\n".into();
+    }
+    let mut o = String::new();
+    for m in mounts {
+        let _ = writeln!(
+            o,
+            "{}  {}  [{} {} {}]",
+            m.dir.display(),
+            m.image,
+            m.mode,
+            m.platform,
+            m.state
+        );
+        if let Some(e) = &m.error {
+            let _ = writeln!(o, "    error: {e}");
+        }
+        let Some(s) = &m.stats else { continue };
+        let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("≤{v}µs"));
+        let _ = writeln!(
+            o,
+            "    read by programs: {} in {} reads ({} errors); latency p50 {} p90 {} p99 {}",
+            ByteSize(s.read_bytes),
+            s.reads,
+            s.read_errors,
+            us(s.latency_p50_us),
+            us(s.latency_p90_us),
+            us(s.latency_p99_us)
+        );
+        let src = &s.source;
+        let _ = writeln!(
+            o,
+            "    fetched: {} chunks; local store {} ({} chunks), origin {} ({} chunks in {} requests, {} failed); {} chunks failed verification",
+            s.chunks_fetched,
+            ByteSize(src.local_bytes),
+            src.local_chunks,
+            ByteSize(src.origin_bytes),
+            src.origin_chunks,
+            src.origin_requests,
+            src.origin_errors,
+            src.verify_failures
+        );
+    }
+    o
+}

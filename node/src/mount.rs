@@ -1,0 +1,598 @@
+//! The mount manager: lazy mounts of Nydus images (`shoal mount IMAGE DIR`), served by the
+//! node's chunk backend.
+//!
+//! One actor task owns the mount table (the live mounts and the persisted requests,
+//! `table`), reached through the cloneable [`Mounts`] handle over a bounded channel. Mounting
+//! is slow (resolve, fetch the bootstrap), so the actor marks the directory `mounting` and hands
+//! the work to a task, which reports back; listing and unmounting never wait behind it.
+//!
+//! Invariants: a directory has at most one entry; a mount request is persisted only once it is
+//! mounted, and stays persisted (restored at every start, after lazily detaching a stale shoal
+//! mount a dead node left) until `umount`; at node shutdown every live mount is unmounted but
+//! stays in the table. Every blob of a live mount is pinned in the store.
+//!
+//! Layout: `image` (references, manifests, Nydus layers: pure), `resolve` (origin → verified
+//! bootstrap), `chunks` (the `ChunkSource` over store and origin), `table` (mounts.json, stale
+//! mounts), `api` (admin routes).
+
+pub mod api;
+pub mod chunks;
+pub mod image;
+pub mod resolve;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use shoal_proto::Digest;
+use shoal_rafs::fuse::{self, FuseError, FuseMount, FuseOptions, LatencySnapshot};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::download::Downloads;
+use crate::metrics::Metrics;
+use crate::store::{PinGuard, Store, StoreError};
+use crate::upstream::{OriginError, Upstreams};
+use chunks::{BlobSpec, ChunkBackend, SourceSnapshot};
+use image::{ImageError, ImageRef};
+pub use table::{MountMode, MountRecord};
+
+/// Why a mount operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    #[error("origin answered {status} for {what}")]
+    Status { what: String, status: u16 },
+    #[error("fetching {what}: {reason}")]
+    Fetch { what: String, reason: String },
+    #[error("bootstrap layer {digest}: {reason}")]
+    Bootstrap { digest: Digest, reason: String },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{dir} is already used by a mount of {image}")]
+    Busy { dir: PathBuf, image: String },
+    #[error("no shoal mount at {dir}")]
+    NotMounted { dir: PathBuf },
+    #[error("mount mode {mode} is not implemented yet; use --mode fuse")]
+    ModeUnsupported { mode: MountMode },
+    #[error("mount point {dir}: {reason}")]
+    Dir { dir: PathBuf, reason: String },
+    #[error(transparent)]
+    Fuse(#[from] FuseError),
+    #[error("mount table: {0}")]
+    Table(String),
+    #[error("the node is shutting down")]
+    ShuttingDown,
+}
+
+/// A mount request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountRequest {
+    pub image: String,
+    pub dir: PathBuf,
+    #[serde(default = "default_mode")]
+    pub mode: MountMode,
+    /// `os/arch[/variant]`; default this host's.
+    #[serde(default)]
+    pub platform: Option<String>,
+}
+
+fn default_mode() -> MountMode {
+    MountMode::Fuse
+}
+
+/// What `GET /api/v1/mounts` shows for one mount.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub image: String,
+    pub dir: PathBuf,
+    pub mode: MountMode,
+    pub platform: String,
+    /// `mounting`, `mounted` or `failed`.
+    pub state: String,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub manifest: Option<String>,
+    #[serde(default)]
+    pub mounted_at_ms: Option<u64>,
+    #[serde(default)]
+    pub stats: Option<MountStats>,
+}
+
+/// Per-mount numbers: what programs read, where chunks came from, read latency.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MountStats {
+    /// Read requests that reached the filesystem (page-cache hits never do).
+    pub reads: u64,
+    /// Bytes returned to programs.
+    pub read_bytes: u64,
+    pub read_errors: u64,
+    /// Chunks the filesystem asked the backend for (decoded-cache misses).
+    pub chunks_fetched: u64,
+    pub chunk_cache_hits: u64,
+    pub chunk_fetch_errors: u64,
+    /// Where the backend found them.
+    pub source: SourceSnapshot,
+    /// Read latency percentiles (upper bound of the histogram bucket), microseconds; `None`
+    /// without samples or above the largest bucket.
+    pub latency_p50_us: Option<u64>,
+    pub latency_p90_us: Option<u64>,
+    pub latency_p99_us: Option<u64>,
+}
+
+/// What the mount manager needs from the node.
+#[derive(Clone)]
+pub struct MountDeps {
+    pub data_dir: PathBuf,
+    pub store: Store,
+    pub upstreams: Arc<Upstreams>,
+    pub downloads: Downloads,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled after the mounts are gone (shutdown step "cancel work").
+    pub cancel: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Handle to the mount manager. Cheap to clone.
+#[derive(Clone)]
+pub struct Mounts {
+    tx: mpsc::Sender<Cmd>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, MountError>>;
+
+enum Cmd {
+    Mount(MountRecord, Reply<MountInfo>),
+    Prepared(
+        MountRecord,
+        Result<Live, MountError>,
+        Option<Reply<MountInfo>>,
+    ),
+    Unmount(PathBuf, Reply<()>),
+    List(oneshot::Sender<Vec<MountInfo>>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+impl Mounts {
+    /// Start the manager and restore the persisted mounts (in the background).
+    pub fn start(deps: MountDeps) -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        let records = match table::load(&deps.data_dir) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "mount table unreadable; starting without mounts");
+                Vec::new()
+            }
+        };
+        let actor = Actor {
+            deps: deps.clone(),
+            tx: tx.clone(),
+            records: records.clone(),
+            slots: BTreeMap::new(),
+            closed: false,
+        };
+        deps.tracker.spawn(
+            actor
+                .run(rx, records)
+                .instrument(tracing::info_span!("mounts")),
+        );
+        Mounts { tx }
+    }
+
+    /// Mount `req.image` at `req.dir` (which must exist; made canonical here).
+    pub async fn mount(&self, req: MountRequest) -> Result<MountInfo, MountError> {
+        if req.mode != MountMode::Fuse {
+            return Err(MountError::ModeUnsupported { mode: req.mode });
+        }
+        ImageRef::parse(&req.image)?;
+        let dir = canonical(&req.dir).await?;
+        let record = MountRecord {
+            image: req.image,
+            dir,
+            mode: req.mode,
+            platform: image::platform_or_host(req.platform.as_deref()),
+        };
+        self.ask(|r| Cmd::Mount(record, r)).await?
+    }
+
+    /// Unmount the shoal mount at `dir` and forget it.
+    pub async fn unmount(&self, dir: &Path) -> Result<(), MountError> {
+        let dir = canonical(dir).await.unwrap_or_else(|_| dir.to_path_buf());
+        self.ask(|r| Cmd::Unmount(dir, r)).await?
+    }
+
+    /// Every mount, with live numbers.
+    pub async fn list(&self) -> Result<Vec<MountInfo>, MountError> {
+        self.ask(Cmd::List).await
+    }
+
+    /// Unmount everything (keeping the table for the next start). Shutdown order: after the
+    /// servers stopped, before work is cancelled.
+    pub async fn shutdown(&self) {
+        let _ = self.ask(Cmd::Shutdown).await;
+    }
+
+    async fn ask<T>(&self, cmd: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, MountError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(cmd(tx))
+            .await
+            .map_err(|_| MountError::ShuttingDown)?;
+        rx.await.map_err(|_| MountError::ShuttingDown)
+    }
+}
+
+async fn canonical(dir: &Path) -> Result<PathBuf, MountError> {
+    let d = tokio::fs::canonicalize(dir)
+        .await
+        .map_err(|e| MountError::Dir {
+            dir: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    Ok(d)
+}
+
+/// A live mount and what keeps it alive.
+struct Live {
+    fuse: FuseMount,
+    backend: Arc<ChunkBackend>,
+    manifest: Digest,
+    mounted_at_ms: u64,
+    _pins: Vec<PinGuard>,
+}
+
+enum Slot {
+    Mounting,
+    Mounted(Box<Live>),
+    Failed(String),
+}
+
+struct Actor {
+    deps: MountDeps,
+    tx: mpsc::Sender<Cmd>,
+    /// The persisted requests.
+    records: Vec<MountRecord>,
+    slots: BTreeMap<PathBuf, (MountRecord, Slot)>,
+    /// After shutdown: mounts that still come up are taken down at once.
+    closed: bool,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, restore: Vec<MountRecord>) {
+        for rec in restore {
+            tracing::info!(image = %rec.image, dir = %rec.dir.display(), "restoring mount");
+            self.slots
+                .insert(rec.dir.clone(), (rec.clone(), Slot::Mounting));
+            self.prepare(rec, None);
+        }
+        loop {
+            let cmd = tokio::select! {
+                c = rx.recv() => c,
+                _ = self.deps.cancel.cancelled() => None,
+            };
+            let Some(cmd) = cmd else { break };
+            self.handle(cmd).await;
+        }
+        self.unmount_all().await;
+    }
+
+    async fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Mount(rec, reply) => {
+                if self.closed {
+                    let _ = reply.send(Err(MountError::ShuttingDown));
+                    return;
+                }
+                if let Some((old, slot)) = self.slots.get(&rec.dir) {
+                    if !matches!(slot, Slot::Failed(_)) {
+                        let _ = reply.send(Err(MountError::Busy {
+                            dir: rec.dir.clone(),
+                            image: old.image.clone(),
+                        }));
+                        return;
+                    }
+                }
+                self.slots
+                    .insert(rec.dir.clone(), (rec.clone(), Slot::Mounting));
+                self.prepare(rec, Some(reply));
+            }
+            Cmd::Prepared(rec, result, reply) => self.prepared(rec, result, reply).await,
+            Cmd::Unmount(dir, reply) => {
+                let _ = reply.send(self.unmount(&dir).await);
+            }
+            Cmd::List(reply) => {
+                let _ = reply.send(self.list());
+            }
+            Cmd::Shutdown(reply) => {
+                self.closed = true;
+                self.unmount_all().await;
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Resolve and mount in a task that reports back with `Cmd::Prepared`.
+    fn prepare(&self, rec: MountRecord, reply: Option<Reply<MountInfo>>) {
+        let deps = self.deps.clone();
+        let tx = self.tx.clone();
+        let span = tracing::info_span!("mount", image = %rec.image, dir = %rec.dir.display());
+        self.deps.tracker.spawn(
+            async move {
+                let result = mount_image(&deps, &rec).await;
+                // If the actor is gone the mount is dropped, which unmounts it.
+                let _ = tx.send(Cmd::Prepared(rec, result, reply)).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn prepared(
+        &mut self,
+        rec: MountRecord,
+        result: Result<Live, MountError>,
+        reply: Option<Reply<MountInfo>>,
+    ) {
+        let restoring = reply.is_none();
+        match result {
+            Ok(live) if self.closed => {
+                unmount_live(live).await;
+                send(reply, Err(MountError::ShuttingDown));
+            }
+            Ok(live) => {
+                tracing::info!(image = %rec.image, dir = %rec.dir.display(), manifest = %live.manifest, "mounted");
+                let Some((_, slot)) = self.slots.get_mut(&rec.dir) else {
+                    unmount_live(live).await;
+                    return;
+                };
+                *slot = Slot::Mounted(Box::new(live));
+                let info = info(&rec, slot);
+                let saved = self.persist_add(&rec).await;
+                send(reply, saved.map(|()| info));
+            }
+            Err(e) if restoring => {
+                tracing::warn!(image = %rec.image, dir = %rec.dir.display(), error = %e, "mount not restored");
+                self.slots
+                    .insert(rec.dir.clone(), (rec, Slot::Failed(e.to_string())));
+            }
+            Err(e) => {
+                self.slots.remove(&rec.dir);
+                send(reply, Err(e));
+            }
+        }
+    }
+
+    async fn unmount(&mut self, dir: &Path) -> Result<(), MountError> {
+        let Some((rec, slot)) = self.slots.remove(dir) else {
+            return Err(MountError::NotMounted {
+                dir: dir.to_path_buf(),
+            });
+        };
+        if matches!(slot, Slot::Mounting) {
+            let image = rec.image.clone();
+            self.slots.insert(dir.to_path_buf(), (rec, slot));
+            return Err(MountError::Busy {
+                dir: dir.to_path_buf(),
+                image,
+            });
+        }
+        self.records.retain(|r| r.dir != dir);
+        let saved = self.save().await;
+        if let Slot::Mounted(live) = slot {
+            tracing::info!(image = %rec.image, dir = %dir.display(), "unmounting");
+            let fuse = live.fuse;
+            tokio::task::spawn_blocking(move || fuse.unmount())
+                .await
+                .map_err(|e| MountError::Table(format!("unmount task failed: {e}")))??;
+        }
+        saved
+    }
+
+    fn list(&self) -> Vec<MountInfo> {
+        self.slots
+            .values()
+            .map(|(rec, slot)| info(rec, slot))
+            .collect()
+    }
+
+    async fn unmount_all(&mut self) {
+        for (_, slot) in self.slots.values_mut() {
+            let old = std::mem::replace(slot, Slot::Failed("node shut down".into()));
+            match old {
+                Slot::Mounted(live) => unmount_live(*live).await,
+                other => *slot = other,
+            }
+        }
+    }
+
+    async fn persist_add(&mut self, rec: &MountRecord) -> Result<(), MountError> {
+        if self.records.contains(rec) {
+            return Ok(());
+        }
+        self.records.retain(|r| r.dir != rec.dir);
+        self.records.push(rec.clone());
+        self.save().await
+    }
+
+    async fn save(&self) -> Result<(), MountError> {
+        let (dir, records) = (self.deps.data_dir.clone(), self.records.clone());
+        tokio::task::spawn_blocking(move || table::save(&dir, &records))
+            .await
+            .map_err(|e| MountError::Table(e.to_string()))?
+            .map_err(|e| MountError::Table(e.to_string()))
+    }
+}
+
+fn send(reply: Option<Reply<MountInfo>>, r: Result<MountInfo, MountError>) {
+    if let Some(reply) = reply {
+        let _ = reply.send(r);
+    }
+}
+
+async fn unmount_live(live: Live) {
+    let dir = live.fuse.dir().to_path_buf();
+    let fuse = live.fuse;
+    match tokio::task::spawn_blocking(move || fuse.unmount()).await {
+        Ok(Ok(())) => tracing::info!(dir = %dir.display(), "unmounted"),
+        Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "unmount failed"),
+        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "unmount task failed"),
+    }
+}
+
+/// Resolve the image, fetch its bootstrap, and mount it.
+async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountError> {
+    let image = ImageRef::parse(&rec.image)?;
+    let resolved = resolve::resolve(&deps.upstreams, &image, &rec.platform).await?;
+    let boot = resolve::bootstrap(&deps.store, &deps.downloads, &resolved).await?;
+    let mut pins = vec![deps.store.pin(&resolved.layers.bootstrap.digest)];
+    let mut blobs = Vec::new();
+    for b in boot.blobs() {
+        let id: Digest =
+            format!("sha256:{}", b.blob_id)
+                .parse()
+                .map_err(|e| MountError::Bootstrap {
+                    digest: resolved.layers.bootstrap.digest.clone(),
+                    reason: format!("blob id {:?}: {e}", b.blob_id),
+                })?;
+        let size = match resolved.layers.blobs.iter().find(|d| d.digest == id) {
+            Some(d) => d.size,
+            None => {
+                tracing::warn!(blob = %id, "data blob not listed in the manifest; using the bootstrap's size");
+                b.compressed_size
+            }
+        };
+        let chunks = boot
+            .blob_chunks(b.index)
+            .map_err(|e| MountError::Bootstrap {
+                digest: resolved.layers.bootstrap.digest.clone(),
+                reason: e.to_string(),
+            })?;
+        pins.push(deps.store.pin(&id));
+        blobs.push((BlobSpec { id, size }, chunks));
+    }
+    let backend = Arc::new(ChunkBackend::new(
+        chunks::Deps {
+            rt: tokio::runtime::Handle::current(),
+            store: deps.store.clone(),
+            origin: resolved.origin.clone(),
+            repo: resolved.repo.clone(),
+            metrics: deps.metrics.clone(),
+            cancel: deps.cancel.clone(),
+        },
+        blobs,
+    ));
+    let dir = rec.dir.clone();
+    let source = backend.clone();
+    let fuse = tokio::task::spawn_blocking(move || {
+        table::clear_stale(&dir);
+        fuse::mount(Arc::new(boot), source, &dir, &FuseOptions::default())
+    })
+    .await
+    .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
+    Ok(Live {
+        fuse,
+        backend,
+        manifest: resolved.manifest_digest,
+        mounted_at_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        _pins: pins,
+    })
+}
+
+fn info(rec: &MountRecord, slot: &Slot) -> MountInfo {
+    let mut i = MountInfo {
+        image: rec.image.clone(),
+        dir: rec.dir.clone(),
+        mode: rec.mode,
+        platform: rec.platform.clone(),
+        state: "mounting".into(),
+        error: None,
+        manifest: None,
+        mounted_at_ms: None,
+        stats: None,
+    };
+    match slot {
+        Slot::Mounting => {}
+        Slot::Failed(e) => {
+            i.state = "failed".into();
+            i.error = Some(e.clone());
+        }
+        Slot::Mounted(live) => {
+            i.state = "mounted".into();
+            i.manifest = Some(live.manifest.to_string());
+            i.mounted_at_ms = Some(live.mounted_at_ms);
+            i.stats = Some(stats(live));
+        }
+    }
+    i
+}
+
+fn stats(live: &Live) -> MountStats {
+    let f = live.fuse.stats().snapshot();
+    let lat = &f.read_latency;
+    MountStats {
+        reads: f.reads,
+        read_bytes: f.read_bytes,
+        read_errors: f.read_errors,
+        chunks_fetched: f.chunks_fetched,
+        chunk_cache_hits: f.chunk_cache_hits,
+        chunk_fetch_errors: f.chunk_fetch_errors,
+        source: live.backend.stats().snapshot(),
+        latency_p50_us: percentile(lat, 0.50),
+        latency_p90_us: percentile(lat, 0.90),
+        latency_p99_us: percentile(lat, 0.99),
+    }
+}
+
+/// The upper bound of the bucket holding quantile `q`.
+pub fn percentile(h: &LatencySnapshot, q: f64) -> Option<u64> {
+    if h.count == 0 {
+        return None;
+    }
+    let rank = ((h.count as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in h.buckets.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return fuse::LATENCY_BOUNDS_MICROS.get(i).copied();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_bucket_bounds() {
+        let mut buckets = vec![0; fuse::LATENCY_BOUNDS_MICROS.len() + 1];
+        buckets[0] = 90;
+        buckets[4] = 9;
+        buckets[fuse::LATENCY_BOUNDS_MICROS.len()] = 1;
+        let h = LatencySnapshot {
+            buckets,
+            count: 100,
+            sum_micros: 0,
+        };
+        assert_eq!(percentile(&h, 0.5), Some(50));
+        assert_eq!(percentile(&h, 0.9), Some(50));
+        assert_eq!(percentile(&h, 0.95), Some(1_000));
+        assert_eq!(percentile(&h, 1.0), None);
+        let empty = LatencySnapshot {
+            buckets: vec![],
+            count: 0,
+            sum_micros: 0,
+        };
+        assert_eq!(percentile(&empty, 0.5), None);
+    }
+}

@@ -1,0 +1,597 @@
+//! The node's RAFS [`ChunkSource`] for one mount: local store first, then origin `Range` GETs,
+//! every chunk verified before it is returned or stored. This file is the one sync→async bridge
+//! of the FUSE path: the FUSE read workers (plain threads) call [`ChunkBackend::read_chunk`],
+//! which blocks on the node's runtime for origin requests.
+//!
+//! Order for a chunk: the blob's store record is complete or holds the chunk's compressed range →
+//! `BlobReader::read_at` (piece-verified by the store) and `decode_chunk` (digest-verified);
+//! otherwise an origin `Range` GET that also covers the following chunks of the blob that are
+//! neither present nor in flight, up to [`MAX_REQUEST`] bytes ([`plan`]). Concurrent readers of
+//! a chunk covered by a request in flight wait for it instead of asking again (single flight keyed
+//! by (blob index, compressed offset)).
+//!
+//! Invariants: bytes reach a caller only through `decode_chunk` (digest from the bootstrap, whose
+//! own digest came from the manifest). Only verified chunks are written to the store's partial
+//! blob; a chunk that fails verification is an error for its readers (EIO) and is never written.
+//! The store allows one writer per blob: the backend opens one only for the moment it writes and
+//! commits, and when the blob is complete or another writer (a whole-blob download) holds it, the
+//! fetched chunks are simply not kept. The flight map is only ever locked briefly, never across a
+//! fetch.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use reqwest::header::{HeaderMap, HeaderValue, RANGE};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use shoal_proto::{BlobId, RepoName};
+use shoal_rafs::{decode_chunk, BlobInfo, ChunkRef, ChunkSource, VerifiedChunk, MAX_CHUNK_SIZE};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::store::{RangeSet, Store, StoreError};
+use crate::upstream::{AuthMode, Origin};
+
+/// Largest origin request: adjacent missing chunks are merged up to this many bytes.
+pub const MAX_REQUEST: u64 = 4 << 20;
+/// Chunks separated by at most this many bytes still count as adjacent.
+const MAX_GAP: u64 = 64 << 10;
+
+/// Where one data blob of the image lives.
+#[derive(Clone, Debug)]
+pub struct BlobSpec {
+    /// The registry digest (`sha256:<blob id>`).
+    pub id: BlobId,
+    /// The blob's size as the manifest says.
+    pub size: u64,
+}
+
+/// Counters of one mount's chunk backend.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    pub local_chunks: AtomicU64,
+    /// Compressed bytes read from the local store.
+    pub local_bytes: AtomicU64,
+    pub origin_chunks: AtomicU64,
+    /// Bytes received from the origin (whole requests, so merged neighbours count too).
+    pub origin_bytes: AtomicU64,
+    pub origin_requests: AtomicU64,
+    pub origin_errors: AtomicU64,
+    /// Chunks from the origin (or the store) that failed verification.
+    pub verify_failures: AtomicU64,
+    /// Verified chunks written to the store.
+    pub stored_chunks: AtomicU64,
+}
+
+/// A plain copy of [`SourceStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SourceSnapshot {
+    pub local_chunks: u64,
+    pub local_bytes: u64,
+    pub origin_chunks: u64,
+    pub origin_bytes: u64,
+    pub origin_requests: u64,
+    pub origin_errors: u64,
+    pub verify_failures: u64,
+    pub stored_chunks: u64,
+}
+
+impl SourceStats {
+    pub fn snapshot(&self) -> SourceSnapshot {
+        SourceSnapshot {
+            local_chunks: self.local_chunks.load(Relaxed),
+            local_bytes: self.local_bytes.load(Relaxed),
+            origin_chunks: self.origin_chunks.load(Relaxed),
+            origin_bytes: self.origin_bytes.load(Relaxed),
+            origin_requests: self.origin_requests.load(Relaxed),
+            origin_errors: self.origin_errors.load(Relaxed),
+            verify_failures: self.verify_failures.load(Relaxed),
+            stored_chunks: self.stored_chunks.load(Relaxed),
+        }
+    }
+}
+
+/// What the backend needs from the node.
+#[derive(Clone)]
+pub struct Deps {
+    pub rt: tokio::runtime::Handle,
+    pub store: Store,
+    pub origin: Arc<Origin>,
+    pub repo: RepoName,
+    pub metrics: Arc<Metrics>,
+    pub cancel: CancellationToken,
+}
+
+/// The chunk source of one mount. See the module docs.
+pub struct ChunkBackend {
+    deps: Deps,
+    /// Indexed by bootstrap blob index.
+    blobs: Vec<BlobEntry>,
+    flights: Mutex<HashMap<(u32, u64), Arc<Flight>>>,
+    stats: Arc<SourceStats>,
+}
+
+struct BlobEntry {
+    spec: BlobSpec,
+    /// The blob's chunks by compressed offset, one per offset.
+    chunks: Vec<ChunkRef>,
+}
+
+/// One chunk's fetch in progress: the verified compressed bytes, or why there are none.
+#[derive(Default)]
+struct Flight {
+    done: Mutex<Option<Result<Arc<Vec<u8>>, String>>>,
+    cv: Condvar,
+}
+
+impl ChunkBackend {
+    /// A backend for blobs `specs` (in bootstrap blob order) with their chunk tables.
+    pub fn new(deps: Deps, blobs: Vec<(BlobSpec, Vec<ChunkRef>)>) -> Self {
+        let blobs = blobs
+            .into_iter()
+            .map(|(spec, mut chunks)| {
+                chunks.sort_by_key(|c| c.compressed_offset);
+                chunks.dedup_by_key(|c| c.compressed_offset);
+                BlobEntry { spec, chunks }
+            })
+            .collect();
+        ChunkBackend {
+            deps,
+            blobs,
+            flights: Mutex::new(HashMap::new()),
+            stats: Arc::new(SourceStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<SourceStats> {
+        &self.stats
+    }
+
+    fn entry(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<&BlobEntry> {
+        if chunk.blob_index != blob.index {
+            return Err(shoal_rafs::Error::InvalidField {
+                what: "chunk blob index",
+                value: chunk.blob_index.into(),
+                reason: "differs from the blob read",
+            });
+        }
+        if chunk.compressed_size > MAX_CHUNK_SIZE {
+            return Err(shoal_rafs::Error::InvalidField {
+                what: "chunk compressed size",
+                value: chunk.compressed_size.into(),
+                reason: "above 16 MiB",
+            });
+        }
+        self.blobs
+            .get(blob.index as usize)
+            .ok_or(shoal_rafs::Error::InvalidField {
+                what: "blob index",
+                value: blob.index.into(),
+                reason: "not in the image's blob table",
+            })
+    }
+
+    /// The chunk from the store, if it holds it and it verifies; also what the store holds.
+    fn local(
+        &self,
+        entry: &BlobEntry,
+        blob: &BlobInfo,
+        chunk: &ChunkRef,
+    ) -> (Option<VerifiedChunk>, RangeSet) {
+        let range = compressed_range(chunk);
+        let reader = match self.deps.store.open_reader(&entry.spec.id) {
+            Ok(Some(r)) => r,
+            Ok(None) => return (None, RangeSet::new()),
+            Err(e) => {
+                tracing::warn!(blob = %entry.spec.id, error = %e, "store unreadable; asking the origin");
+                return (None, RangeSet::new());
+            }
+        };
+        let present = reader.record().present.clone();
+        if !(reader.record().complete || present.contains_range(&range)) {
+            return (None, present);
+        }
+        let mut buf = vec![0u8; chunk.compressed_size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match reader.read_at(range.start + filled as u64, &mut buf[filled..]) {
+                Ok(0) => return (None, RangeSet::new()),
+                Ok(n) => filled += n,
+                Err(e) => {
+                    // Corrupt pieces drop the blob; either way the origin is asked.
+                    tracing::warn!(blob = %entry.spec.id, error = %e, "stored chunk unreadable; asking the origin");
+                    return (None, RangeSet::new());
+                }
+            }
+        }
+        match decode_chunk(blob, chunk, &buf) {
+            Ok(v) => {
+                self.stats.local_chunks.fetch_add(1, Relaxed);
+                self.stats
+                    .local_bytes
+                    .fetch_add(chunk.compressed_size.into(), Relaxed);
+                (Some(v), present)
+            }
+            Err(e) => {
+                self.stats.verify_failures.fetch_add(1, Relaxed);
+                tracing::warn!(blob = %entry.spec.id, error = %e, "stored chunk does not verify; asking the origin");
+                (None, RangeSet::new())
+            }
+        }
+    }
+
+    /// Join the fetch of `chunk` in flight, or lead one covering it and its missing neighbours.
+    fn remote(
+        &self,
+        entry: &BlobEntry,
+        blob: &BlobInfo,
+        chunk: &ChunkRef,
+        present: &RangeSet,
+    ) -> shoal_rafs::Result<VerifiedChunk> {
+        let key = (blob.index, chunk.compressed_offset);
+        let lead = {
+            let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(f) = flights.get(&key) {
+                Err(f.clone())
+            } else {
+                let planned = plan(&entry.chunks, chunk, |c| {
+                    !present.contains_range(&compressed_range(c))
+                        && !flights.contains_key(&(blob.index, c.compressed_offset))
+                });
+                let flights_of: Vec<_> = planned
+                    .iter()
+                    .map(|c| {
+                        let f = Arc::new(Flight::default());
+                        flights.insert((blob.index, c.compressed_offset), f.clone());
+                        f
+                    })
+                    .collect();
+                Ok(Lead {
+                    backend: self,
+                    blob_index: blob.index,
+                    chunks: planned,
+                    flights: flights_of,
+                })
+            }
+        };
+        match lead {
+            Err(flight) => {
+                let bytes = flight.wait().map_err(|reason| fetch_error(entry, reason))?;
+                decode_chunk(blob, chunk, &bytes)
+            }
+            Ok(lead) => self.lead(entry, blob, chunk, lead),
+        }
+    }
+
+    fn lead(
+        &self,
+        entry: &BlobEntry,
+        blob: &BlobInfo,
+        chunk: &ChunkRef,
+        lead: Lead<'_>,
+    ) -> shoal_rafs::Result<VerifiedChunk> {
+        let (Some(first), Some(last)) = (lead.chunks.first(), lead.chunks.last()) else {
+            return Err(fetch_error(entry, "empty fetch plan".into()));
+        };
+        let range = first.compressed_offset..compressed_range(last).end;
+        let data = match self.fetch(entry, range.clone()) {
+            Ok(d) => d,
+            Err(reason) => {
+                self.stats.origin_errors.fetch_add(1, Relaxed);
+                lead.fail(&reason);
+                return Err(fetch_error(entry, reason));
+            }
+        };
+        let mut mine = None;
+        let mut keep = Vec::new();
+        for (c, flight) in lead.chunks.iter().zip(&lead.flights) {
+            let at = (c.compressed_offset - range.start) as usize;
+            let stored = &data[at..at + c.compressed_size as usize];
+            match decode_chunk(blob, c, stored) {
+                Ok(v) => {
+                    self.stats.origin_chunks.fetch_add(1, Relaxed);
+                    let bytes = Arc::new(stored.to_vec());
+                    keep.push((c.compressed_offset, bytes.clone()));
+                    flight.set(Ok(bytes));
+                    if c.compressed_offset == chunk.compressed_offset {
+                        mine = Some(Ok(v));
+                    }
+                }
+                Err(e) => {
+                    self.stats.verify_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(blob = %entry.spec.id, ci = c.ci_index, error = %e, "chunk from the origin does not verify; not kept");
+                    flight.set(Err(e.to_string()));
+                    if c.compressed_offset == chunk.compressed_offset {
+                        mine = Some(Err(e));
+                    }
+                }
+            }
+        }
+        drop(lead);
+        self.persist(&entry.spec, &keep);
+        mine.unwrap_or_else(|| {
+            Err(fetch_error(
+                entry,
+                "chunk missing from its own fetch".into(),
+            ))
+        })
+    }
+
+    /// GET `range` of the blob from the origin, as the node.
+    fn fetch(&self, entry: &BlobEntry, range: Range<u64>) -> Result<Vec<u8>, String> {
+        let d = &self.deps;
+        let path = format!("/v2/{}/blobs/{}", d.repo, entry.spec.id);
+        let mut headers = HeaderMap::new();
+        let value = format!("bytes={}-{}", range.start, range.end - 1);
+        headers.insert(
+            RANGE,
+            HeaderValue::from_str(&value).map_err(|e| e.to_string())?,
+        );
+        self.stats.origin_requests.fetch_add(1, Relaxed);
+        let want = (range.end - range.start) as usize;
+        let work = async {
+            let mut resp = d
+                .origin
+                .send(
+                    Method::GET,
+                    &path,
+                    &headers,
+                    &AuthMode::Node,
+                    Some(&d.repo),
+                    "chunk",
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            // A 200 means the origin ignored the range: skip to it, stop after it.
+            let skip = match resp.status() {
+                StatusCode::PARTIAL_CONTENT => 0,
+                StatusCode::OK => range.start,
+                s => return Err(format!("origin answered {s} to a range request")),
+            };
+            let mut out = Vec::with_capacity(want);
+            let mut pos = 0u64;
+            while out.len() < want {
+                let Some(bytes) = resp.chunk().await.map_err(|e| e.to_string())? else {
+                    break;
+                };
+                d.metrics.from_origin("chunk", bytes.len() as u64);
+                self.stats
+                    .origin_bytes
+                    .fetch_add(bytes.len() as u64, Relaxed);
+                let end = pos + bytes.len() as u64;
+                if end > skip {
+                    let from = skip.saturating_sub(pos) as usize;
+                    let take = (want - out.len()).min(bytes.len() - from);
+                    out.extend_from_slice(&bytes[from..from + take]);
+                }
+                pos = end;
+            }
+            if out.len() != want {
+                return Err(format!("origin sent {} of {want} bytes", out.len()));
+            }
+            Ok(out)
+        };
+        d.rt.block_on(async {
+            tokio::select! {
+                r = work => r,
+                _ = d.cancel.cancelled() => Err("the node is shutting down".into()),
+            }
+        })
+    }
+
+    /// Write verified chunks into the blob's partial file, when nobody else is writing it.
+    fn persist(&self, spec: &BlobSpec, chunks: &[(u64, Arc<Vec<u8>>)]) {
+        if chunks.is_empty() {
+            return;
+        }
+        let mut writer = match self.deps.store.open_writer(&spec.id, spec.size) {
+            Ok(w) => w,
+            Err(
+                StoreError::WriterBusy { .. }
+                | StoreError::AlreadyComplete { .. }
+                | StoreError::SizeMismatch { .. },
+            ) => return,
+            Err(e) => {
+                tracing::warn!(blob = %spec.id, error = %e, "cannot keep fetched chunks");
+                return;
+            }
+        };
+        let mut runs = RangeSet::new();
+        for (off, bytes) in chunks {
+            if let Err(e) = writer.write_at(*off, bytes) {
+                tracing::warn!(blob = %spec.id, error = %e, "cannot keep fetched chunks");
+                return;
+            }
+            runs.insert(*off..*off + bytes.len() as u64);
+        }
+        for run in runs.iter() {
+            if let Err(e) = writer.commit(run) {
+                tracing::warn!(blob = %spec.id, error = %e, "cannot commit fetched chunks");
+                return;
+            }
+        }
+        self.stats
+            .stored_chunks
+            .fetch_add(chunks.len() as u64, Relaxed);
+    }
+}
+
+impl ChunkSource for ChunkBackend {
+    fn read_chunk(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<VerifiedChunk> {
+        let entry = self.entry(blob, chunk)?;
+        let (local, present) = self.local(entry, blob, chunk);
+        if let Some(v) = local {
+            return Ok(v);
+        }
+        self.remote(entry, blob, chunk, &present)
+    }
+}
+
+/// The leader's flights; whatever it has not resolved when dropped fails and leaves the map.
+struct Lead<'a> {
+    backend: &'a ChunkBackend,
+    blob_index: u32,
+    chunks: Vec<ChunkRef>,
+    flights: Vec<Arc<Flight>>,
+}
+
+impl Lead<'_> {
+    fn fail(&self, reason: &str) {
+        for f in &self.flights {
+            f.set(Err(reason.to_owned()));
+        }
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        for f in &self.flights {
+            f.set(Err("fetch abandoned".into()));
+        }
+        let mut map = self
+            .backend
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (c, f) in self.chunks.iter().zip(&self.flights) {
+            let key = (self.blob_index, c.compressed_offset);
+            if map.get(&key).is_some_and(|x| Arc::ptr_eq(x, f)) {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+impl Flight {
+    /// Resolve (the first resolution wins).
+    fn set(&self, r: Result<Arc<Vec<u8>>, String>) {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        if done.is_none() {
+            *done = Some(r);
+            self.cv.notify_all();
+        }
+    }
+
+    fn wait(&self) -> Result<Arc<Vec<u8>>, String> {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(r) = &*done {
+                return r.clone();
+            }
+            done = self.cv.wait(done).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+fn compressed_range(c: &ChunkRef) -> Range<u64> {
+    c.compressed_offset..c.compressed_offset + u64::from(c.compressed_size)
+}
+
+fn fetch_error(entry: &BlobEntry, reason: String) -> shoal_rafs::Error {
+    shoal_rafs::Error::Io {
+        path: std::path::PathBuf::from(format!("origin:{}", entry.spec.id)),
+        source: std::io::Error::other(reason),
+    }
+}
+
+/// The chunks one origin request fetches for `chunk`: it, then the chunks that follow it in the
+/// blob (each starting at most [`MAX_GAP`] after the previous one ends) while `wanted` says so
+/// and the request stays within [`MAX_REQUEST`] bytes. `table` is sorted by compressed offset.
+pub fn plan(
+    table: &[ChunkRef],
+    chunk: &ChunkRef,
+    wanted: impl Fn(&ChunkRef) -> bool,
+) -> Vec<ChunkRef> {
+    let mut out = vec![chunk.clone()];
+    let Ok(at) = table.binary_search_by_key(&chunk.compressed_offset, |c| c.compressed_offset)
+    else {
+        return out;
+    };
+    let start = chunk.compressed_offset;
+    let mut end = compressed_range(chunk).end;
+    for c in &table[at + 1..] {
+        let r = compressed_range(c);
+        if r.start < end || r.start - end > MAX_GAP || r.end - start > MAX_REQUEST || !wanted(c) {
+            break;
+        }
+        end = r.end;
+        out.push(c.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(i: u32, off: u64, size: u32) -> ChunkRef {
+        ChunkRef {
+            blob_index: 0,
+            ci_index: i,
+            digest: [0; 32],
+            compressed: true,
+            compressed_offset: off,
+            compressed_size: size,
+            uncompressed_offset: u64::from(i) << 20,
+            uncompressed_size: 1 << 20,
+            file_offset: 0,
+        }
+    }
+
+    fn offsets(v: &[ChunkRef]) -> Vec<u64> {
+        v.iter().map(|c| c.compressed_offset).collect()
+    }
+
+    #[test]
+    fn plan_merges_adjacent_wanted_chunks_up_to_the_limit() {
+        let t: Vec<_> = (0..10)
+            .map(|i| chunk(i, u64::from(i) * 1_000_000, 1_000_000))
+            .collect();
+        assert_eq!(
+            offsets(&plan(&t, &t[2], |_| true)),
+            vec![2_000_000, 3_000_000, 4_000_000, 5_000_000]
+        );
+        // Stops at a chunk not wanted (present or in flight).
+        assert_eq!(
+            offsets(&plan(&t, &t[2], |c| c.ci_index != 4)),
+            vec![2_000_000, 3_000_000]
+        );
+        // The last chunk has no neighbour.
+        assert_eq!(offsets(&plan(&t, &t[9], |_| true)), vec![9_000_000]);
+    }
+
+    #[test]
+    fn plan_stops_at_gaps_and_unknown_chunks() {
+        let t = vec![chunk(0, 0, 100), chunk(1, 100, 100), chunk(2, 1 << 20, 100)];
+        assert_eq!(offsets(&plan(&t, &t[0], |_| true)), vec![0, 100]);
+        let stray = chunk(7, 50, 10);
+        assert_eq!(offsets(&plan(&t, &stray, |_| true)), vec![50]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn plan_is_contiguous_bounded_and_starts_with_the_chunk(
+            sizes in proptest::collection::vec(1u32..3_000_000, 1..40),
+            gaps in proptest::collection::vec(0u64..100_000, 40),
+            pick in 0usize..40,
+        ) {
+            let mut t = Vec::new();
+            let mut off = 0;
+            for (i, s) in sizes.iter().enumerate() {
+                t.push(chunk(i as u32, off, *s));
+                off += u64::from(*s) + gaps[i];
+            }
+            let c = &t[pick % t.len()];
+            let p = plan(&t, c, |_| true);
+            proptest::prop_assert_eq!(p[0].compressed_offset, c.compressed_offset);
+            let end = compressed_range(&p[p.len() - 1]).end;
+            proptest::prop_assert!(p.len() == 1 || end - c.compressed_offset <= MAX_REQUEST);
+            for w in p.windows(2) {
+                let gap = w[1].compressed_offset - compressed_range(&w[0]).end;
+                proptest::prop_assert!(gap <= MAX_GAP);
+            }
+        }
+    }
+}

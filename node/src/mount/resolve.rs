@@ -1,0 +1,253 @@
+//! From an image reference to a verified, opened bootstrap: tag → manifest (→ index → platform
+//! manifest) through the node's origin code with the node's credentials, then the bootstrap
+//! layer through the node's single-flight download path (so it lands verified in the store),
+//! then `image/image.boot` out of its tar.gz.
+//!
+//! Invariants: a manifest fetched by digest must hash to it; the bootstrap layer is read only
+//! from a store record marked complete (whole-blob digest checked by the download), so the
+//! bootstrap — and through it every chunk digest — is anchored in the manifest.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT};
+use reqwest::Method;
+use shoal_proto::{Digest, Reference, RepoName};
+use shoal_rafs::{Bootstrap, MAX_BOOTSTRAP_SIZE};
+
+use super::image::{
+    nydus_layers, pick_platform, Descriptor, ImageRef, Manifest, NydusLayers, BOOTSTRAP_PATH,
+};
+use super::MountError;
+use crate::download::{Downloads, Join, Source, State};
+use crate::store::Store;
+use crate::upstream::{AuthMode, Origin, Upstreams};
+
+/// Largest manifest or index accepted.
+const MAX_MANIFEST: usize = 4 << 20;
+/// Largest bootstrap layer (tar.gz) accepted.
+const MAX_BOOTSTRAP_LAYER: u64 = 1 << 30;
+
+/// An image resolved to its Nydus layers on one origin.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    pub origin: Arc<Origin>,
+    pub repo: RepoName,
+    pub manifest_digest: Digest,
+    pub layers: NydusLayers,
+}
+
+/// Resolve `image` for `platform` (`os/arch[/variant]`) on the node's origins.
+pub async fn resolve(
+    upstreams: &Upstreams,
+    image: &ImageRef,
+    platform: &str,
+) -> Result<Resolved, MountError> {
+    let origin = upstreams.select(image.host.as_deref(), None)?;
+    let repo = image.repo.clone();
+    let (mut digest, mut bytes) = fetch_manifest(&origin, &repo, &image.reference).await?;
+    for _ in 0..2 {
+        let Manifest::Index(entries) = Manifest::parse(&digest.to_string(), &bytes)? else {
+            break;
+        };
+        let d = pick_platform(&entries, &digest, platform)?.digest.clone();
+        (digest, bytes) = fetch_manifest(&origin, &repo, &Reference::Digest(d)).await?;
+    }
+    let Manifest::Image { layers } = Manifest::parse(&digest.to_string(), &bytes)? else {
+        return Err(MountError::Fetch {
+            what: format!("manifest {digest}"),
+            reason: "an index nested too deep".into(),
+        });
+    };
+    let layers = nydus_layers(&image.to_string(), &layers)?;
+    Ok(Resolved {
+        origin,
+        repo,
+        manifest_digest: digest,
+        layers,
+    })
+}
+
+async fn fetch_manifest(
+    origin: &Origin,
+    repo: &RepoName,
+    reference: &Reference,
+) -> Result<(Digest, Vec<u8>), MountError> {
+    let what = format!("manifest {repo}:{reference}");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        ACCEPT,
+        HeaderValue::from_static(crate::mirror::MANIFEST_ACCEPT),
+    );
+    let path = format!("/v2/{repo}/manifests/{reference}");
+    let mut resp = origin
+        .send(
+            Method::GET,
+            &path,
+            &headers,
+            &AuthMode::Node,
+            Some(repo),
+            "manifest",
+        )
+        .await?;
+    if !resp.status().is_success() {
+        return Err(MountError::Status {
+            what,
+            status: resp.status().as_u16(),
+        });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| MountError::Fetch {
+        what: what.clone(),
+        reason: e.to_string(),
+    })? {
+        if body.len() + chunk.len() > MAX_MANIFEST {
+            return Err(MountError::Fetch {
+                what,
+                reason: format!("larger than {MAX_MANIFEST} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let digest = match reference {
+        Reference::Digest(d) => {
+            if Digest::of(d.algorithm(), &body) != *d {
+                return Err(MountError::Fetch {
+                    what,
+                    reason: "content does not match its digest".into(),
+                });
+            }
+            d.clone()
+        }
+        Reference::Tag(_) => Digest::sha256(&body),
+    };
+    Ok((digest, body))
+}
+
+/// Fetch the bootstrap layer through the download path and open its `image/image.boot`.
+pub async fn bootstrap(
+    store: &Store,
+    downloads: &Downloads,
+    resolved: &Resolved,
+) -> Result<Bootstrap, MountError> {
+    let desc = &resolved.layers.bootstrap;
+    let fail = |reason: String| MountError::Bootstrap {
+        digest: desc.digest.clone(),
+        reason,
+    };
+    if desc.size > MAX_BOOTSTRAP_LAYER {
+        return Err(fail(format!("layer of {} bytes is too large", desc.size)));
+    }
+    let source = Source {
+        origin: resolved.origin.clone(),
+        repo: resolved.repo.clone(),
+        auth: AuthMode::Node,
+        public: !resolved.origin.has_node_credentials(),
+    };
+    if let Join::Download(d) = downloads.join(&desc.digest, source)? {
+        let mut rx = d.subscribe();
+        loop {
+            match &rx.borrow_and_update().state {
+                State::Complete => break,
+                State::Failed(e) => return Err(fail(format!("download failed: {e}"))),
+                State::Running => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(fail("download ended without a result".into()));
+            }
+        }
+    }
+    let (store, desc) = (store.clone(), desc.clone());
+    tokio::task::spawn_blocking(move || open_bootstrap(&store, &desc))
+        .await
+        .map_err(|e| fail(format!("blocking task failed: {e}")))?
+}
+
+fn open_bootstrap(store: &Store, desc: &Descriptor) -> Result<Bootstrap, MountError> {
+    let fail = |reason: String| MountError::Bootstrap {
+        digest: desc.digest.clone(),
+        reason,
+    };
+    let reader = store
+        .open_reader(&desc.digest)?
+        .filter(|r| r.record().complete)
+        .ok_or_else(|| fail("not complete in the store after its download".into()))?;
+    let mut layer = vec![0u8; reader.size() as usize];
+    let mut filled = 0;
+    while filled < layer.len() {
+        let n = reader.read_at(filled as u64, &mut layer[filled..])?;
+        if n == 0 {
+            return Err(fail("store content shorter than its record".into()));
+        }
+        filled += n;
+    }
+    let boot = extract_bootstrap(&layer).map_err(fail)?;
+    Bootstrap::from_bytes(boot).map_err(|e| fail(format!("not a usable RAFS bootstrap: {e}")))
+}
+
+/// `image/image.boot` from a bootstrap layer (tar, gzip-compressed or not).
+pub fn extract_bootstrap(layer: &[u8]) -> Result<Vec<u8>, String> {
+    let gz = layer.starts_with(&[0x1f, 0x8b]);
+    let input: Box<dyn Read + '_> = if gz {
+        Box::new(flate2::read::GzDecoder::new(layer))
+    } else {
+        Box::new(layer)
+    };
+    let mut archive = tar::Archive::new(input);
+    let entries = archive.entries().map_err(|e| format!("bad tar: {e}"))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| format!("bad tar: {e}"))?;
+        let path = entry.path().map_err(|e| format!("bad tar: {e}"))?;
+        let path = path.to_string_lossy();
+        if path.trim_start_matches("./").trim_start_matches('/') != BOOTSTRAP_PATH {
+            continue;
+        }
+        let size = entry.size();
+        if size > MAX_BOOTSTRAP_SIZE {
+            return Err(format!("{BOOTSTRAP_PATH} of {size} bytes is too large"));
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        entry
+            .by_ref()
+            .take(size)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("reading {BOOTSTRAP_PATH}: {e}"))?;
+        return Ok(out);
+    }
+    Err(format!("no {BOOTSTRAP_PATH} in the layer"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(path: &str, data: &[u8], gzip: bool) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, data).expect("append");
+        let tar = b.into_inner().expect("tar");
+        if !gzip {
+            return tar;
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).expect("gz");
+        gz.finish().expect("gz")
+    }
+
+    #[test]
+    fn extracts_image_boot_from_tar_and_tar_gz() {
+        assert_eq!(
+            extract_bootstrap(&layer("image/image.boot", b"boot", true)).expect("gz"),
+            b"boot"
+        );
+        assert_eq!(
+            extract_bootstrap(&layer("./image/image.boot", b"boot", false)).expect("tar"),
+            b"boot"
+        );
+        assert!(extract_bootstrap(&layer("image/other", b"x", true)).is_err());
+        assert!(extract_bootstrap(b"garbage").is_err());
+    }
+}
