@@ -16,6 +16,7 @@ pub mod hostile;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod nydus;
 pub mod paths;
 pub mod ranges;
 pub mod registry;
