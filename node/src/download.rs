@@ -39,8 +39,9 @@ use crate::upstream::{AuthMode, Origin};
 
 /// Bytes buffered before one write to the content file.
 const WRITE_BATCH: usize = 256 << 10;
-/// Bytes written between two commits (fsync + metadata).
-const COMMIT_EVERY: u64 = 32 << 20;
+/// Bytes written between two commits (fsync + metadata). Committed bytes are
+/// what peers can be served, so this is also the pipelining granularity.
+const COMMIT_EVERY: u64 = 8 << 20;
 /// Largest read handed to a client stream at once.
 const READ_CHUNK: u64 = 1 << 20;
 

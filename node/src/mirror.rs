@@ -170,12 +170,7 @@ async fn route(st: &MirrorState, req: Request) -> Result<Response, MirrorError> 
         let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
         st.upstreams.for_proxy(scheme, authority)?
     } else {
-        let ns = uri.query().and_then(|q| {
-            q.split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == "ns")
-                .map(|(_, v)| v.to_owned())
-        });
+        let ns = uri.query().and_then(|q| query_param(q, "ns"));
         let header = req
             .headers()
             .get(REGISTRY_HEADER)
@@ -200,6 +195,13 @@ async fn route(st: &MirrorState, req: Request) -> Result<Response, MirrorError> 
         V2::Blob(repo, digest) => blobs::get(st, &ctx, &repo, &digest).await,
         V2::Tags(repo) => tags(st, &ctx, &repo, uri.query()).await,
     }
+}
+
+/// The percent-decoded value of `name` in a query string (containerd sends
+/// `?ns=127.0.0.1%3A5000`).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    let url = reqwest::Url::parse(&format!("http://q/?{query}")).ok()?;
+    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
 }
 
 /// `GET /v2/`: the origin's answer (so a 401 starts the client's login),
@@ -358,6 +360,13 @@ async fn observe(State(st): State<MirrorState>, req: Request, next: Next) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(query_param("ns=127.0.0.1%3A5000", "ns").as_deref(), Some("127.0.0.1:5000"));
+        assert_eq!(query_param("a=1&ns=docker.io", "ns").as_deref(), Some("docker.io"));
+        assert_eq!(query_param("a=1", "ns"), None);
+    }
 
     #[test]
     fn parses_paths() {

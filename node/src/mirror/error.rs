@@ -71,9 +71,8 @@ impl MirrorError {
             OriginUnavailable { .. } => ("UNAVAILABLE", StatusCode::BAD_GATEWAY),
             OriginStatus { .. } => ("UNAVAILABLE", StatusCode::BAD_GATEWAY),
             DigestMismatch { .. } => ("DIGEST_INVALID", StatusCode::BAD_GATEWAY),
-            Origin(OriginError::Unlisted { .. } | OriginError::BadHost { .. }) => {
-                ("NAME_UNKNOWN", StatusCode::BAD_REQUEST)
-            }
+            Origin(OriginError::BadHost { .. }) => ("NAME_INVALID", StatusCode::BAD_REQUEST),
+            Origin(OriginError::Unlisted { .. }) => ("NAME_UNKNOWN", StatusCode::BAD_REQUEST),
             Origin(OriginError::NoDefault) => ("NAME_UNKNOWN", StatusCode::BAD_REQUEST),
             Origin(_) => ("UNAVAILABLE", StatusCode::BAD_GATEWAY),
             Internal(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),

@@ -31,6 +31,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 pub(super) async fn pass_through(st: &MirrorState, req: Request) -> Result<Response, MirrorError> {
+    if req.method() == axum::http::Method::CONNECT {
+        return tunnel(st, req);
+    }
     let (parts, body) = req.into_parts();
     let scheme = parts.uri.scheme_str().unwrap_or("http");
     if scheme != "http" && scheme != "https" {
@@ -63,4 +66,43 @@ pub(super) async fn pass_through(st: &MirrorState, req: Request) -> Result<Respo
     *out.status_mut() = status;
     *out.headers_mut() = out_headers;
     Ok(out)
+}
+
+/// `CONNECT host:port`: a TCP tunnel (HTTPS through the proxy). The bytes are
+/// opaque TLS, so they cannot be cached; clients that want caching use the
+/// mirror endpoints or plain-HTTP proxy URLs (nydusd `use_http`). Only hosts
+/// the node may reach as registries are allowed, so the port is not an open
+/// proxy.
+fn tunnel(st: &MirrorState, req: Request) -> Result<Response, MirrorError> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return Err(MirrorError::Unsupported {
+            what: "CONNECT without host:port".into(),
+        });
+    };
+    // Refuses hosts that are neither configured nor allowed.
+    st.upstreams.for_proxy("https", authority.as_str())?;
+    let target = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(443)
+    );
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        let mut client = hyper_util::rt::TokioIo::new(upgraded);
+        match tokio::net::TcpStream::connect(&target).await {
+            Ok(mut server) => {
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+                    tracing::debug!(error = %e, %target, "tunnel closed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, %target, "CONNECT target unreachable"),
+        }
+    });
+    Ok(Response::new(Body::empty()))
 }
