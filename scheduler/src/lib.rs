@@ -8,6 +8,17 @@
 //!   cloneable [`service::SchedulerHandle`];
 //! - [`http`]: thin axum handlers over the handle ([`http::router`]);
 //! - [`server`]: config → listener → serve until shutdown ([`run`]);
-//! - [`client`]: [`SchedulerClient`], what nodes use to talk to a scheduler.
+//! - [`client`]: [`SchedulerClient`], what nodes use to talk to schedulers.
 
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod service;
 pub mod state;
+
+pub use client::{ClientError, ClientOptions, SchedulerClient, SchedulerSet};
+pub use config::{Config, ConfigError, FileConfig};
+pub use server::{run, Scheduler, ServerError};
+pub use service::SchedulerHandle;

@@ -764,4 +764,5 @@ fn end_lease(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

@@ -141,6 +141,7 @@ impl BlobRecord {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use shoal_proto::sched::PieceSha256;

@@ -111,6 +111,7 @@ fn tie_break(asker: NodeId, node: NodeId) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -1,0 +1,182 @@
+//! The scheduler's HTTP surface: thin axum handlers over a
+//! [`SchedulerHandle`], built by [`router`] (which tests call directly).
+//!
+//! Every response carries `x-shoal-protocol: 1`. A request naming another
+//! major version is refused with 400 and an [`ErrorBody`] naming both
+//! versions; a POST without the header is refused the same way (GETs without
+//! it are allowed, for browsers and curl). This file is the one place that
+//! maps errors to statuses and [`ErrorBody`]s.
+
+mod page;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use shoal_proto::sched::{
+    check_version, ErrorBody, ErrorCode, VersionError, PROTOCOL_HEADER, PROTOCOL_VERSION,
+};
+use shoal_proto::BlobId;
+
+use crate::service::{Closed, SchedulerHandle};
+use crate::state::WrongScheduler;
+
+/// Largest request body: a full announcement of a node holding many blobs,
+/// with piece hash lists.
+const MAX_BODY: usize = 32 << 20;
+
+/// All routes of a scheduler.
+pub fn router(handle: SchedulerHandle) -> Router {
+    Router::new()
+        .route("/api/v1/announce", post(announce))
+        .route("/api/v1/blobs/{blob}/parents", post(parents))
+        .route("/api/v1/blobs/{blob}/failure", post(failure))
+        .route("/api/v1/status", get(status))
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(protocol_version))
+        .with_state(handle)
+}
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error("missing {PROTOCOL_HEADER} header (this scheduler speaks {PROTOCOL_VERSION})")]
+    MissingVersion,
+    #[error(transparent)]
+    WrongScheduler(#[from] WrongScheduler),
+    #[error(transparent)]
+    Closed(#[from] Closed),
+    #[error("no such path")]
+    NotFound,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = ErrorBody {
+            error: self.to_string(),
+            code: ErrorCode::BadRequest,
+            supported: None,
+            requested: None,
+            owner: None,
+        };
+        let status = match &self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Version(v) => {
+                body.code = ErrorCode::ProtocolVersion;
+                body.supported = Some(PROTOCOL_VERSION);
+                body.requested = Some(v.theirs.clone());
+                StatusCode::BAD_REQUEST
+            }
+            Self::MissingVersion => {
+                body.code = ErrorCode::ProtocolVersion;
+                body.supported = Some(PROTOCOL_VERSION);
+                StatusCode::BAD_REQUEST
+            }
+            Self::WrongScheduler(w) => {
+                body.code = ErrorCode::WrongScheduler;
+                body.owner = Some(w.owner.clone());
+                StatusCode::MISDIRECTED_REQUEST
+            }
+            Self::Closed(_) => {
+                body.code = ErrorCode::Unavailable;
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::NotFound => {
+                body.code = ErrorCode::Other;
+                StatusCode::NOT_FOUND
+            }
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %body.error, "request failed");
+        } else {
+            tracing::debug!(error = %body.error, %status, "request refused");
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Refuse other protocol versions; stamp ours on every response.
+async fn protocol_version(req: Request, next: Next) -> Response {
+    let checked = match req.headers().get(PROTOCOL_HEADER) {
+        Some(v) => check_version(v.to_str().unwrap_or("?")).map_err(ApiError::from),
+        None if req.method() == Method::POST => Err(ApiError::MissingVersion),
+        None => Ok(()),
+    };
+    let mut resp = match checked {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut()
+        .insert(PROTOCOL_HEADER, HeaderValue::from(PROTOCOL_VERSION));
+    resp
+}
+
+fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("bad JSON body: {e}")))
+}
+
+fn blob_id(raw: &str) -> Result<BlobId, ApiError> {
+    raw.parse()
+        .map_err(|e| ApiError::BadRequest(format!("bad blob id: {e}")))
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+async fn announce(
+    State(h): State<SchedulerHandle>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.announce(json(&body)?).await?))
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(blob = %raw))]
+async fn parents(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let blob = blob_id(&raw)?;
+    Ok(Json(h.parents(blob, json(&body)?).await??))
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(blob = %raw))]
+async fn failure(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let blob = blob_id(&raw)?;
+    Ok(Json(h.report_failure(blob, json(&body)?).await?))
+}
+
+async fn status(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.status().await?))
+}
+
+async fn status_page(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Html(page::render(&h.status().await?)))
+}
+
+async fn metrics(State(h): State<SchedulerHandle>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        h.metrics().encode(),
+    )
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}

@@ -1,0 +1,351 @@
+//! The scheduler actor: one task owns the [`State`] and applies requests in
+//! order; everyone else holds a cloneable [`SchedulerHandle`] and talks to
+//! it over a bounded channel with `oneshot` replies. The actor also runs the
+//! periodic [`State::tick`], turns state events into logs and metrics, and
+//! supplies the clock (milliseconds since the actor started, on tokio's
+//! clock, so tests may pause time).
+//!
+//! Invariant: the state is only touched by the actor task; no lock exists.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::sched::{
+    AnnounceRequest, AnnounceResponse, FailureAck, FailureReport, ParentsRequest, ParentsResponse,
+    SchedulerInfo, StatusResponse, PROTOCOL_VERSION,
+};
+use shoal_proto::BlobId;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use crate::metrics::{KindLabels, Metrics, ReasonLabels};
+use crate::state::{Event, State, StateConfig, WrongScheduler};
+
+/// Requests waiting for the actor; beyond this, callers wait (backpressure).
+const QUEUE: usize = 1024;
+/// Housekeeping period (expiry, stalled leases), at most.
+const MAX_TICK: Duration = Duration::from_millis(500);
+
+/// The actor is gone (the scheduler is shutting down).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the scheduler is shutting down")]
+pub struct Closed;
+
+/// A cheap, cloneable way to reach the scheduler actor.
+#[derive(Clone, Debug)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<Command>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Announce {
+        req: AnnounceRequest,
+        reply: oneshot::Sender<AnnounceResponse>,
+    },
+    Parents {
+        blob: BlobId,
+        req: ParentsRequest,
+        reply: oneshot::Sender<Result<ParentsResponse, WrongScheduler>>,
+    },
+    Failure {
+        blob: BlobId,
+        report: FailureReport,
+        reply: oneshot::Sender<FailureAck>,
+    },
+    Status {
+        reply: oneshot::Sender<StatusResponse>,
+    },
+}
+
+/// Start the actor on `tracker`; it stops when `cancel` fires or every
+/// handle is dropped.
+pub fn spawn(
+    cfg: StateConfig,
+    metrics: Arc<Metrics>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> SchedulerHandle {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let actor = Actor {
+        start: Instant::now(),
+        state: State::new(cfg, 0),
+        metrics: metrics.clone(),
+    };
+    tracker.spawn(
+        actor
+            .run(rx, cancel)
+            .instrument(tracing::info_span!("scheduler")),
+    );
+    SchedulerHandle { tx, metrics }
+}
+
+impl SchedulerHandle {
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub async fn announce(&self, req: AnnounceRequest) -> Result<AnnounceResponse, Closed> {
+        self.call("announce", |reply| Command::Announce { req, reply })
+            .await
+    }
+
+    pub async fn parents(
+        &self,
+        blob: BlobId,
+        req: ParentsRequest,
+    ) -> Result<Result<ParentsResponse, WrongScheduler>, Closed> {
+        self.call("parents", |reply| Command::Parents { blob, req, reply })
+            .await
+    }
+
+    pub async fn report_failure(
+        &self,
+        blob: BlobId,
+        report: FailureReport,
+    ) -> Result<FailureAck, Closed> {
+        self.call("failure", |reply| Command::Failure {
+            blob,
+            report,
+            reply,
+        })
+        .await
+    }
+
+    pub async fn status(&self) -> Result<StatusResponse, Closed> {
+        self.call("status", |reply| Command::Status { reply }).await
+    }
+
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, Closed> {
+        let started = Instant::now();
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| Closed)?;
+        let out = rx.await.map_err(|_| Closed)?;
+        self.metrics
+            .observe_decision(op, started.elapsed().as_secs_f64());
+        Ok(out)
+    }
+}
+
+struct Actor {
+    start: Instant,
+    state: State,
+    metrics: Arc<Metrics>,
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, cancel: CancellationToken) {
+        let period = Duration::from_millis(self.state.config().heartbeat_ms / 2).min(MAX_TICK);
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::debug!("scheduler actor started");
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    let now = self.now_ms();
+                    self.state.tick(now);
+                }
+            }
+            self.record_events();
+        }
+        tracing::debug!("scheduler actor stopped");
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let now = self.now_ms();
+        match cmd {
+            Command::Announce { req, reply } => {
+                let kind = if req.full { "full" } else { "delta" };
+                let resp = self.state.announce(req, now);
+                Metrics::count(
+                    &self.metrics.announcements,
+                    if resp.resync { "resync" } else { kind },
+                );
+                let _ = reply.send(resp);
+            }
+            Command::Parents { blob, req, reply } => {
+                let resp = self.state.parents(&blob, &req, now);
+                Metrics::count(&self.metrics.parent_requests, parents_outcome(&resp));
+                let _ = reply.send(resp);
+            }
+            Command::Failure {
+                blob,
+                report,
+                reply,
+            } => {
+                let _ = reply.send(self.state.report_failure(&blob, &report, now));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status(now));
+            }
+        }
+    }
+
+    fn status(&self, now: u64) -> StatusResponse {
+        let cfg = self.state.config();
+        let (nodes, blobs, totals) = self.state.status(now);
+        StatusResponse {
+            scheduler: SchedulerInfo {
+                version: env!("CARGO_PKG_VERSION").into(),
+                protocol: PROTOCOL_VERSION,
+                uptime_ms: now,
+                advertise: cfg.shard.me().map(str::to_string),
+                cluster: cfg.shard.cluster().to_vec(),
+                heartbeat_interval_ms: cfg.heartbeat_ms,
+                node_ttl_ms: cfg.node_ttl_ms,
+                max_origin_leases: cfg.max_origin_leases,
+            },
+            nodes,
+            blobs,
+            totals,
+        }
+    }
+
+    /// Log and count what the state did; update the gauges.
+    fn record_events(&mut self) {
+        let m = &self.metrics;
+        for e in self.state.take_events() {
+            match e {
+                Event::NodeRegistered { node } => {
+                    tracing::info!(node = %node.short(), "node registered");
+                }
+                Event::NodeExpired { node } => {
+                    m.nodes_expired.inc();
+                    tracing::info!(node = %node.short(), "node expired (stopped announcing)");
+                }
+                Event::Resync { node } => {
+                    tracing::debug!(node = %node.short(), "unknown node: asked for a full announcement");
+                }
+                Event::BlobRejected { node, blob, reason } => {
+                    m.blobs_rejected.inc();
+                    tracing::warn!(node = %node.short(), %blob, %reason, "blob announcement rejected");
+                }
+                Event::LeaseGranted {
+                    blob,
+                    node,
+                    adopted,
+                } => {
+                    let kind = if adopted { "adopted" } else { "asked" };
+                    m.leases_granted.get_or_create(&KindLabels { kind }).inc();
+                    tracing::info!(node = %node.short(), %blob, kind, "origin lease granted");
+                }
+                Event::LeaseEnded { blob, node, why } => {
+                    let reason = why.as_str();
+                    m.leases_ended.get_or_create(&ReasonLabels { reason }).inc();
+                    tracing::info!(node = %node.short(), %blob, reason, "origin lease ended");
+                }
+                Event::Blamed {
+                    node,
+                    reporter,
+                    reason,
+                } => {
+                    let reason = reason.as_str();
+                    m.failure_reports
+                        .get_or_create(&ReasonLabels { reason })
+                        .inc();
+                    tracing::info!(node = %node.short(), reporter = %reporter.short(), reason, "failure reported");
+                }
+            }
+        }
+        m.nodes.set(self.state.node_count() as i64);
+        m.blobs.set(self.state.blob_count() as i64);
+        m.leases.set(self.state.lease_count() as i64);
+    }
+}
+
+fn parents_outcome(resp: &Result<ParentsResponse, WrongScheduler>) -> &'static str {
+    let Ok(r) = resp else {
+        return "wrong_scheduler";
+    };
+    match &r.lease {
+        Some(l) if l.granted_to_you => "lease_granted",
+        _ if r.retry_after_ms.is_some() => "retry",
+        _ if !r.holders.is_empty() => "holders",
+        Some(_) => "lease_elsewhere",
+        None => "empty",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use shoal_proto::sched::{NodeAnnouncement, Traffic};
+    use shoal_proto::{Digest, NodeId};
+
+    fn announce(i: u8, full: bool) -> AnnounceRequest {
+        AnnounceRequest {
+            node: NodeAnnouncement {
+                id: NodeId::from_bytes([i; 32]),
+                p2p_addr: "127.0.0.1:1".parse().unwrap(),
+                zone: None,
+                upload_slots_free: 1,
+                version: String::new(),
+            },
+            full,
+            blobs: Vec::new(),
+            removed: Vec::new(),
+            traffic: Traffic::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn actor_answers_and_expires_nodes_on_its_own() {
+        let tracker = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let cfg = StateConfig {
+            heartbeat_ms: 100,
+            node_ttl_ms: 300,
+            warmup_ms: 0,
+            ..StateConfig::default()
+        };
+        let h = spawn(cfg, Arc::new(Metrics::new()), &tracker, cancel.clone());
+        assert!(h.announce(announce(1, false)).await.unwrap().resync);
+        assert!(!h.announce(announce(1, true)).await.unwrap().resync);
+        assert_eq!(h.status().await.unwrap().nodes.len(), 1);
+        let blob = Digest::sha256(b"x");
+        let req = ParentsRequest {
+            asker: NodeId::from_bytes([1; 32]),
+            size: Some(1),
+            want_lease: true,
+        };
+        let r = h.parents(blob, req).await.unwrap().unwrap();
+        assert!(r.lease.is_some_and(|l| l.granted_to_you));
+        // Without announcements the node expires by the actor's own ticks.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !h.status().await.unwrap().nodes.is_empty() {
+            assert!(Instant::now() < deadline, "node never expired");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let text = h.metrics().encode();
+        assert!(
+            text.contains("shoal_scheduler_nodes_expired_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shoal_scheduler_leases_ended_total{reason=\"expired\"} 1"),
+            "{text}"
+        );
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(h.status().await, Err(Closed));
+    }
+}
