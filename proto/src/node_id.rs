@@ -85,6 +85,7 @@ impl<'de> Deserialize<'de> for NodeId {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

@@ -615,6 +615,7 @@ pub fn pick_scheduler<'a, S: AsRef<str>>(blob: &BlobId, schedulers: &'a [S]) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::Digest;
