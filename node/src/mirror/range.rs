@@ -57,6 +57,7 @@ impl ByteRange {
             ByteRange::FromTo(s, None) => Ok(s..size),
             ByteRange::FromTo(s, Some(e)) => Ok(s..e.saturating_add(1).min(size)),
             ByteRange::Suffix(0) => Err(RangeError::Unsatisfiable),
+            ByteRange::Suffix(_) if size == 0 => Err(RangeError::Unsatisfiable),
             ByteRange::Suffix(n) => Ok(size.saturating_sub(n)..size),
         }
     }
