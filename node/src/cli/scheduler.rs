@@ -1,0 +1,95 @@
+//! `shoal scheduler`: load config, init logging, run a scheduler until
+//! SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use shoal_scheduler::config::{FileConfig, LogFormat as SchedLogFormat};
+
+use crate::config::LogFormat;
+
+/// Run a scheduler: nodes announce which blob pieces they hold and ask it
+/// who to fetch a blob from, and which one node may fetch it from the origin.
+///
+/// With no flags it listens on 0.0.0.0:5060 and owns every blob. Its state is
+/// in memory; after a restart the nodes' next announcements rebuild it within
+/// seconds. Point nodes at it with `shoal node --scheduler HOST:5060`.
+///
+/// Status page: http://HOST:5060/ (JSON at /api/v1/status, Prometheus
+/// metrics at /metrics).
+///
+/// Several schedulers split the blobs between them: give each the same
+/// `cluster` list and its own `advertise` entry in the config file (see
+/// scheduler/scheduler.toml), and give nodes the same list.
+#[derive(Args, Debug)]
+pub struct SchedulerArgs {
+    /// TOML config file (see scheduler/scheduler.toml for every field).
+    #[arg(long, env = "SHOAL_SCHEDULER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address nodes reach the scheduler at (config: listen)
+    /// [default: 0.0.0.0:5060].
+    #[arg(long, env = "SHOAL_SCHEDULER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Log format (config: log.format).
+    #[arg(long, env = "SHOAL_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `shoal_scheduler=debug` (config: log.level;
+    /// RUST_LOG wins).
+    #[arg(long, env = "SHOAL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+pub fn run(args: SchedulerArgs) -> anyhow::Result<std::process::ExitCode> {
+    let mut file = match &args.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    if let Some(l) = args.listen {
+        file.listen = l;
+    }
+    if let Some(f) = args.log_format {
+        file.log.format = match f {
+            LogFormat::Text => SchedLogFormat::Text,
+            LogFormat::Json => SchedLogFormat::Json,
+        };
+    }
+    if let Some(l) = args.log_level {
+        file.log.level = l;
+    }
+    let cfg = file.validate()?;
+    init_tracing(cfg.log.format, &cfg.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(shoal_scheduler::run(cfg, shutdown_signal()))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+// The two helpers below mirror `cli/node.rs` (private there); share them
+// when a third subcommand needs them.
+fn init_tracing(format: SchedLogFormat, level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        SchedLogFormat::Text => builder.init(),
+        SchedLogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
