@@ -201,7 +201,9 @@ async fn route(st: &MirrorState, req: Request) -> Result<Response, MirrorError> 
 /// `?ns=127.0.0.1%3A5000`).
 fn query_param(query: &str, name: &str) -> Option<String> {
     let url = reqwest::Url::parse(&format!("http://q/?{query}")).ok()?;
-    url.query_pairs().find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+    url.query_pairs()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// `GET /v2/`: the origin's answer (so a 401 starts the client's login),
@@ -363,8 +365,14 @@ mod tests {
 
     #[test]
     fn decodes_query_values() {
-        assert_eq!(query_param("ns=127.0.0.1%3A5000", "ns").as_deref(), Some("127.0.0.1:5000"));
-        assert_eq!(query_param("a=1&ns=docker.io", "ns").as_deref(), Some("docker.io"));
+        assert_eq!(
+            query_param("ns=127.0.0.1%3A5000", "ns").as_deref(),
+            Some("127.0.0.1:5000")
+        );
+        assert_eq!(
+            query_param("a=1&ns=docker.io", "ns").as_deref(),
+            Some("docker.io")
+        );
         assert_eq!(query_param("a=1", "ns"), None);
     }
 
