@@ -236,7 +236,7 @@ impl ChunkBackend {
             if let Some(f) = flights.get(&key) {
                 Err(f.clone())
             } else {
-                let planned = plan(&entry.chunks, chunk, |c| {
+                let planned = plan(&entry.chunks, chunk, blob.chunk_size, |c| {
                     !present.contains_range(&compressed_range(c))
                         && !flights.contains_key(&(blob.index, c.compressed_offset))
                 });
@@ -499,9 +499,13 @@ fn fetch_error(entry: &BlobEntry, reason: String) -> shoal_rafs::Error {
 /// The chunks one origin request fetches for `chunk`: it, then the chunks that follow it in the
 /// blob (each starting at most [`MAX_GAP`] after the previous one ends) while `wanted` says so
 /// and the request stays within [`MAX_REQUEST`] bytes. `table` is sorted by compressed offset.
+///
+/// Only a full chunk (`full` uncompressed bytes, the blob's chunk size) is followed: a shorter
+/// one ends its file, and the next chunk belongs to another file nobody asked for yet.
 pub fn plan(
     table: &[ChunkRef],
     chunk: &ChunkRef,
+    full: u32,
     wanted: impl Fn(&ChunkRef) -> bool,
 ) -> Vec<ChunkRef> {
     let mut out = vec![chunk.clone()];
@@ -511,12 +515,19 @@ pub fn plan(
     };
     let start = chunk.compressed_offset;
     let mut end = compressed_range(chunk).end;
+    let mut last_full = chunk.uncompressed_size == full;
     for c in &table[at + 1..] {
         let r = compressed_range(c);
-        if r.start < end || r.start - end > MAX_GAP || r.end - start > MAX_REQUEST || !wanted(c) {
+        if !last_full
+            || r.start < end
+            || r.start - end > MAX_GAP
+            || r.end - start > MAX_REQUEST
+            || !wanted(c)
+        {
             break;
         }
         end = r.end;
+        last_full = c.uncompressed_size == full;
         out.push(c.clone());
     }
     out
@@ -525,6 +536,8 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const FULL: u32 = 1 << 20;
 
     fn chunk(i: u32, off: u64, size: u32) -> ChunkRef {
         ChunkRef {
@@ -550,24 +563,32 @@ mod tests {
             .map(|i| chunk(i, u64::from(i) * 1_000_000, 1_000_000))
             .collect();
         assert_eq!(
-            offsets(&plan(&t, &t[2], |_| true)),
+            offsets(&plan(&t, &t[2], FULL, |_| true)),
             vec![2_000_000, 3_000_000, 4_000_000, 5_000_000]
         );
         // Stops at a chunk not wanted (present or in flight).
         assert_eq!(
-            offsets(&plan(&t, &t[2], |c| c.ci_index != 4)),
+            offsets(&plan(&t, &t[2], FULL, |c| c.ci_index != 4)),
             vec![2_000_000, 3_000_000]
         );
         // The last chunk has no neighbour.
-        assert_eq!(offsets(&plan(&t, &t[9], |_| true)), vec![9_000_000]);
+        assert_eq!(offsets(&plan(&t, &t[9], FULL, |_| true)), vec![9_000_000]);
+    }
+
+    #[test]
+    fn plan_does_not_follow_a_file_end() {
+        let mut t: Vec<_> = (0..4).map(|i| chunk(i, u64::from(i) * 100, 100)).collect();
+        t[1].uncompressed_size = 4096;
+        assert_eq!(offsets(&plan(&t, &t[0], FULL, |_| true)), vec![0, 100]);
+        assert_eq!(offsets(&plan(&t, &t[1], FULL, |_| true)), vec![100]);
     }
 
     #[test]
     fn plan_stops_at_gaps_and_unknown_chunks() {
         let t = vec![chunk(0, 0, 100), chunk(1, 100, 100), chunk(2, 1 << 20, 100)];
-        assert_eq!(offsets(&plan(&t, &t[0], |_| true)), vec![0, 100]);
+        assert_eq!(offsets(&plan(&t, &t[0], FULL, |_| true)), vec![0, 100]);
         let stray = chunk(7, 50, 10);
-        assert_eq!(offsets(&plan(&t, &stray, |_| true)), vec![50]);
+        assert_eq!(offsets(&plan(&t, &stray, FULL, |_| true)), vec![50]);
     }
 
     proptest::proptest! {
@@ -584,7 +605,7 @@ mod tests {
                 off += u64::from(*s) + gaps[i];
             }
             let c = &t[pick % t.len()];
-            let p = plan(&t, c, |_| true);
+            let p = plan(&t, c, FULL, |_| true);
             proptest::prop_assert_eq!(p[0].compressed_offset, c.compressed_offset);
             let end = compressed_range(&p[p.len() - 1]).end;
             proptest::prop_assert!(p.len() == 1 || end - c.compressed_offset <= MAX_REQUEST);
