@@ -15,6 +15,7 @@ pub mod fixture;
 pub mod hostile;
 pub mod http;
 pub mod metrics;
+pub mod netns;
 pub mod node;
 pub mod nydus;
 pub mod paths;
