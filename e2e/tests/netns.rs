@@ -5,7 +5,7 @@
 use std::io::Read as _;
 use std::process::{Command, Stdio};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Context};
 use shoal_e2e::netns::{self, Net};
 use shoal_e2e::{run, Need};
 
