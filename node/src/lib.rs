@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod mount;
 pub mod node;
+pub mod p2p;
 pub mod store;
 pub mod units;
 pub mod upstream;
