@@ -278,6 +278,28 @@ fn killed_node_fails_reads_and_restart_restores_the_mount() {
         ensure!(got == expected, "{PYTHON} differs after the restart");
         let m = mounts_json(&s)?;
         ensure!(m["mounts"][0]["state"] == "mounted", "mounts: {m}");
+        let metrics = shoal_e2e::http::client()?
+            .get(format!("http://{}/metrics", s.node.admin_addr()))
+            .send()?
+            .text()?;
+        ensure!(
+            metrics.contains("shoal_mount_chunk_bytes_total{kind=\"origin\"}"),
+            "no mount metrics in /metrics"
+        );
+
+        // A graceful stop unmounts; the next start mounts again.
+        s.node.terminate()?;
+        ensure!(!is_shoal_mount(&s.mnt), "still mounted after SIGTERM");
+        s.node.restart()?;
+        poll(
+            "the mount after a clean restart",
+            Duration::from_secs(60),
+            || Ok(is_shoal_mount(&s.mnt).then_some(())),
+        )?;
+        ensure!(
+            std::fs::read(s.mnt.join("usr/lib/os-release"))? == os_release,
+            "os-release differs after a clean restart"
+        );
         Ok(())
     });
 }

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub downloads_in_flight: Gauge,
     pub downloads_failed: Family<KindLabels, Counter>,
     pub access_checks: Family<KindLabels, Counter>,
+    /// Chunk bytes (compressed) lazy mounts obtained, by source (`local`, `origin`).
+    pub mount_chunk_bytes: Family<KindLabels, Counter>,
     /// Totals kept for `shoal status` without parsing the registry.
     pub totals: Totals,
 }
@@ -136,6 +138,12 @@ impl Metrics {
             "Credential checks against origins, by outcome",
             access_checks.clone(),
         );
+        let mount_chunk_bytes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "mount_chunk_bytes",
+            "Chunk bytes lazy mounts obtained, by source (local, origin)",
+            mount_chunk_bytes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -148,6 +156,7 @@ impl Metrics {
             downloads_in_flight,
             downloads_failed,
             access_checks,
+            mount_chunk_bytes,
             totals: Totals::default(),
         }
     }

@@ -30,7 +30,7 @@ use shoal_proto::{BlobId, RepoName};
 use shoal_rafs::{decode_chunk, BlobInfo, ChunkRef, ChunkSource, VerifiedChunk, MAX_CHUNK_SIZE};
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::metrics::{KindLabels, Metrics};
 use crate::store::{RangeSet, Store, StoreError};
 use crate::upstream::{AuthMode, Origin};
 
@@ -209,6 +209,11 @@ impl ChunkBackend {
         match decode_chunk(blob, chunk, &buf) {
             Ok(v) => {
                 self.stats.local_chunks.fetch_add(1, Relaxed);
+                self.deps
+                    .metrics
+                    .mount_chunk_bytes
+                    .get_or_create(&KindLabels { kind: "local" })
+                    .inc_by(chunk.compressed_size.into());
                 self.stats
                     .local_bytes
                     .fetch_add(chunk.compressed_size.into(), Relaxed);
@@ -357,6 +362,10 @@ impl ChunkBackend {
                     break;
                 };
                 d.metrics.from_origin("chunk", bytes.len() as u64);
+                d.metrics
+                    .mount_chunk_bytes
+                    .get_or_create(&KindLabels { kind: "origin" })
+                    .inc_by(bytes.len() as u64);
                 self.stats
                     .origin_bytes
                     .fetch_add(bytes.len() as u64, Relaxed);
