@@ -213,8 +213,12 @@ impl State {
     }
 
     /// Apply a node's announcement.
-    pub fn announce(&mut self, req: AnnounceRequest, now_ms: u64) -> AnnounceResponse {
+    pub fn announce(&mut self, mut req: AnnounceRequest, now_ms: u64) -> AnnounceResponse {
         let id = req.node.id;
+        clip(&mut req.node.version);
+        if let Some(z) = &mut req.node.zone {
+            clip(z);
+        }
         let mut resp = AnnounceResponse {
             heartbeat_interval_ms: self.cfg.heartbeat_ms,
             node_ttl_ms: self.cfg.node_ttl_ms,
@@ -734,6 +738,20 @@ impl State {
                 .map(|l| l.status(now_ms, self.cfg.lease_stall_ms))
                 .collect(),
         }
+    }
+}
+
+/// Longest zone or version string kept from a node.
+const MAX_LABEL: usize = 64;
+
+/// Cut a node-supplied label to [`MAX_LABEL`] bytes (on a char boundary).
+fn clip(s: &mut String) {
+    if s.len() > MAX_LABEL {
+        let mut end = MAX_LABEL;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
     }
 }
 

@@ -27,7 +27,7 @@ const SIZE: u64 = PIECE * PIECES as u64;
 const FAST: &str = r#"
 listen = "127.0.0.1:0"
 heartbeat = "100ms"
-node_ttl = "400ms"
+node_ttl = "2s"
 lease_stall_timeout = "500ms"
 lease_warmup = "0s"
 "#;

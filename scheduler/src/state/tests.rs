@@ -187,6 +187,21 @@ fn ranking_complete_first_never_asker() {
 }
 
 #[test]
+fn long_labels_are_clipped() {
+    let mut s = State::new(cfg(), 0);
+    let mut req = announce(true, 1, vec![]);
+    req.node.zone = Some("é".repeat(100));
+    req.node.version = "v".repeat(1000);
+    s.announce(req, 0);
+    let (nodes, _, _) = s.status(0);
+    assert!(nodes[0]
+        .zone
+        .as_ref()
+        .is_some_and(|z| z.len() <= 64 && z.starts_with('é')));
+    assert_eq!(nodes[0].version.len(), 64);
+}
+
+#[test]
 fn same_zone_ranks_higher() {
     let mut s = State::new(cfg(), 0);
     for (i, zone) in [(1, "a"), (2, "b"), (3, "b")] {
