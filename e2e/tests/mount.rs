@@ -42,7 +42,11 @@ struct Unmount(PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
@@ -351,6 +355,27 @@ fn corrupted_origin_chunk_gives_eio_and_is_not_cached() {
             "{PYTHON} differs after repair"
         );
         println!("{name}: corrupted chunk → EIO twice, correct bytes once repaired");
+        Ok(())
+    });
+}
+
+#[test]
+fn plain_oci_image_is_refused_with_how_to_convert() {
+    let name = "plain_oci_image_is_refused_with_how_to_convert";
+    run(name, &[NEEDS, &[Need::Bin("skopeo")]].concat(), |t| {
+        let s = scene(t)?;
+        shoal_e2e::skopeo::push_fixture(t, &s.registry, setup::IMAGE)?;
+        let reference = format!("{}/{}", s.registry.addr(), setup::IMAGE);
+        let mnt = s.mnt.to_string_lossy();
+        let out = shoal(&["mount", &reference, &mnt, "--node", &s.node.admin_addr()])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1) && stderr.contains("shoal convert"),
+            "shoal mount of a plain OCI image: {} {stderr}",
+            out.status
+        );
+        ensure!(!is_shoal_mount(&s.mnt), "mounted anyway");
+        println!("{name}: {}", stderr.trim());
         Ok(())
     });
 }
