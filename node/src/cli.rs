@@ -3,6 +3,7 @@
 pub mod mount;
 pub mod node;
 pub mod rafs;
+pub mod scheduler;
 pub mod status;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// List the node's lazy mounts and their numbers.
     Mounts(mount::MountsArgs),
+    /// Run a scheduler: piece availability, parent ranking, origin leases.
+    Scheduler(scheduler::SchedulerArgs),
     /// Nydus RAFS images: build, merge, inspect, check, unpack.
     #[command(subcommand)]
     Rafs(rafs::RafsCommand),

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
         Command::Node(a) => cli::node::run(a),
         Command::Status(a) => cli::status::run(a),
         Command::Rafs(c) => cli::rafs::run(c),
+        Command::Scheduler(a) => cli::scheduler::run(a),
         Command::Mount(a) => cli::mount::run_mount(a),
         Command::Umount(a) => cli::mount::run_umount(a),
         Command::Mounts(a) => cli::mount::run_mounts(a),

@@ -1,6 +1,6 @@
 //! Scheduler configuration: one TOML file (every field optional, defaults in
 //! the single `Default` impl), validated into [`Config`] with errors that
-//! name the offending field. `scheduler/scheduler.toml` documents every
+//! name the offending field. `deploy/scheduler.toml` documents every
 //! field and is parsed by a test.
 
 use std::collections::HashSet;
@@ -318,7 +318,7 @@ mod tests {
 
     #[test]
     fn example_file_parses_and_matches_defaults() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scheduler.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/scheduler.toml");
         let file = FileConfig::load(&path).unwrap();
         let from_file = file.validate().unwrap();
         let defaults = FileConfig::default().validate().unwrap();

@@ -71,7 +71,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
         file.add_upstream_flag(u);
     }
     let cfg = file.validate()?;
-    init_tracing(cfg.log.format, &cfg.log.level);
+    init_tracing(cfg.log.format == LogFormat::Json, &cfg.log.level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -79,7 +79,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-fn init_tracing(format: LogFormat, level: &str) {
+/// Logs to stderr as text or JSON; `RUST_LOG` overrides `level`. Shared by
+/// the long-running subcommands.
+pub(crate) fn init_tracing(json: bool, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
@@ -87,13 +89,15 @@ fn init_tracing(format: LogFormat, level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT.
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         let _ = tokio::signal::ctrl_c().await;

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+
+use super::node::{init_tracing, shutdown_signal};
 use shoal_scheduler::config::{FileConfig, LogFormat as SchedLogFormat};
 
 use crate::config::LogFormat;
@@ -21,10 +23,10 @@ use crate::config::LogFormat;
 ///
 /// Several schedulers split the blobs between them: give each the same
 /// `cluster` list and its own `advertise` entry in the config file (see
-/// scheduler/scheduler.toml), and give nodes the same list.
+/// deploy/scheduler.toml), and give nodes the same list.
 #[derive(Args, Debug)]
 pub struct SchedulerArgs {
-    /// TOML config file (see scheduler/scheduler.toml for every field).
+    /// TOML config file (see deploy/scheduler.toml for every field).
     #[arg(long, env = "SHOAL_SCHEDULER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address nodes reach the scheduler at (config: listen)
@@ -58,38 +60,13 @@ pub fn run(args: SchedulerArgs) -> anyhow::Result<std::process::ExitCode> {
         file.log.level = l;
     }
     let cfg = file.validate()?;
-    init_tracing(cfg.log.format, &cfg.log.level);
+    init_tracing(
+        matches!(cfg.log.format, SchedLogFormat::Json),
+        &cfg.log.level,
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(shoal_scheduler::run(cfg, shutdown_signal()))?;
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-// The two helpers below mirror `cli/node.rs` (private there); share them
-// when a third subcommand needs them.
-fn init_tracing(format: SchedLogFormat, level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        SchedLogFormat::Text => builder.init(),
-        SchedLogFormat::Json => builder.json().init(),
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
