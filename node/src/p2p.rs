@@ -28,6 +28,7 @@
 //!   wait for the endpoint to drain.
 
 pub mod client;
+pub mod dht;
 pub mod endpoint;
 pub mod frames;
 pub mod identity;
