@@ -260,6 +260,7 @@ impl P2pHandle {
     pub async fn shutdown(&self) {
         let inner = &self.inner;
         inner.cancel.cancel();
+        inner.pool.clear();
         inner.tracker.close();
         let drain = async {
             inner.tracker.wait().await;

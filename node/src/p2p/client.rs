@@ -321,6 +321,15 @@ impl Pool {
         id
     }
 
+    /// Forgets every connection and dial (on shutdown: a dial abandoned by
+    /// all its callers would otherwise keep the data plane alive).
+    pub(super) fn clear(&self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     fn finish_dial(&self, peer: NodeId, id: u64, result: &Result<Connection, ConnectError>) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         if !matches!(slots.get(&peer), Some(Slot::Dialing(current, _)) if *current == id) {
