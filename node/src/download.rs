@@ -63,6 +63,8 @@ pub enum DownloadError {
     DigestMismatch(BlobId),
     #[error("store: {0}")]
     Store(String),
+    #[error("another writer holds the blob")]
+    WriterBusy,
     #[error("node is shutting down")]
     Shutdown,
 }
@@ -400,9 +402,18 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
             })
         }
     };
-    let sink = {
+    // A lazy mount's chunk backend may hold this blob's writer for the few
+    // milliseconds it takes to store a verified chunk: wait for it briefly.
+    let mut tries = 0;
+    let sink = loop {
         let (store, id) = (store.clone(), id.clone());
-        blocking(move || open_sink(&store, &id, size, start)).await??
+        match blocking(move || open_sink(&store, &id, size, start)).await? {
+            Err(DownloadError::WriterBusy) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => break other?,
+        }
     };
     let mut sink = sink;
     if d.raw.set(sink.writer.raw_reader()?).is_err() {
@@ -501,6 +512,7 @@ fn open_sink(store: &Store, id: &BlobId, size: u64, start: u64) -> Result<Sink, 
             store.remove(id)?;
             store.open_writer(id, size)?
         }
+        Err(StoreError::WriterBusy { .. }) => return Err(DownloadError::WriterBusy),
         other => other?,
     };
     let mut verifier = Verifier::new(id);
