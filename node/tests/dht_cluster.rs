@@ -165,6 +165,13 @@ async fn a_node_without_the_secret_cannot_join() {
         40_100,
     )
     .await;
+    // It tried, and both sides saw the handshake fail.
+    eventually("the outsider's dials fail", || async {
+        let ours = outsider.dht.status().await.expect("running");
+        let theirs = nodes[0].dht.status().await.expect("running");
+        ours.failed_dials >= 2 && theirs.refused_inbound >= 2
+    })
+    .await;
     // A full lookup, bounded by its own deadline, finds nothing: the pnet
     // handshake never completes, so the outsider has no peer to ask.
     assert_eq!(
@@ -175,8 +182,10 @@ async fn a_node_without_the_secret_cannot_join() {
             .expect("running"),
         Vec::new()
     );
-    assert_eq!(outsider.dht.peers().await.expect("running"), 0);
-    assert_eq!(nodes[0].dht.peers().await.expect("running"), 1);
+    let ours = outsider.dht.status().await.expect("running");
+    assert_eq!((ours.peers, ours.connected), (0, 0));
+    let theirs = nodes[0].dht.status().await.expect("running");
+    assert_eq!((theirs.peers, theirs.connected), (1, 1));
     // Nor can it announce anything the members would see.
     let fake = BlobId::sha256(b"poisoned");
     outsider.dht.provide(&fake).await.expect("local provide");

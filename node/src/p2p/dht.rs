@@ -129,6 +129,20 @@ impl DhtConfig {
     }
 }
 
+/// What [`Dht::status`] reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DhtStatus {
+    /// Members in the routing table.
+    pub peers: usize,
+    /// Members with an open connection now.
+    pub connected: usize,
+    /// Outbound connections that failed (peer down, or not a member: with
+    /// another join secret the handshake cannot complete).
+    pub failed_dials: u64,
+    /// Inbound connections whose handshake failed (not a member).
+    pub refused_inbound: u64,
+}
+
 /// A holder of a blob, as the data plane dials it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Provider {
@@ -267,7 +281,12 @@ impl Dht {
 
     /// Members in this node's routing table.
     pub async fn peers(&self) -> Result<usize, DhtError> {
-        self.ask(|reply| actor::Command::Peers { reply }).await
+        Ok(self.status().await?.peers)
+    }
+
+    /// Counters for `shoal status` and metrics.
+    pub async fn status(&self) -> Result<DhtStatus, DhtError> {
+        self.ask(|reply| actor::Command::Status { reply }).await
     }
 
     /// Stops the DHT task (closing every connection) and waits for it.

@@ -43,7 +43,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::addr_record::{self, AddrRecord};
 use super::{
-    node_id_of, BootstrapTarget, DhtConfig, DhtError, Provider, ID_PROTOCOL, KAD_PROTOCOL,
+    node_id_of, BootstrapTarget, DhtConfig, DhtError, DhtStatus, Provider, ID_PROTOCOL,
+    KAD_PROTOCOL,
 };
 
 /// TCP connect + pnet + noise + yamux negotiation.
@@ -68,8 +69,8 @@ pub(super) enum Command {
         deadline: Instant,
         reply: oneshot::Sender<Vec<Provider>>,
     },
-    Peers {
-        reply: oneshot::Sender<usize>,
+    Status {
+        reply: oneshot::Sender<DhtStatus>,
     },
 }
 
@@ -208,6 +209,8 @@ pub(super) struct Actor {
     waiting: HashMap<PeerId, Vec<u64>>,
     deadlines: FuturesUnordered<Deadline>,
     resolving: JoinSet<Vec<SocketAddr>>,
+    /// The counters of [`DhtStatus`].
+    status: DhtStatus,
 }
 
 impl Actor {
@@ -243,6 +246,7 @@ impl Actor {
             waiting: HashMap::new(),
             deadlines: FuturesUnordered::new(),
             resolving: JoinSet::new(),
+            status: DhtStatus::default(),
         }
     }
 
@@ -311,9 +315,13 @@ impl Actor {
                     id
                 }));
             }
-            Command::Peers { reply } => {
-                let n = self.kad().kbuckets().map(|b| b.num_entries()).sum();
-                let _ = reply.send(n);
+            Command::Status { reply } => {
+                let status = DhtStatus {
+                    peers: self.kad().kbuckets().map(|b| b.num_entries()).sum(),
+                    connected: self.swarm.connected_peers().count(),
+                    ..self.status
+                };
+                let _ = reply.send(status);
             }
         }
     }
@@ -352,6 +360,8 @@ impl Actor {
             SwarmEvent::OutgoingConnectionError { error, .. } => {
                 if let DialError::LocalPeerId { address } = &error {
                     self.self_addrs.extend(socket_addr(address));
+                } else {
+                    self.status.failed_dials += 1;
                 }
                 // A peer with another join secret fails here (pnet garbles
                 // the noise handshake); so does a peer that is down.
@@ -362,6 +372,7 @@ impl Actor {
                 error,
                 ..
             } => {
+                self.status.refused_inbound += 1;
                 tracing::debug!(from = %send_back_addr, %error, "inbound connection refused");
             }
             _ => {}
@@ -407,12 +418,10 @@ impl Actor {
             },
             kad::Event::RoutingUpdated {
                 peer, is_new_peer, ..
-            } => {
-                if is_new_peer && !self.joined {
-                    tracing::info!(%peer, "joined the DHT");
-                    self.joined = true;
-                    self.announce_all();
-                }
+            } if is_new_peer && !self.joined => {
+                tracing::info!(%peer, "joined the DHT");
+                self.joined = true;
+                self.announce_all();
             }
             _ => {}
         }
