@@ -12,5 +12,5 @@ pub mod mount;
 pub mod node;
 pub mod p2p;
 pub mod store;
-pub mod units;
+pub use shoal_proto::units;
 pub mod upstream;

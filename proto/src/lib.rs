@@ -9,6 +9,7 @@ pub mod digest;
 pub mod name;
 pub mod node_id;
 pub mod sched;
+pub mod units;
 pub mod wire;
 
 pub use digest::{BlobId, Digest, DigestAlgorithm, DigestError};

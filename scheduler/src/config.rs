@@ -4,13 +4,13 @@
 //! field and is parsed by a test.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use shoal_proto::sched::canonical_scheduler_addr;
+pub use shoal_proto::units::HumanDuration;
 
 use crate::state::{Shard, StateConfig};
 
@@ -221,31 +221,6 @@ fn shard(cluster: Vec<String>, advertise: Option<String>) -> Result<Shard, Confi
         ));
     }
     Ok(Shard::member(me, cluster))
-}
-
-/// A duration written like `"2s"`, `"500ms"`, `"1m 30s"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct HumanDuration(pub Duration);
-
-impl fmt::Display for HumanDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        humantime::format_duration(self.0).fmt(f)
-    }
-}
-
-impl Serialize for HumanDuration {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Self)
-            .map_err(|e| de::Error::custom(format!("{s:?} is not a duration like \"2s\": {e}")))
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Human units in configuration: byte sizes (`"4MiB"`, `"1.5GB"`, `1024`) and
+//! Human units in configuration files (node and scheduler): byte sizes (`"4MiB"`, `"1.5GB"`, `1024`) and
 //! durations (`"30s"`, `"5m"`), parsed with errors that say what was expected.
 
 use std::fmt;
