@@ -11,6 +11,7 @@ pub mod mirror;
 pub mod mount;
 pub mod node;
 pub mod p2p;
+pub mod peering;
 pub mod store;
 pub use shoal_proto::units;
 pub mod upstream;
