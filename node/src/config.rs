@@ -183,6 +183,9 @@ pub struct P2pSection {
     /// A download that gets no new piece from peers for this long (and no
     /// origin lease) fetches the rest from the origin. Default `20s`.
     pub stall_timeout: HumanDuration,
+    /// Run a scheduler inside this node, listening here (default: none).
+    /// List its address in `schedulers` on every node, this one included.
+    pub embedded_scheduler: Option<SocketAddr>,
 }
 
 impl Default for P2pSection {
@@ -199,6 +202,7 @@ impl Default for P2pSection {
             upload_rate: ByteSize(0),
             fetch_window: 8,
             stall_timeout: HumanDuration(Duration::from_secs(20)),
+            embedded_scheduler: None,
         }
     }
 }
@@ -231,6 +235,7 @@ pub struct P2p {
     pub upload_rate: u64,
     pub fetch_window: usize,
     pub stall_timeout: Duration,
+    pub embedded_scheduler: Option<SocketAddr>,
 }
 
 /// One origin registry, validated.
@@ -404,6 +409,7 @@ fn validate_p2p(p: P2pSection) -> Result<Option<P2p>, ConfigError> {
         upload_rate: p.upload_rate.0,
         fetch_window: p.fetch_window,
         stall_timeout: p.stall_timeout.0,
+        embedded_scheduler: p.embedded_scheduler,
     }))
 }
 

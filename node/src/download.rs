@@ -450,7 +450,13 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
     // Resume from the committed prefix of a partial blob.
     let partial = existing.as_ref().filter(|r| !r.complete);
     let resume_from = partial
-        .and_then(|r| r.present.iter().next().filter(|g| g.start == 0).map(|g| g.end))
+        .and_then(|r| {
+            r.present
+                .iter()
+                .next()
+                .filter(|g| g.start == 0)
+                .map(|g| g.end)
+        })
         .unwrap_or(0);
     if let Some(rec) = partial {
         tracing::info!(from = resume_from, size = rec.size, "resuming partial blob");
@@ -464,7 +470,9 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
                 // Some holder (or the lease holder's piece list) was wrong.
                 inner.mark_no_peers(&id);
                 if !fill.peer_exposed {
-                    tracing::warn!("blob from peers did not match its digest; refetching from the origin");
+                    tracing::warn!(
+                        "blob from peers did not match its digest; refetching from the origin"
+                    );
                     use_peers = false;
                     fill = Fill::new(0, None);
                     d.progress.send_modify(|p| p.written = 0);
@@ -573,7 +581,11 @@ pub(crate) async fn ensure_sink(
 
 /// Write `data` at `fill.pos` (hashing it) and advance; commit what is
 /// written when `commit` is set.
-pub(crate) async fn write(fill: &mut Fill, data: Vec<u8>, commit: bool) -> Result<(), DownloadError> {
+pub(crate) async fn write(
+    fill: &mut Fill,
+    data: Vec<u8>,
+    commit: bool,
+) -> Result<(), DownloadError> {
     let sink = fill
         .sink
         .take()

@@ -238,12 +238,16 @@ impl Metrics {
     }
 
     pub fn from_peers(&self, kind: &'static str, n: u64) {
-        self.peer_bytes.get_or_create(&KindLabels { kind }).inc_by(n);
+        self.peer_bytes
+            .get_or_create(&KindLabels { kind })
+            .inc_by(n);
         self.totals.peer_bytes.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn decision(&self, kind: &'static str) {
-        self.fetch_decisions.get_or_create(&KindLabels { kind }).inc();
+        self.fetch_decisions
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     pub fn origin_request(&self, kind: &'static str) {

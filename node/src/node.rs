@@ -54,8 +54,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     // The cluster side: data plane, DHT, announcements. Stopped after the
     // downloads (which use it) and before the store is flushed.
     let peer_cancel = CancellationToken::new();
+    let mut embedded = None;
     let peering = match &cfg.p2p {
         Some(p2p_cfg) => {
+            if let Some(listen) = p2p_cfg.embedded_scheduler {
+                let sched_cfg = shoal_scheduler::config::FileConfig {
+                    listen,
+                    ..Default::default()
+                }
+                .validate()?;
+                let scheduler = shoal_scheduler::server::Scheduler::bind(sched_cfg)
+                    .await
+                    .with_context(|| {
+                        format!("embedded scheduler on {listen} (p2p.embedded_scheduler)")
+                    })?;
+                let stop = peer_cancel.clone();
+                embedded = Some(tokio::spawn(async move {
+                    if let Err(e) = scheduler.serve(stop.cancelled_owned()).await {
+                        tracing::error!(error = %e, "embedded scheduler failed");
+                    }
+                }));
+            }
             let dir = cfg.data_dir.clone();
             let identity = tokio::task::spawn_blocking(move || Identity::load_or_generate(&dir))
                 .await?
@@ -167,6 +186,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     tracker.wait().await;
     if let Some(p) = &peering {
         p.shutdown().await;
+    }
+    peer_cancel.cancel();
+    if let Some(s) = embedded {
+        let _ = s.await;
     }
     tokio::task::spawn_blocking(move || store.flush()).await??;
     tracing::info!("store flushed; bye");

@@ -128,8 +128,8 @@ impl Peering {
         let mut pcfg = P2pConfig::new(cfg.listen, cfg.join_secret.clone());
         pcfg.upload_slots = cfg.upload_slots;
         pcfg.upload_rate = cfg.upload_rate;
-        pcfg.fault_corrupt_uploads = std::env::var("SHOAL_FAULT_CORRUPT_UPLOADS")
-            .is_ok_and(|v| v == "1");
+        pcfg.fault_corrupt_uploads =
+            std::env::var("SHOAL_FAULT_CORRUPT_UPLOADS").is_ok_and(|v| v == "1");
         if pcfg.fault_corrupt_uploads {
             tracing::warn!("SHOAL_FAULT_CORRUPT_UPLOADS=1: this node serves corrupted bytes to peers (fault injection for tests)");
         }
@@ -202,7 +202,9 @@ impl Peering {
             .tracker
             .spawn(async move { me.announce_loop().await }.instrument(span));
         let me = this.clone();
-        this.inner.tracker.spawn(async move { me.provide_all().await });
+        this.inner
+            .tracker
+            .spawn(async move { me.provide_all().await });
         this.inner.tracker.close();
         tracing::info!(node = %this.inner.node_id, advertise = %advertise, schedulers = n, dht = this.inner.dht.is_some(), "joined the cluster");
         Ok(this)
@@ -400,10 +402,7 @@ impl Peering {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn observe(&self, op: &'static str, started: Instant, ok: bool) {
@@ -488,7 +487,13 @@ impl Peering {
             let dirty: Vec<BlobId> = st.dirty.drain().collect();
             let removed: Vec<BlobId> = st.removed.drain().collect();
             let wanted: HashSet<BlobId> = st.hashes_wanted.drain().collect();
-            (dirty, removed, st.leases.clone(), wanted, st.needs_full.clone())
+            (
+                dirty,
+                removed,
+                st.leases.clone(),
+                wanted,
+                st.needs_full.clone(),
+            )
         };
         let store = self.inner.store.clone();
         let any_full = needs_full.iter().any(|f| *f);
@@ -522,7 +527,11 @@ impl Peering {
                 } else {
                     delta.clone()
                 },
-                removed: if full_now { Vec::new() } else { removed.clone() },
+                removed: if full_now {
+                    Vec::new()
+                } else {
+                    removed.clone()
+                },
                 traffic,
             };
             async move {
@@ -632,12 +641,8 @@ fn blob_announcement(
         size: r.size,
         piece_size: r.piece_size,
         have,
-        piece_sha256: with_hashes.then(|| {
-            r.piece_sha256
-                .iter()
-                .map(|h| h.map(PieceSha256))
-                .collect()
-        }),
+        piece_sha256: with_hashes
+            .then(|| r.piece_sha256.iter().map(|h| h.map(PieceSha256)).collect()),
         complete: r.complete,
         origin_fetch: leased.is_some(),
         origin_bytes: leased.copied().unwrap_or(0),
@@ -658,7 +663,11 @@ fn advertise_addr(cfg: &P2p, bound: SocketAddr) -> SocketAddr {
     let targets = cfg
         .schedulers
         .iter()
-        .map(|s| s.trim_start_matches("http://").trim_end_matches('/').to_string())
+        .map(|s| {
+            s.trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string()
+        })
         .chain(cfg.peers.iter().map(|p| {
             if p.contains(':') {
                 p.clone()

@@ -101,7 +101,10 @@ pub(super) async fn fill(
                     return Ok(Outcome::Done);
                 }
             }
-            _ if view.holders.is_empty() && view.lease.is_none() && view.retry_after_ms.is_none() => {
+            _ if view.holders.is_empty()
+                && view.lease.is_none()
+                && view.retry_after_ms.is_none() =>
+            {
                 // Nobody holds it, nobody fetches it, and we were not given
                 // the lease: the scheduler cannot help.
                 return Ok(Outcome::Origin("no_holder_no_lease"));
@@ -172,7 +175,15 @@ async fn pieces(
             let Some((peer, addr)) = pick else { break };
             *load.entry(peer).or_default() += 1;
             let range = piece_range(next, piece, size);
-            inflight.push_back(fetch_piece(p2p.clone(), peer, addr, id.clone(), next, range, hash));
+            inflight.push_back(fetch_piece(
+                p2p.clone(),
+                peer,
+                addr,
+                id.clone(),
+                next,
+                range,
+                hash,
+            ));
             next += 1;
         }
         let Some(got) = (tokio::select! {
@@ -189,7 +200,9 @@ async fn pieces(
             Err(e) => {
                 let reason = match &e {
                     FetchError::Timeout { .. } => Some(FailureReason::Stalled),
-                    FetchError::NotPresent { .. } | FetchError::NotFound { .. } | FetchError::Busy { .. } => None,
+                    FetchError::NotPresent { .. }
+                    | FetchError::NotFound { .. }
+                    | FetchError::Busy { .. } => None,
                     _ => Some(FailureReason::Unreachable),
                 };
                 tracing::debug!(peer = %got.peer.short(), piece = got.index, error = %e, "piece fetch failed");
@@ -262,7 +275,9 @@ async fn read_range(
     len: u64,
 ) -> Result<Vec<u8>, FetchError> {
     let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-    let n = p2p.fetch_range_into(peer, addr, blob, offset, &mut buf).await?;
+    let n = p2p
+        .fetch_range_into(peer, addr, blob, offset, &mut buf)
+        .await?;
     if n as u64 != len {
         return Err(FetchError::NotPresent {
             peer,
