@@ -67,6 +67,9 @@ pub struct P2pStatus {
 pub struct SchedulerStatus {
     pub addr: String,
     pub reachable: bool,
+    /// Why the last announcement failed.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -157,6 +160,7 @@ async fn status(State(st): State<AdminState>) -> Response {
                         .map(|x| SchedulerStatus {
                             addr: x.addr,
                             reachable: x.reachable,
+                            error: x.error,
                         })
                         .collect(),
                     dht_addr: s.dht_addr,

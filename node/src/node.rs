@@ -58,11 +58,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let peering = match &cfg.p2p {
         Some(p2p_cfg) => {
             if let Some(listen) = p2p_cfg.embedded_scheduler {
-                let sched_cfg = shoal_scheduler::config::FileConfig {
+                let mut sched_cfg = shoal_scheduler::config::FileConfig {
                     listen,
                     ..Default::default()
                 }
                 .validate()?;
+                sched_cfg.auth_key = Some(
+                    p2p_cfg
+                        .join_secret
+                        .derive_key(shoal_proto::auth::SCHEDULER_LABEL),
+                );
                 let scheduler = shoal_scheduler::server::Scheduler::bind(sched_cfg)
                     .await
                     .with_context(|| {

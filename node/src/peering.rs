@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use shoal_proto::auth::SCHEDULER_LABEL;
 use shoal_proto::sched::{
     AnnounceRequest, AnnounceResponse, BlobAnnouncement, FailureReason, FailureReport,
     NodeAnnouncement, ParentsRequest, ParentsResponse, PieceBits, PieceSha256, Traffic,
@@ -92,6 +93,8 @@ struct State {
     heartbeat: Option<Duration>,
     /// Per scheduler: the last announcement succeeded.
     reachable: Vec<bool>,
+    /// Per scheduler: why the last announcement failed.
+    errors: Vec<Option<String>>,
 }
 
 /// What `shoal status` shows about the cluster side.
@@ -111,6 +114,7 @@ pub struct PeeringStatus {
 pub struct SchedulerStatus {
     pub addr: String,
     pub reachable: bool,
+    pub error: Option<String>,
 }
 
 impl Peering {
@@ -148,7 +152,8 @@ impl Peering {
         } else {
             Some(
                 SchedulerSet::new(&cfg.schedulers, &ClientOptions::default())
-                    .context("p2p.schedulers")?,
+                    .context("p2p.schedulers")?
+                    .with_auth(cfg.join_secret.derive_key(SCHEDULER_LABEL)),
             )
         };
         let mut dcfg = DhtConfig::new(cfg.dht_listen, advertise);
@@ -183,6 +188,7 @@ impl Peering {
             state: Mutex::new(State {
                 needs_full: vec![true; n],
                 reachable: vec![false; n],
+                errors: vec![None; n],
                 ..State::default()
             }),
             wake: Notify::new(),
@@ -377,9 +383,11 @@ impl Peering {
                     s.all()
                         .iter()
                         .zip(st.reachable.iter())
-                        .map(|(c, r)| SchedulerStatus {
+                        .zip(st.errors.iter())
+                        .map(|((c, r), e)| SchedulerStatus {
                             addr: c.addr().to_string(),
                             reachable: *r,
+                            error: e.clone(),
                         })
                         .collect()
                 })
@@ -554,6 +562,9 @@ impl Peering {
                     }
                     set_at(&mut st.needs_full, i, true);
                     set_at(&mut st.reachable, i, false);
+                    if let Some(slot) = st.errors.get_mut(i) {
+                        *slot = Some(e.to_string());
+                    }
                 }
             }
         }
@@ -565,6 +576,9 @@ impl Peering {
         }
         set_at(&mut st.reachable, i, true);
         set_at(&mut st.needs_full, i, resp.resync);
+        if let Some(slot) = st.errors.get_mut(i) {
+            *slot = None;
+        }
         if resp.heartbeat_interval_ms > 0 {
             st.heartbeat = Some(Duration::from_millis(
                 resp.heartbeat_interval_ms.clamp(100, 60_000),
