@@ -269,6 +269,53 @@ impl Peering {
         }
     }
 
+    /// `range` of `blob` from a peer holding all of it (the scheduler's
+    /// holders first, then the DHT's), or `None` if no peer could give it.
+    /// The bytes are NOT verified: the caller checks them (lazy mounts
+    /// verify every chunk against its digest) and calls [`Peering::blame`]
+    /// with the returned peer when they are wrong.
+    pub async fn read_range(
+        &self,
+        blob: &BlobId,
+        range: std::ops::Range<u64>,
+    ) -> Option<(NodeId, Vec<u8>)> {
+        let len = range.end.checked_sub(range.start)?;
+        let mut candidates: Vec<(NodeId, SocketAddr)> = Vec::new();
+        if let Some(view) = self.parents(blob, None, false).await {
+            if let (Some(size), Some(piece)) = (view.size, view.piece_size) {
+                let first = u32::try_from(range.start / piece.max(1)).ok()?;
+                let last = u32::try_from(range.end.min(size).saturating_sub(1) / piece.max(1)).ok()?;
+                candidates.extend(
+                    view.holders
+                        .iter()
+                        .filter(|h| h.complete || (first..=last).all(|i| h.have.get(i)))
+                        .map(|h| (h.node, h.p2p_addr)),
+                );
+            }
+        } else {
+            candidates.extend(self.providers(blob).await.into_iter().map(|p| (p.node, p.quic_addr)));
+        }
+        for (peer, addr) in candidates.into_iter().take(3) {
+            let mut buf = vec![0u8; usize::try_from(len).ok()?];
+            match self
+                .inner
+                .p2p
+                .fetch_range_into(peer, addr, blob, range.start, &mut buf)
+                .await
+            {
+                Ok(n) if n == buf.len() => {
+                    self.inner.metrics.from_peers("chunk", len);
+                    return Some((peer, buf));
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::debug!(peer = %peer.short(), error = %e, "range from peer failed");
+                }
+            }
+        }
+        None
+    }
+
     /// Complete holders of `blob` found in the DHT.
     pub async fn providers(&self, blob: &BlobId) -> Vec<Provider> {
         let Some(dht) = &self.inner.dht else {
