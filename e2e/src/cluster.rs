@@ -51,17 +51,35 @@ pub const FAULT_CORRUPT_UPLOADS: &str = "SHOAL_FAULT_CORRUPT_UPLOADS";
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Node metric names this harness reads (the node's `/metrics` contract, issue 5), in one place.
+///
+/// Bytes by source are looked up under two names each: the node's (`shoal_origin_bytes_total`,
+/// `shoal_peer_bytes_total`, with a `kind` label) and the `shoal_bytes_from_*_total` names the
+/// issue's test plan used; whichever the scrape has is read.
 pub mod metric {
-    /// Blob bytes the node read from origin registries.
-    pub const FROM_ORIGIN: &str = "shoal_bytes_from_origin_total";
-    /// Blob bytes the node received from peers (verified or not).
-    pub const FROM_PEERS: &str = "shoal_bytes_from_peers_total";
+    use crate::metrics::Metrics;
+
+    /// Bytes the node read from origin registries.
+    pub const FROM_ORIGIN: &[&str] = &["shoal_origin_bytes_total", "shoal_bytes_from_origin_total"];
+    /// Blob bytes the node obtained from peers (verified).
+    pub const FROM_PEERS: &[&str] = &["shoal_peer_bytes_total", "shoal_bytes_from_peers_total"];
+    /// Pieces from peers that failed verification.
+    pub const BAD_PIECES: &str = "shoal_bad_pieces_total";
     /// Range bytes sent to peers, label `peer` = the receiver's node id.
     pub const P2P_UPLOAD_BYTES: &str = "shoal_p2p_upload_bytes_total";
     /// Range bytes received from peers, label `peer` = the sender's node id.
     pub const P2P_DOWNLOAD_BYTES: &str = "shoal_p2p_download_bytes_total";
     /// Peer connections refused in the membership handshake, label `outcome` (`join_refused`, …).
     pub const P2P_HANDSHAKE_FAILURES: &str = "shoal_p2p_handshake_failures_total";
+    /// Blob downloads running now.
+    pub const DOWNLOADS_IN_FLIGHT: &str = "shoal_downloads_in_flight";
+
+    /// The sum of the first of `names` that `metrics` has; `None` when it has none of them.
+    pub fn first_of(metrics: &Metrics, names: &[&str]) -> Option<f64> {
+        names
+            .iter()
+            .find(|n| metrics.has(n))
+            .map(|n| metrics.sum(n, &[]))
+    }
 }
 
 /// How a node relates to the cluster.
@@ -610,8 +628,8 @@ impl NodeBytes {
     /// Reads them from `metrics`.
     pub fn of(metrics: &Metrics) -> Self {
         Self {
-            from_origin: metrics.sum(metric::FROM_ORIGIN, &[]) as u64,
-            from_peers: metrics.sum(metric::FROM_PEERS, &[]) as u64,
+            from_origin: metric::first_of(metrics, metric::FROM_ORIGIN).unwrap_or(0.0) as u64,
+            from_peers: metric::first_of(metrics, metric::FROM_PEERS).unwrap_or(0.0) as u64,
             to_peers: metrics.sum(metric::P2P_UPLOAD_BYTES, &[]) as u64,
         }
     }

@@ -337,15 +337,22 @@ impl Node {
     pub fn wait_ready(&mut self) -> Result<()> {
         let client = http::client()?;
         let url = format!("http://{}/healthz", self.admin_addr());
+        // A node that exited is reported at once (the inner error), not after the timeout.
         let ready = poll("the node's /healthz", READY_TIMEOUT, || {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("the node exited during start-up: {status}");
+                    self.child = None;
+                    return Ok(Some(Err(anyhow::anyhow!(
+                        "the node exited during start-up: {status}"
+                    ))));
                 }
             }
-            Ok((client.get(&url).send()?.status().as_u16() == 200).then_some(()))
+            let up = client.get(&url).send()?.status().as_u16() == 200;
+            Ok(up.then_some(Ok(())))
         });
-        ready.with_context(|| format!("node log tail:\n{}", self.log_tail(30)))
+        ready
+            .and_then(|exited| exited)
+            .with_context(|| format!("node log tail:\n{}", self.log_tail(30)))
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use shoal_proto::sched::StatusResponse;
 
 use crate::wait::poll;
@@ -132,15 +132,22 @@ impl Scheduler {
         self.child = Some(child);
         let client = http::client()?;
         let url = format!("http://{}/api/v1/status", self.listen);
+        // A scheduler that exited is reported at once (the inner error), not after the timeout.
         let ready = poll("the scheduler to answer", READY_TIMEOUT, || {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("the scheduler exited during start-up: {status}");
+                    self.child = None;
+                    return Ok(Some(Err(anyhow::anyhow!(
+                        "the scheduler exited during start-up: {status}"
+                    ))));
                 }
             }
-            Ok((client.get(&url).send()?.status().as_u16() == 200).then_some(()))
+            let up = client.get(&url).send()?.status().as_u16() == 200;
+            Ok(up.then_some(Ok(())))
         });
-        ready.with_context(|| format!("scheduler log tail:\n{}", self.log_tail(30)))
+        ready
+            .and_then(|exited| exited)
+            .with_context(|| format!("scheduler log tail:\n{}", self.log_tail(30)))
     }
 }
 
