@@ -323,7 +323,7 @@ impl Registry {
         poll(
             "the registry to take a log marker",
             Duration::from_secs(60),
-            || Ok(client.get(&url).send().map(|_| ())?).map(Some),
+            || Ok(Some(client.get(&url).send().map(|_| ())?)),
         )?;
         poll(
             "the registry log to catch up",
