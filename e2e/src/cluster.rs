@@ -206,6 +206,7 @@ impl Cluster {
             net.shape_ingress(&host, options.node_mbit)?;
             hosts.push(host);
         }
+        net.pin_neighbors()?;
 
         let origin = Registry::start_on_host(t, &origin_host, ORIGIN_PORT)?;
         skopeo::push_fixture(t, &origin, IMAGE).context("pushing the fixture into the origin")?;

@@ -318,10 +318,13 @@ impl Registry {
         let mark = self.marks.fetch_add(1, Ordering::Relaxed);
         let token = format!("e2e-log-mark-{}-{mark}", std::process::id());
         let url = format!("{}/v2/?{token}", self.url());
-        http::client()?
-            .get(&url)
-            .send()
-            .context("sending a log marker")?;
+        let client = http::client()?;
+        // Retried: right after many clients hung up, a busy origin link can drop the first SYNs.
+        poll(
+            "the registry to take a log marker",
+            Duration::from_secs(60),
+            || Ok(Some(client.get(&url).send().map(|_| ())?)),
+        )?;
         poll(
             "the registry log to catch up",
             Duration::from_secs(10),
