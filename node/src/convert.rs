@@ -59,7 +59,7 @@ pub struct ConvertOptions {
 /// Why a conversion failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
-    #[error("{0}")]
+    #[error(transparent)]
     Reference(#[from] crate::mount::image::ImageError),
     #[error("target {image}: give a tag, not a digest (the tag is what convert writes last)")]
     TargetDigest { image: String },

@@ -47,7 +47,7 @@ pub enum RegistryError {
     },
     #[error("registry {host} denied access to {repo} (HTTP 403): the credentials lack the right")]
     Denied { host: String, repo: String },
-    #[error("{what} does not exist on {host}")]
+    #[error("{what} does not exist (registry {host})")]
     NotFound { host: String, what: String },
     #[error("{what} on {host}: HTTP {status}: {body}")]
     Status {
