@@ -623,3 +623,108 @@ fn http_basic(c: &Creds) -> String {
     }
     out
 }
+
+#[test]
+fn an_interrupted_conversion_resumes_and_an_index_stays_an_index() {
+    let name = "an_interrupted_conversion_resumes_and_an_index_stays_an_index";
+    run(name, NEEDS, |t| {
+        let origin = Registry::start(t)?;
+        skopeo::push_fixture(t, &origin, setup::IMAGE)?;
+        // The source as a one-platform image index.
+        let manifest = setup::fixture_image()?;
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": manifest.manifest_media_type, "digest": manifest.manifest_digest,
+                           "size": manifest.manifest.len(),
+                           "platform": {"os": "linux", "architecture": "amd64"}}]}))?;
+        let put = origin.put_manifest(
+            setup::REPO,
+            "multi",
+            "application/vnd.oci.image.index.v1+json",
+            index,
+        )?;
+        ensure!(put.status.as_u16() == 201, "index PUT: {}", put.short());
+        let src = format!("{}/{}:multi", origin.addr(), setup::REPO);
+        let mut target = Registry::start(t)?;
+        let dst = format!("{}/test/python:nydus", target.addr());
+        let work = t.subdir("work")?;
+
+        // Take the target down as soon as the first layer is converted.
+        let w = work.to_string_lossy().into_owned();
+        let child = Command::new(paths::shoal_bin()?)
+            .args([
+                "convert",
+                "--plain-http",
+                "--json",
+                "--work-dir",
+                &w,
+                &src,
+                &dst,
+            ])
+            .env("HOME", t.dir())
+            .env_remove("REGISTRY_AUTH_FILE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        shoal_e2e::wait::poll(
+            "a first converted layer in the work dir",
+            std::time::Duration::from_secs(120),
+            || {
+                let done = std::fs::read_dir(work.join("layers"))
+                    .map(|d| d.flatten().any(|e| e.path().join("done.json").is_file()))
+                    .unwrap_or(false);
+                Ok(done.then_some(()))
+            },
+        )?;
+        target.stop()?;
+        let out = child.wait_with_output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(2) && stderr.contains("cannot reach registry"),
+            "convert with the target gone: {} {stderr}",
+            out.status
+        );
+        println!(
+            "{name}: target stopped mid-run → {}",
+            stderr.lines().rev().nth(1).unwrap_or_default()
+        );
+        target.start_again()?;
+        ensure!(
+            tag_status(&target, "test/python", "nydus")? == 404,
+            "the tag exists after a failed run"
+        );
+
+        let again = convert_ok(t, &work, &src, &dst, &[])?;
+        ensure!(n(&again, "layers_cached") >= 1, "nothing reused: {again}");
+        println!(
+            "{name}: rerun reused {} converted layer(s), pushed {} blobs, skipped {}",
+            n(&again, "layers_cached"),
+            n(&again, "blobs_pushed"),
+            n(&again, "blobs_skipped")
+        );
+        let got = http::fetch(
+            http::client()?
+                .get(format!("{}/v2/test/python/manifests/nydus", target.url()))
+                .header("Accept", setup::MANIFEST_ACCEPT),
+        )?;
+        let top: Value = got.json()?;
+        ensure!(
+            top["mediaType"] == "application/vnd.oci.image.index.v1+json"
+                && top["manifests"][0]["platform"]["architecture"] == "amd64",
+            "target is not an index: {top}"
+        );
+        let inner = top["manifests"][0]["digest"].as_str().context("digest")?;
+        let got = http::fetch(
+            http::client()?
+                .get(format!("{}/v2/test/python/manifests/{inner}", target.url()))
+                .header("Accept", setup::MANIFEST_ACCEPT),
+        )?;
+        ensure!(
+            got.status.as_u16() == 200,
+            "platform manifest: {}",
+            got.short()
+        );
+        println!("{name}: an index source gives an index target ({inner} for linux/amd64)");
+        Ok(())
+    });
+}
