@@ -401,6 +401,14 @@ async fn convert_layers(
     summary.layers = n;
     summary.source_bytes = distinct.iter().map(|d| d.size).sum();
     progress
+        .step(Event::Line(format!(
+            "converting {}: {n} layers, {:.1} MiB → {}",
+            src_t,
+            mib(summary.source_bytes),
+            dst_t
+        )))
+        .await;
+    progress
         .step(Event::Layers(
             distinct.iter().map(|d| short(&d.digest)).collect(),
         ))

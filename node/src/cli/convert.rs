@@ -40,7 +40,8 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub platform: Option<String>,
     /// An already-converted Nydus image: chunks it stores are referenced instead of written
-    /// again (its blobs are mounted or copied into DST's repository).
+    /// again (its blobs are mounted or copied into DST's repository). Of a multi-platform
+    /// dictionary, the --platform (else this host's) manifest is used.
     #[arg(long, value_name = "IMAGE")]
     pub chunk_dict: Option<String>,
     /// Chunk compression.

@@ -7,9 +7,12 @@
 //! option that changes the output (compressor, digester, chunk size, chunk dictionary,
 //! prefetch list, shoal version).
 //!
-//! Invariants: `layers/<key>/` exists only complete — it is built in `<key>.tmp/` and renamed
-//! into place, `done.json` included — and a cached entry is used only when its blob file has
-//! the recorded size. A source layer is verified against its digest before the builder reads it.
+//! Invariants: `layers/<key>/` exists only complete — it is built in `<key>.tmp<pid>/` and
+//! renamed into place, `done.json` included — and a cached entry is used only when its blob file
+//! has the recorded size. A source layer is verified against its digest before the builder reads
+//! it. Two runs sharing a work dir never corrupt a finished build, but may both download the
+//! same layer into one `.part` file (which then fails its digest check): give concurrent runs
+//! their own `--work-dir`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -136,7 +139,8 @@ fn build_into(
         let path = path.to_path_buf();
         move |source| ConvertError::Io { op, path, source }
     };
-    let tmp = dir.with_extension("tmp");
+    // Per process, so two runs sharing a work dir never build into the same directory.
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
     }
@@ -172,10 +176,11 @@ fn build_into(
     let record = serde_json::to_vec_pretty(&c).unwrap_or_default();
     let done = tmp.join("done.json");
     std::fs::write(&done, record).map_err(io("write", &done))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io("remove", dir))?;
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        // Another run finished the same build first: the builds are byte-identical.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return cached(dir).ok_or_else(|| io("rename", &tmp)(e));
     }
-    std::fs::rename(&tmp, dir).map_err(io("rename", &tmp))?;
     Ok(c)
 }
 
