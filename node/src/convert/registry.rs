@@ -656,3 +656,76 @@ pub fn sha256_file(path: &Path) -> std::io::Result<Digest> {
         h.update(&buf[..k]);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode as Code};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+
+    /// A registry that wants `Bearer tok` and a token service that wants `Basic alice:pw`,
+    /// as Docker Hub, GHCR and Harbor are set up.
+    async fn token_registry() -> String {
+        async fn manifest(State(realm): State<String>, h: HeaderMap) -> Response {
+            if h.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer tok") {
+                return (Code::OK, [("content-type", "application/json")], "{}").into_response();
+            }
+            let challenge =
+                format!(r#"Bearer realm="{realm}",service="test",scope="repository:a/b:pull""#);
+            (Code::UNAUTHORIZED, [("www-authenticate", challenge)], "").into_response()
+        }
+        async fn token(h: HeaderMap) -> Response {
+            let want = basic("alice", "pw");
+            if h.get("authorization") != Some(&want) {
+                return Code::UNAUTHORIZED.into_response();
+            }
+            (Code::OK, r#"{"token":"tok","expires_in":300}"#).into_response()
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new()
+            .route("/v2/a/b/manifests/1", get(manifest))
+            .route("/token", get(token))
+            .with_state(format!("http://{addr}/token"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr.to_string()
+    }
+
+    #[tokio::test]
+    async fn answers_bearer_challenges_with_the_token_dance() {
+        let host = token_registry().await;
+        let repo: RepoName = "a/b".parse().expect("repo");
+        let tag: Reference = "1".parse().expect("tag");
+        let creds = |u: &str, p: &str| {
+            Some(Credentials {
+                user: u.into(),
+                pass: p.into(),
+            })
+        };
+        let ok = Registry::new(&host, true, creds("alice", "pw")).expect("client");
+        let m = ok
+            .manifest(&repo, &tag)
+            .await
+            .expect("manifest with a token");
+        assert_eq!(m.bytes, b"{}");
+        // The token is cached for the scope: the second request needs no new dance.
+        ok.manifest(&repo, &tag).await.expect("cached token");
+
+        let wrong = Registry::new(&host, true, creds("alice", "nope")).expect("client");
+        let e = wrong
+            .manifest(&repo, &tag)
+            .await
+            .expect_err("wrong password");
+        assert!(
+            matches!(e, RegistryError::Unauthorized { .. }) && e.to_string().contains("wrong"),
+            "{e}"
+        );
+        let anon = Registry::new(&host, true, None).expect("client");
+        let e = anon.manifest(&repo, &tag).await.expect_err("anonymous");
+        assert!(e.to_string().contains("needs credentials"), "{e}");
+    }
+}
