@@ -5,6 +5,7 @@ pub mod access;
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod download;
 pub mod metrics;
 pub mod mirror;
