@@ -49,11 +49,21 @@ pub(super) enum Outcome {
     Origin(&'static str),
 }
 
-/// Peers this download does not ask again (until the instant).
+/// Peers this download does not ask again (until the instant), and those
+/// that refused the membership handshake.
 #[derive(Default)]
-struct Avoid(HashMap<NodeId, Instant>);
+struct Avoid(HashMap<NodeId, Instant>, std::collections::HashSet<NodeId>);
 
 impl Avoid {
+    fn refuse(&mut self, peer: NodeId) {
+        self.forever(peer);
+        self.1.insert(peer);
+    }
+
+    fn refused(&self, peer: &NodeId) -> bool {
+        self.1.contains(peer)
+    }
+
     fn add(&mut self, peer: NodeId, for_: Duration) {
         self.0.insert(peer, Instant::now() + for_);
     }
@@ -96,6 +106,13 @@ pub(super) async fn fill(
                 if !view.holders.is_empty() {
                     ensure_sink(inner, d, f, size).await?;
                     progressed = pieces(inner, peering, d, f, &view, size, &mut avoid).await?;
+                    if !progressed && view.holders.iter().all(|h| avoid.refused(&h.node)) {
+                        // Every holder refuses our join proof (or we theirs):
+                        // this node is not in their cluster, waiting will not
+                        // help.
+                        tracing::warn!("every holder refused the membership handshake (different join secret?)");
+                        return Ok(Outcome::Origin("membership_refused"));
+                    }
                 }
                 if f.pos >= size {
                     return Ok(Outcome::Done);
@@ -206,6 +223,12 @@ async fn pieces(
                     _ => Some(FailureReason::Unreachable),
                 };
                 tracing::debug!(peer = %got.peer.short(), piece = got.index, error = %e, "piece fetch failed");
+                if matches!(e, FetchError::NotMember { .. }) {
+                    // Not a matter of the peer's health: one side lacks the
+                    // other's join secret. Nobody to blame.
+                    avoid.refuse(got.peer);
+                    break;
+                }
                 avoid.add(got.peer, if reason.is_some() { AVOID } else { POLL * 5 });
                 if let Some(r) = reason {
                     peering.blame(id, got.peer, r);
