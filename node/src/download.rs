@@ -515,14 +515,16 @@ async fn attempt(
                     tracing::info!(why, "fetching from the origin");
                     inner.metrics.decision("origin_fallback");
                 }
+                peers::Outcome::Again => continue,
             }
         } else {
             inner.metrics.decision("origin_standalone");
         }
-        if lease {
-            if let Some(p) = peering {
+        if let Some(p) = peering {
+            if lease {
                 p.lease_started(&d.id);
             }
+            p.origin_fetch_started(&d.id);
         }
         let result = origin_fill(inner, d, src, fill, lease).await;
         if lease {

@@ -284,7 +284,8 @@ impl Peering {
         if let Some(view) = self.parents(blob, None, false).await {
             if let (Some(size), Some(piece)) = (view.size, view.piece_size) {
                 let first = u32::try_from(range.start / piece.max(1)).ok()?;
-                let last = u32::try_from(range.end.min(size).saturating_sub(1) / piece.max(1)).ok()?;
+                let last =
+                    u32::try_from(range.end.min(size).saturating_sub(1) / piece.max(1)).ok()?;
                 candidates.extend(
                     view.holders
                         .iter()
@@ -293,7 +294,12 @@ impl Peering {
                 );
             }
         } else {
-            candidates.extend(self.providers(blob).await.into_iter().map(|p| (p.node, p.quic_addr)));
+            candidates.extend(
+                self.providers(blob)
+                    .await
+                    .into_iter()
+                    .map(|p| (p.node, p.quic_addr)),
+            );
         }
         for (peer, addr) in candidates.into_iter().take(3) {
             let mut buf = vec![0u8; usize::try_from(len).ok()?];
@@ -372,6 +378,17 @@ impl Peering {
             st.dirty.insert(blob.clone());
         }
         self.inner.wake.notify_one();
+        self.provide(blob);
+    }
+
+    /// This node starts fetching `blob` from the origin: provide it in the
+    /// DHT now, so that if the schedulers go away, others can follow this
+    /// node instead of going to the origin too.
+    pub fn origin_fetch_started(&self, blob: &BlobId) {
+        self.provide(blob);
+    }
+
+    fn provide(&self, blob: &BlobId) {
         if let Some(dht) = self.inner.dht.clone() {
             let blob = blob.clone();
             self.inner.tracker.spawn(async move {

@@ -47,6 +47,8 @@ pub(super) enum Outcome {
     Lease,
     /// No peer can help (why, for the log).
     Origin(&'static str),
+    /// Ask the scheduler again (it answers again after an outage).
+    Again,
 }
 
 /// Peers this download does not ask again (until the instant), and those
@@ -313,8 +315,9 @@ async fn read_range(
     Ok(buf)
 }
 
-/// No scheduler answered: complete holders from the DHT, bytes held back
-/// until the whole blob is verified.
+/// No scheduler answered: holders from the DHT (complete ones, and nodes
+/// fetching the blob from the origin, followed as they progress), bytes held
+/// back until the whole blob is verified.
 async fn dht_fill(
     inner: &Inner,
     peering: &Peering,
@@ -337,43 +340,77 @@ async fn dht_fill(
         if avoid.has(&p.node) {
             continue;
         }
-        let map = match p2p.have(p.node, p.quic_addr, id).await {
-            Ok(Some(m)) if m.complete && f.size.is_none_or(|s| s == m.size) => m,
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::debug!(peer = %p.node.short(), error = %e, "DHT provider unreachable");
-                avoid.add(p.node, AVOID);
-                continue;
-            }
-        };
-        let size = map.size;
-        ensure_sink(inner, d, f, size).await?;
-        if f.hidden_from.is_none() {
-            f.hidden_from = Some(f.pos);
-        }
-        tracing::info!(peer = %p.node.short(), size, "fetching from a DHT provider (held back until verified)");
-        while f.pos < size {
-            let len = (size - f.pos).min(DHT_REQUEST);
-            let got = tokio::select! {
-                g = read_range(&p2p, p.node, p.quic_addr, id, f.pos, len) => g,
-                _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
-            };
-            match got {
-                Ok(bytes) => {
-                    inner.metrics.from_peers("blob", bytes.len() as u64);
-                    f.from_peers = true;
-                    // Not committed: nothing unverified becomes servable.
-                    write(f, bytes, false).await?;
-                }
+        let mut last_progress = Instant::now();
+        loop {
+            let map = match p2p.have(p.node, p.quic_addr, id).await {
+                Ok(Some(m)) if f.size.is_none_or(|s| s == m.size) => m,
+                Ok(_) => break,
                 Err(e) => {
-                    tracing::debug!(peer = %p.node.short(), error = %e, "DHT provider failed");
+                    tracing::debug!(peer = %p.node.short(), error = %e, "DHT provider unreachable");
                     avoid.add(p.node, AVOID);
                     break;
                 }
+            };
+            let size = map.size;
+            if map.piece_size != piece_size(size) {
+                break;
             }
-        }
-        if f.pos >= size {
-            return Ok(Outcome::Done);
+            ensure_sink(inner, d, f, size).await?;
+            if f.hidden_from.is_none() {
+                f.hidden_from = Some(f.pos);
+                tracing::info!(peer = %p.node.short(), size, complete = map.complete, "fetching from a DHT provider (held back until verified)");
+            }
+            // What the provider holds contiguously from our position.
+            let held_to = if map.complete {
+                size
+            } else {
+                let mut i = f.pos / map.piece_size;
+                while map.has(i) {
+                    i += 1;
+                }
+                (i * map.piece_size).min(size)
+            };
+            let before = f.pos;
+            while f.pos < held_to {
+                let len = (held_to - f.pos).min(DHT_REQUEST);
+                let got = tokio::select! {
+                    g = read_range(&p2p, p.node, p.quic_addr, id, f.pos, len) => g,
+                    _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
+                };
+                match got {
+                    Ok(bytes) => {
+                        inner.metrics.from_peers("blob", bytes.len() as u64);
+                        f.from_peers = true;
+                        // Not committed: nothing unverified becomes servable.
+                        write(f, bytes, false).await?;
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %p.node.short(), error = %e, "DHT provider failed");
+                        avoid.add(p.node, AVOID);
+                        break;
+                    }
+                }
+            }
+            if f.pos >= size {
+                return Ok(Outcome::Done);
+            }
+            if avoid.has(&p.node) {
+                break;
+            }
+            if f.pos > before {
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() > peering.stall_timeout() {
+                break;
+            }
+            // The provider is still fetching: follow it.
+            tokio::select! {
+                _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            // The scheduler may be back: prefer it (and its piece hashes).
+            if peering.has_schedulers() && peering.parents(id, f.size, false).await.is_some() {
+                return Ok(Outcome::Again);
+            }
         }
     }
     Ok(Outcome::Origin("dht_providers_failed"))
