@@ -575,14 +575,14 @@ impl Peering {
             let delta: Vec<BlobAnnouncement> = dirty
                 .iter()
                 .filter_map(|id| store.blob(id).ok().flatten())
-                .map(|r| blob_announcement(&r, &leases, &wanted))
+                .map(|r| blob_announcement(&r, &leases, &wanted, true))
                 .collect();
             let full: Option<Vec<BlobAnnouncement>> = any_full.then(|| {
                 store
                     .blobs()
                     .unwrap_or_default()
                     .iter()
-                    .map(|r| blob_announcement(r, &leases, &wanted))
+                    .map(|r| blob_announcement(r, &leases, &wanted, false))
                     .collect()
             });
             (delta, full)
@@ -692,12 +692,15 @@ fn set_at(v: &mut [bool], i: usize, value: bool) {
 }
 
 /// What the scheduler is told about one stored blob. Piece hashes go with
-/// blobs fetched under a lease (the scheduler trusts the lease holder's list)
-/// and with complete blobs a scheduler asked about or that just completed.
+/// blobs fetched under a lease (the scheduler trusts the lease holder's list),
+/// with complete blobs a scheduler asked about, and with complete blobs in a
+/// delta (they just completed) — not with every complete blob of a full
+/// announcement, which would make it grow with the whole cache.
 fn blob_announcement(
     r: &BlobRecord,
     leases: &HashMap<BlobId, u64>,
     wanted: &HashSet<BlobId>,
+    delta: bool,
 ) -> BlobAnnouncement {
     let count = u32::try_from(r.size.div_ceil(r.piece_size.max(1))).unwrap_or(u32::MAX);
     let have = if r.complete {
@@ -713,7 +716,7 @@ fn blob_announcement(
         bits
     };
     let leased = leases.get(&r.id);
-    let with_hashes = leased.is_some() || r.complete || wanted.contains(&r.id);
+    let with_hashes = leased.is_some() || (r.complete && delta) || wanted.contains(&r.id);
     BlobAnnouncement {
         blob: r.id.clone(),
         size: r.size,
