@@ -11,13 +11,20 @@
 //! mount a dead node left) until `umount`; at node shutdown every live mount is unmounted but
 //! stays in the table. Every blob of a live mount is pinned in the store.
 //!
+//! Modes: FUSE (`shoal_rafs::fuse`) at the directory, or kernel EROFS (`shoal_rafs::erofs`) at
+//! the directory with its decoded blob files served from `<data dir>/erofs/<key of the dir>`;
+//! both read through the same chunk backend. Each mount records the image's access list on its
+//! first run, or prefetches it (plus the bootstrap's prefetch table) on later ones; that
+//! background work is cancelled when the mount goes.
+//!
 //! Layout: `image` (references, manifests, Nydus layers: pure), `resolve` (origin → verified
-//! bootstrap), `chunks` (the `ChunkSource` over store and origin), `table` (mounts.json, stale
-//! mounts), `api` (admin routes).
+//! bootstrap), `chunks` (the `ChunkSource` over store and origin), `prefetch` (access lists,
+//! prefetch), `table` (mounts.json, stale mounts), `api` (admin routes).
 
 pub mod api;
 pub mod chunks;
 pub mod image;
+pub mod prefetch;
 pub mod resolve;
 pub mod table;
 
@@ -28,7 +35,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::Digest;
-use shoal_rafs::fuse::{self, FuseError, FuseMount, FuseOptions, LatencySnapshot};
+use shoal_rafs::erofs::{self, ErofsError, ErofsMount, ErofsOptions};
+use shoal_rafs::fuse::{self, FuseError, FuseMount, FuseOptions, FuseStats, LatencySnapshot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,6 +48,7 @@ use crate::store::{PinGuard, Store, StoreError};
 use crate::upstream::{OriginError, Upstreams};
 use chunks::{BlobSpec, ChunkBackend, SourceSnapshot};
 use image::{ImageError, ImageRef};
+use prefetch::{AccessLog, PrefetchSnapshot, PrefetchStats};
 pub use table::{MountMode, MountRecord};
 
 /// Why a mount operation failed.
@@ -61,12 +70,12 @@ pub enum MountError {
     Busy { dir: PathBuf, image: String },
     #[error("no shoal mount at {dir}")]
     NotMounted { dir: PathBuf },
-    #[error("mount mode {mode} is not implemented yet; use --mode fuse")]
-    ModeUnsupported { mode: MountMode },
     #[error("mount point {dir}: {reason}")]
     Dir { dir: PathBuf, reason: String },
     #[error(transparent)]
     Fuse(#[from] FuseError),
+    #[error(transparent)]
+    Erofs(#[from] ErofsError),
     #[error("mount table: {0}")]
     Table(String),
     #[error("the node is shutting down")]
@@ -83,6 +92,9 @@ pub struct MountRequest {
     /// `os/arch[/variant]`; default this host's.
     #[serde(default)]
     pub platform: Option<String>,
+    /// Prefetch rate in origin bytes per second (default [`prefetch::DEFAULT_RATE`]; 0: off).
+    #[serde(default)]
+    pub prefetch_rate: Option<u64>,
 }
 
 fn default_mode() -> MountMode {
@@ -127,6 +139,9 @@ pub struct MountStats {
     pub latency_p50_us: Option<u64>,
     pub latency_p90_us: Option<u64>,
     pub latency_p99_us: Option<u64>,
+    /// Prefetch progress and access-list recording.
+    #[serde(default)]
+    pub prefetch: PrefetchSnapshot,
 }
 
 /// What the mount manager needs from the node.
@@ -154,7 +169,7 @@ enum Cmd {
     Mount(MountRecord, Reply<MountInfo>),
     Prepared(
         MountRecord,
-        Result<Live, MountError>,
+        Result<Box<Live>, MountError>,
         Option<Reply<MountInfo>>,
     ),
     Unmount(PathBuf, Reply<()>),
@@ -190,9 +205,6 @@ impl Mounts {
 
     /// Mount `req.image` at `req.dir` (which must exist; made canonical here).
     pub async fn mount(&self, req: MountRequest) -> Result<MountInfo, MountError> {
-        if req.mode != MountMode::Fuse {
-            return Err(MountError::ModeUnsupported { mode: req.mode });
-        }
         ImageRef::parse(&req.image)?;
         let dir = canonical(&req.dir).await?;
         let record = MountRecord {
@@ -200,6 +212,7 @@ impl Mounts {
             dir,
             mode: req.mode,
             platform: image::platform_or_host(req.platform.as_deref()),
+            prefetch_rate: req.prefetch_rate,
         };
         self.ask(|r| Cmd::Mount(record, r)).await?
     }
@@ -243,11 +256,14 @@ async fn canonical(dir: &Path) -> Result<PathBuf, MountError> {
 
 /// A live mount and what keeps it alive.
 struct Live {
-    fuse: FuseMount,
+    fs: Mounted,
     backend: Arc<ChunkBackend>,
+    prefetch: Arc<PrefetchStats>,
     manifest: Digest,
     mounted_at_ms: u64,
     _pins: Vec<PinGuard>,
+    /// Stops this mount's prefetch and access-list saving when the mount goes.
+    _background: tokio_util::sync::DropGuard,
 }
 
 enum Slot {
@@ -327,7 +343,7 @@ impl Actor {
         let span = tracing::info_span!("mount", image = %rec.image, dir = %rec.dir.display());
         self.deps.tracker.spawn(
             async move {
-                let result = mount_image(&deps, &rec).await;
+                let result = mount_image(&deps, &rec).await.map(Box::new);
                 // If the actor is gone the mount is dropped, which unmounts it.
                 let _ = tx.send(Cmd::Prepared(rec, result, reply)).await;
             }
@@ -338,22 +354,22 @@ impl Actor {
     async fn prepared(
         &mut self,
         rec: MountRecord,
-        result: Result<Live, MountError>,
+        result: Result<Box<Live>, MountError>,
         reply: Option<Reply<MountInfo>>,
     ) {
         let restoring = reply.is_none();
         match result {
             Ok(live) if self.closed => {
-                unmount_live(live).await;
+                unmount_live(*live).await;
                 send(reply, Err(MountError::ShuttingDown));
             }
             Ok(live) => {
                 tracing::info!(image = %rec.image, dir = %rec.dir.display(), manifest = %live.manifest, "mounted");
                 let Some((_, slot)) = self.slots.get_mut(&rec.dir) else {
-                    unmount_live(live).await;
+                    unmount_live(*live).await;
                     return;
                 };
-                *slot = Slot::Mounted(Box::new(live));
+                *slot = Slot::Mounted(live);
                 let info = info(&rec, slot);
                 let saved = self.persist_add(&rec).await;
                 send(reply, saved.map(|()| info));
@@ -388,8 +404,8 @@ impl Actor {
         let saved = self.save().await;
         if let Slot::Mounted(live) = slot {
             tracing::info!(image = %rec.image, dir = %dir.display(), "unmounting");
-            let fuse = live.fuse;
-            tokio::task::spawn_blocking(move || fuse.unmount())
+            let fs = live.fs;
+            tokio::task::spawn_blocking(move || fs.unmount())
                 .await
                 .map_err(|e| MountError::Table(format!("unmount task failed: {e}")))??;
         }
@@ -438,9 +454,9 @@ fn send(reply: Option<Reply<MountInfo>>, r: Result<MountInfo, MountError>) {
 }
 
 async fn unmount_live(live: Live) {
-    let dir = live.fuse.dir().to_path_buf();
-    let fuse = live.fuse;
-    match tokio::task::spawn_blocking(move || fuse.unmount()).await {
+    let dir = live.fs.dir().to_path_buf();
+    let fs = live.fs;
+    match tokio::task::spawn_blocking(move || fs.unmount()).await {
         Ok(Ok(())) => tracing::info!(dir = %dir.display(), "unmounted"),
         Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "unmount failed"),
         Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "unmount task failed"),
@@ -478,7 +494,15 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         pins.push(deps.store.pin(&id));
         blobs.push((BlobSpec { id, size }, chunks));
     }
-    let backend = Arc::new(ChunkBackend::new(
+    let boot = Arc::new(boot);
+    let list_path = prefetch::list_path(&deps.data_dir, &resolved.layers.bootstrap.digest);
+    let learned = {
+        let p = list_path.clone();
+        tokio::task::spawn_blocking(move || prefetch::load(&p))
+            .await
+            .map_err(|e| MountError::Table(format!("access list task failed: {e}")))?
+    };
+    let mut backend = ChunkBackend::new(
         chunks::Deps {
             rt: tokio::runtime::Handle::current(),
             store: deps.store.clone(),
@@ -488,24 +512,150 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
             cancel: deps.cancel.clone(),
         },
         blobs,
-    ));
+    );
+    let background = deps.cancel.child_token();
+    let prefetch_stats = Arc::new(PrefetchStats::default());
+    if learned.is_none() {
+        let log = Arc::new(AccessLog::new(list_path));
+        backend.record_into(log.clone());
+        prefetch_stats
+            .recording
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        deps.tracker.spawn(
+            prefetch::keep_saved(log, prefetch_stats.clone(), background.clone())
+                .instrument(tracing::info_span!("access-list", dir = %rec.dir.display())),
+        );
+    }
+    let backend = Arc::new(backend);
+    let boot_for_prefetch = boot.clone();
     let dir = rec.dir.clone();
     let source = backend.clone();
-    let fuse = tokio::task::spawn_blocking(move || {
-        table::clear_stale(&dir);
-        fuse::mount(Arc::new(boot), source, &dir, &FuseOptions::default())
+    let (mode, erofs_root) = (rec.mode, erofs_root(&deps.data_dir));
+    let fs = tokio::task::spawn_blocking(move || {
+        let blobs_dir = erofs_root.join(dir_key(&dir));
+        table::clear_stale(&dir, &erofs_root);
+        table::clear_stale(&blobs_dir, &erofs_root);
+        Mounted::new(mode, boot, source, &dir, &blobs_dir)
     })
     .await
     .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
+    let rate = rec.prefetch_rate.unwrap_or(prefetch::DEFAULT_RATE);
+    if rate > 0 {
+        start_prefetch(
+            deps,
+            &rec.dir,
+            &backend,
+            &boot_for_prefetch,
+            learned,
+            rate,
+            &background,
+            &prefetch_stats,
+        );
+    }
     Ok(Live {
-        fuse,
+        fs,
         backend,
+        prefetch: prefetch_stats,
+        _background: background.drop_guard(),
         manifest: resolved.manifest_digest,
         mounted_at_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         _pins: pins,
     })
+}
+
+/// Prefetch the image's prefetch table and learned access list in the background.
+#[allow(clippy::too_many_arguments)]
+fn start_prefetch(
+    deps: &MountDeps,
+    dir: &Path,
+    backend: &Arc<ChunkBackend>,
+    boot: &Arc<shoal_rafs::Bootstrap>,
+    learned: Option<Vec<prefetch::ChunkKey>>,
+    rate: u64,
+    cancel: &CancellationToken,
+    stats: &Arc<PrefetchStats>,
+) {
+    let (backend, boot, cancel, stats) =
+        (backend.clone(), boot.clone(), cancel.clone(), stats.clone());
+    let span = tracing::info_span!("prefetch", dir = %dir.display());
+    deps.tracker.spawn_blocking(move || {
+        let _span = span.enter();
+        let chunks = prefetch::plan(&boot, learned.as_deref().unwrap_or_default());
+        if chunks.is_empty() {
+            return;
+        }
+        tracing::info!(chunks = chunks.len(), rate, "prefetching");
+        prefetch::run(&backend, &boot, &chunks, rate, &cancel, &stats);
+        let s = stats.snapshot();
+        tracing::info!(state = %s.state, done = s.done, held = s.held, failed = s.failed, "prefetch finished");
+    });
+}
+
+/// Where EROFS mounts keep their blob filesystems: `<data dir>/erofs/<key of the mount point>`.
+fn erofs_root(data_dir: &Path) -> PathBuf {
+    data_dir.join("erofs")
+}
+
+/// A stable, path-safe name for a mount point.
+fn dir_key(dir: &Path) -> String {
+    use sha2::Digest as _;
+    let h = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    hex::encode(&h[..8])
+}
+
+/// The filesystem of a live mount, in either mode.
+enum Mounted {
+    Fuse(FuseMount),
+    Erofs(ErofsMount),
+}
+
+impl Mounted {
+    /// Mount (blocking): FUSE at `dir`, or EROFS at `dir` with its blob files at `blobs_dir`.
+    fn new(
+        mode: MountMode,
+        boot: Arc<shoal_rafs::Bootstrap>,
+        source: Arc<ChunkBackend>,
+        dir: &Path,
+        blobs_dir: &Path,
+    ) -> Result<Self, MountError> {
+        Ok(match mode {
+            MountMode::Fuse => {
+                Mounted::Fuse(fuse::mount(boot, source, dir, &FuseOptions::default())?)
+            }
+            MountMode::Erofs => Mounted::Erofs(erofs::mount(
+                boot,
+                source,
+                dir,
+                blobs_dir,
+                &ErofsOptions::default(),
+            )?),
+        })
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            Mounted::Fuse(m) => m.dir(),
+            Mounted::Erofs(m) => m.dir(),
+        }
+    }
+
+    /// FUSE: reads by programs. EROFS: reads of the blob files, i.e. the kernel's page-cache
+    /// misses (programs' reads that hit the page cache never reach the node).
+    fn stats(&self) -> &Arc<FuseStats> {
+        match self {
+            Mounted::Fuse(m) => m.stats(),
+            Mounted::Erofs(m) => m.stats(),
+        }
+    }
+
+    fn unmount(self) -> Result<(), MountError> {
+        match self {
+            Mounted::Fuse(m) => Ok(m.unmount()?),
+            Mounted::Erofs(m) => Ok(m.unmount()?),
+        }
+    }
 }
 
 fn info(rec: &MountRecord, slot: &Slot) -> MountInfo {
@@ -537,7 +687,7 @@ fn info(rec: &MountRecord, slot: &Slot) -> MountInfo {
 }
 
 fn stats(live: &Live) -> MountStats {
-    let f = live.fuse.stats().snapshot();
+    let f = live.fs.stats().snapshot();
     let lat = &f.read_latency;
     MountStats {
         reads: f.reads,
@@ -550,6 +700,7 @@ fn stats(live: &Live) -> MountStats {
         latency_p50_us: percentile(lat, 0.50),
         latency_p90_us: percentile(lat, 0.90),
         latency_p99_us: percentile(lat, 0.99),
+        prefetch: live.prefetch.snapshot(),
     }
 }
 
