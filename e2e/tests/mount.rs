@@ -281,6 +281,23 @@ fn runs_python_and_equals_the_oci_unpack(name: &str, mode: Mode) {
             "{name}: shoal mounts: {}",
             shoal_ok(&["mounts", "--node", &s.node.admin_addr()])?
         );
+        let metrics = shoal_e2e::http::client()?
+            .get(format!("http://{}/metrics", s.node.admin_addr()))
+            .send()?
+            .text()?;
+        let labels = format!(
+            "mount=\"{}\",image=\"{}\",mode=\"{}\"",
+            s.mnt.display(),
+            s.reference,
+            mode.arg()
+        );
+        for series in [
+            format!("shoal_mount_read_bytes_total{{{labels}}} "),
+            format!("shoal_mount_fetched_bytes_total{{{labels},source=\"origin\"}} "),
+            format!("shoal_mount_read_latency_seconds_count{{{labels}}} "),
+        ] {
+            ensure!(metrics.contains(&series), "no {series} in /metrics");
+        }
 
         let expected = listing(&umoci_rootfs(t)?)?;
         let actual = listing(&s.mnt)?;

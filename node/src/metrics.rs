@@ -44,6 +44,9 @@ pub struct Metrics {
     pub access_checks: Family<KindLabels, Counter>,
     /// Chunk bytes (compressed) lazy mounts obtained, by source (`local`, `origin`).
     pub mount_chunk_bytes: Family<KindLabels, Counter>,
+    /// Per-mount series (reads, bytes fetched by source, latency), encoded at scrape time from
+    /// the live mounts' counters; the mount manager adds and removes mounts.
+    pub mount_series: std::sync::Arc<crate::mount::exporter::MountSeries>,
     /// Totals kept for `shoal status` without parsing the registry.
     pub totals: Totals,
 }
@@ -144,6 +147,10 @@ impl Metrics {
             "Chunk bytes lazy mounts obtained, by source (local, origin)",
             mount_chunk_bytes.clone(),
         );
+        let mount_series = std::sync::Arc::new(crate::mount::exporter::MountSeries::default());
+        registry.register_collector(Box::new(crate::mount::exporter::MountCollector(
+            mount_series.clone(),
+        )));
         Self {
             registry,
             requests,
@@ -157,6 +164,7 @@ impl Metrics {
             downloads_failed,
             access_checks,
             mount_chunk_bytes,
+            mount_series,
             totals: Totals::default(),
         }
     }

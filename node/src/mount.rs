@@ -19,10 +19,11 @@
 //!
 //! Layout: `image` (references, manifests, Nydus layers: pure), `resolve` (origin → verified
 //! bootstrap), `chunks` (the `ChunkSource` over store and origin), `prefetch` (access lists,
-//! prefetch), `table` (mounts.json, stale mounts), `api` (admin routes).
+//! prefetch), `exporter` (per-mount Prometheus series), `table` (mounts.json, stale mounts), `api` (admin routes).
 
 pub mod api;
 pub mod chunks;
+pub mod exporter;
 pub mod image;
 pub mod prefetch;
 pub mod resolve;
@@ -259,11 +260,26 @@ struct Live {
     fs: Mounted,
     backend: Arc<ChunkBackend>,
     prefetch: Arc<PrefetchStats>,
+    /// The access list this mount records (the image's first run), if it records one.
+    access: Option<Arc<AccessLog>>,
     manifest: Digest,
     mounted_at_ms: u64,
     _pins: Vec<PinGuard>,
     /// Stops this mount's prefetch and access-list saving when the mount goes.
     _background: tokio_util::sync::DropGuard,
+    _series: SeriesGuard,
+}
+
+/// Keeps a mount's Prometheus series while the mount lives.
+struct SeriesGuard {
+    series: Arc<exporter::MountSeries>,
+    dir: PathBuf,
+}
+
+impl Drop for SeriesGuard {
+    fn drop(&mut self) {
+        self.series.remove(&self.dir);
+    }
 }
 
 enum Slot {
@@ -515,8 +531,10 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
     );
     let background = deps.cancel.child_token();
     let prefetch_stats = Arc::new(PrefetchStats::default());
+    let mut access = None;
     if learned.is_none() {
         let log = Arc::new(AccessLog::new(list_path));
+        access = Some(log.clone());
         backend.record_into(log.clone());
         prefetch_stats
             .recording
@@ -552,10 +570,28 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
             &prefetch_stats,
         );
     }
+    let series = deps.metrics.mount_series.clone();
+    series.add(
+        &rec.dir,
+        exporter::Probe {
+            labels: exporter::MountLabels {
+                mount: rec.dir.display().to_string(),
+                image: rec.image.clone(),
+                mode: rec.mode.to_string(),
+            },
+            reads: fs.stats().clone(),
+            source: backend.stats().clone(),
+        },
+    );
     Ok(Live {
+        _series: SeriesGuard {
+            series,
+            dir: rec.dir.clone(),
+        },
         fs,
         backend,
         prefetch: prefetch_stats,
+        access,
         _background: background.drop_guard(),
         manifest: resolved.manifest_digest,
         mounted_at_ms: SystemTime::now()
@@ -700,7 +736,13 @@ fn stats(live: &Live) -> MountStats {
         latency_p50_us: percentile(lat, 0.50),
         latency_p90_us: percentile(lat, 0.90),
         latency_p99_us: percentile(lat, 0.99),
-        prefetch: live.prefetch.snapshot(),
+        prefetch: {
+            let mut p = live.prefetch.snapshot();
+            if let Some(log) = &live.access {
+                p.recorded = log.len() as u64;
+            }
+            p
+        },
     }
 }
 

@@ -213,10 +213,12 @@ fn render(mounts: &[MountInfo]) -> String {
         let src = &s.source;
         let _ = writeln!(
             o,
-            "    fetched: {} chunks; local store {} ({} chunks), origin {} ({} chunks in {} requests, {} failed); {} chunks failed verification",
+            "    fetched: {} chunks; local store {} ({} chunks), peers {} ({} chunks), origin {} ({} chunks in {} requests, {} failed); {} chunks failed verification",
             s.chunks_fetched,
             ByteSize(src.local_bytes),
             src.local_chunks,
+            ByteSize(src.peer_bytes),
+            src.peer_chunks,
             ByteSize(src.origin_bytes),
             src.origin_chunks,
             src.origin_requests,
