@@ -19,11 +19,13 @@
 //!
 //! Layout: `image` (references, manifests, Nydus layers: pure), `resolve` (origin → verified
 //! bootstrap), `chunks` (the `ChunkSource` over store and origin), `prefetch` (access lists,
-//! prefetch), `exporter` (per-mount Prometheus series), `table` (mounts.json, stale mounts), `api` (admin routes).
+//! prefetch), `fs` (the filesystem of a live mount, either mode), `exporter` (per-mount
+//! Prometheus series), `table` (mounts.json, stale mounts), `api` (admin routes).
 
 pub mod api;
 pub mod chunks;
 pub mod exporter;
+pub mod fs;
 pub mod image;
 pub mod prefetch;
 pub mod resolve;
@@ -36,8 +38,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::Digest;
-use shoal_rafs::erofs::{self, ErofsError, ErofsMount, ErofsOptions};
-use shoal_rafs::fuse::{self, FuseError, FuseMount, FuseOptions, FuseStats, LatencySnapshot};
+use shoal_rafs::erofs::ErofsError;
+use shoal_rafs::fuse::{self, FuseError, LatencySnapshot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -48,8 +50,9 @@ use crate::metrics::Metrics;
 use crate::store::{PinGuard, Store, StoreError};
 use crate::upstream::{OriginError, Upstreams};
 use chunks::{BlobSpec, ChunkBackend, SourceSnapshot};
+use fs::Mounted;
 use image::{ImageError, ImageRef};
-use prefetch::{AccessLog, PrefetchSnapshot, PrefetchStats};
+use prefetch::{Background, PrefetchSnapshot};
 pub use table::{MountMode, MountRecord};
 
 /// Why a mount operation failed.
@@ -259,14 +262,13 @@ async fn canonical(dir: &Path) -> Result<PathBuf, MountError> {
 struct Live {
     fs: Mounted,
     backend: Arc<ChunkBackend>,
-    prefetch: Arc<PrefetchStats>,
-    /// The access list this mount records (the image's first run), if it records one.
-    access: Option<Arc<AccessLog>>,
+    /// Recording (the image's first run) or prefetching (later runs).
+    background: Background,
     manifest: Digest,
     mounted_at_ms: u64,
     _pins: Vec<PinGuard>,
-    /// Stops this mount's prefetch and access-list saving when the mount goes.
-    _background: tokio_util::sync::DropGuard,
+    /// Stops the background work when the mount goes.
+    _stop: tokio_util::sync::DropGuard,
     _series: SeriesGuard,
 }
 
@@ -512,12 +514,9 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
     }
     let boot = Arc::new(boot);
     let list_path = prefetch::list_path(&deps.data_dir, &resolved.layers.bootstrap.digest);
-    let learned = {
-        let p = list_path.clone();
-        tokio::task::spawn_blocking(move || prefetch::load(&p))
-            .await
-            .map_err(|e| MountError::Table(format!("access list task failed: {e}")))?
-    };
+    let mut background = tokio::task::spawn_blocking(move || Background::prepare(&list_path))
+        .await
+        .map_err(|e| MountError::Table(format!("access list task failed: {e}")))?;
     let mut backend = ChunkBackend::new(
         chunks::Deps {
             rt: tokio::runtime::Handle::current(),
@@ -529,47 +528,28 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         },
         blobs,
     );
-    let background = deps.cancel.child_token();
-    let prefetch_stats = Arc::new(PrefetchStats::default());
-    let mut access = None;
-    if learned.is_none() {
-        let log = Arc::new(AccessLog::new(list_path));
-        access = Some(log.clone());
-        backend.record_into(log.clone());
-        prefetch_stats
-            .recording
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        deps.tracker.spawn(
-            prefetch::keep_saved(log, prefetch_stats.clone(), background.clone())
-                .instrument(tracing::info_span!("access-list", dir = %rec.dir.display())),
-        );
-    }
+    background.attach(&mut backend);
     let backend = Arc::new(backend);
-    let boot_for_prefetch = boot.clone();
-    let dir = rec.dir.clone();
-    let source = backend.clone();
-    let (mode, erofs_root) = (rec.mode, erofs_root(&deps.data_dir));
-    let fs = tokio::task::spawn_blocking(move || {
-        let blobs_dir = erofs_root.join(dir_key(&dir));
-        table::clear_stale(&dir, &erofs_root);
-        table::clear_stale(&blobs_dir, &erofs_root);
-        Mounted::new(mode, boot, source, &dir, &blobs_dir)
-    })
-    .await
-    .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
-    let rate = rec.prefetch_rate.unwrap_or(prefetch::DEFAULT_RATE);
-    if rate > 0 {
-        start_prefetch(
-            deps,
-            &rec.dir,
-            &backend,
-            &boot_for_prefetch,
-            learned,
-            rate,
-            &background,
-            &prefetch_stats,
-        );
-    }
+    let (dir, data_dir, source, b) = (
+        rec.dir.clone(),
+        deps.data_dir.clone(),
+        backend.clone(),
+        boot.clone(),
+    );
+    let mode = rec.mode;
+    let fs = tokio::task::spawn_blocking(move || fs::mount(mode, &data_dir, b, source, &dir))
+        .await
+        .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
+    let stop = deps.cancel.child_token();
+    let span = tracing::info_span!("mount-background", dir = %rec.dir.display());
+    background.start(
+        &deps.tracker,
+        &backend,
+        &boot,
+        rec.prefetch_rate.unwrap_or(prefetch::DEFAULT_RATE),
+        &stop,
+        span,
+    );
     let series = deps.metrics.mount_series.clone();
     series.add(
         &rec.dir,
@@ -590,108 +570,14 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         },
         fs,
         backend,
-        prefetch: prefetch_stats,
-        access,
-        _background: background.drop_guard(),
+        background,
+        _stop: stop.drop_guard(),
         manifest: resolved.manifest_digest,
         mounted_at_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         _pins: pins,
     })
-}
-
-/// Prefetch the image's prefetch table and learned access list in the background.
-#[allow(clippy::too_many_arguments)]
-fn start_prefetch(
-    deps: &MountDeps,
-    dir: &Path,
-    backend: &Arc<ChunkBackend>,
-    boot: &Arc<shoal_rafs::Bootstrap>,
-    learned: Option<Vec<prefetch::ChunkKey>>,
-    rate: u64,
-    cancel: &CancellationToken,
-    stats: &Arc<PrefetchStats>,
-) {
-    let (backend, boot, cancel, stats) =
-        (backend.clone(), boot.clone(), cancel.clone(), stats.clone());
-    let span = tracing::info_span!("prefetch", dir = %dir.display());
-    deps.tracker.spawn_blocking(move || {
-        let _span = span.enter();
-        let chunks = prefetch::plan(&boot, learned.as_deref().unwrap_or_default());
-        if chunks.is_empty() {
-            return;
-        }
-        tracing::info!(chunks = chunks.len(), rate, "prefetching");
-        prefetch::run(&backend, &boot, &chunks, rate, &cancel, &stats);
-        let s = stats.snapshot();
-        tracing::info!(state = %s.state, done = s.done, held = s.held, failed = s.failed, "prefetch finished");
-    });
-}
-
-/// Where EROFS mounts keep their blob filesystems: `<data dir>/erofs/<key of the mount point>`.
-fn erofs_root(data_dir: &Path) -> PathBuf {
-    data_dir.join("erofs")
-}
-
-/// A stable, path-safe name for a mount point.
-fn dir_key(dir: &Path) -> String {
-    use sha2::Digest as _;
-    let h = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
-    hex::encode(&h[..8])
-}
-
-/// The filesystem of a live mount, in either mode.
-enum Mounted {
-    Fuse(FuseMount),
-    Erofs(ErofsMount),
-}
-
-impl Mounted {
-    /// Mount (blocking): FUSE at `dir`, or EROFS at `dir` with its blob files at `blobs_dir`.
-    fn new(
-        mode: MountMode,
-        boot: Arc<shoal_rafs::Bootstrap>,
-        source: Arc<ChunkBackend>,
-        dir: &Path,
-        blobs_dir: &Path,
-    ) -> Result<Self, MountError> {
-        Ok(match mode {
-            MountMode::Fuse => {
-                Mounted::Fuse(fuse::mount(boot, source, dir, &FuseOptions::default())?)
-            }
-            MountMode::Erofs => Mounted::Erofs(erofs::mount(
-                boot,
-                source,
-                dir,
-                blobs_dir,
-                &ErofsOptions::default(),
-            )?),
-        })
-    }
-
-    fn dir(&self) -> &Path {
-        match self {
-            Mounted::Fuse(m) => m.dir(),
-            Mounted::Erofs(m) => m.dir(),
-        }
-    }
-
-    /// FUSE: reads by programs. EROFS: reads of the blob files, i.e. the kernel's page-cache
-    /// misses (programs' reads that hit the page cache never reach the node).
-    fn stats(&self) -> &Arc<FuseStats> {
-        match self {
-            Mounted::Fuse(m) => m.stats(),
-            Mounted::Erofs(m) => m.stats(),
-        }
-    }
-
-    fn unmount(self) -> Result<(), MountError> {
-        match self {
-            Mounted::Fuse(m) => Ok(m.unmount()?),
-            Mounted::Erofs(m) => Ok(m.unmount()?),
-        }
-    }
 }
 
 fn info(rec: &MountRecord, slot: &Slot) -> MountInfo {
@@ -736,13 +622,7 @@ fn stats(live: &Live) -> MountStats {
         latency_p50_us: percentile(lat, 0.50),
         latency_p90_us: percentile(lat, 0.90),
         latency_p99_us: percentile(lat, 0.99),
-        prefetch: {
-            let mut p = live.prefetch.snapshot();
-            if let Some(log) = &live.access {
-                p.recorded = log.len() as u64;
-            }
-            p
-        },
+        prefetch: live.background.snapshot(),
     }
 }
 

@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use shoal_proto::Digest;
 use shoal_rafs::{Bootstrap, ChunkRef, FileType, InodeId};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use super::chunks::ChunkBackend;
 
@@ -58,6 +60,95 @@ pub fn load(path: &Path) -> Option<Vec<ChunkKey>> {
             tracing::warn!(path = %path.display(), error = %e, "unreadable access list; recording a new one");
             None
         }
+    }
+}
+
+/// A mount's background work: on the image's first run, recording its access list (saved
+/// periodically and when the mount goes); on later runs, prefetching the list (after the
+/// bootstrap's prefetch table). Nothing runs until [`Background::start`], so a mount that fails
+/// leaves nothing behind.
+#[derive(Debug)]
+pub struct Background {
+    stats: Arc<PrefetchStats>,
+    /// The list this mount records, when none existed.
+    recording: Option<Arc<AccessLog>>,
+    /// The list an earlier run recorded.
+    learned: Vec<ChunkKey>,
+}
+
+impl Background {
+    /// Read the image's access list at `path` (blocking) and decide what to do.
+    pub fn prepare(path: &Path) -> Self {
+        let stats = Arc::new(PrefetchStats::default());
+        match load(path) {
+            Some(learned) => Background {
+                stats,
+                recording: None,
+                learned,
+            },
+            None => {
+                stats.recording.store(true, Relaxed);
+                Background {
+                    stats,
+                    recording: Some(Arc::new(AccessLog::new(path.to_path_buf()))),
+                    learned: Vec::new(),
+                }
+            }
+        }
+    }
+
+    /// Have `backend` record reads, when this mount records (before the backend is shared).
+    pub fn attach(&self, backend: &mut ChunkBackend) {
+        if let Some(log) = &self.recording {
+            backend.record_into(log.clone());
+        }
+    }
+
+    /// Start the saver task and the prefetch thread (`rate` 0: no prefetch); both stop when
+    /// `stop` is cancelled.
+    pub fn start(
+        &mut self,
+        tracker: &TaskTracker,
+        backend: &Arc<ChunkBackend>,
+        boot: &Arc<Bootstrap>,
+        rate: u64,
+        stop: &CancellationToken,
+        span: tracing::Span,
+    ) {
+        if let Some(log) = &self.recording {
+            tracker.spawn(
+                keep_saved(log.clone(), self.stats.clone(), stop.clone()).instrument(span.clone()),
+            );
+        }
+        if rate == 0 {
+            return;
+        }
+        let learned = std::mem::take(&mut self.learned);
+        let (backend, boot, stop, stats) = (
+            backend.clone(),
+            boot.clone(),
+            stop.clone(),
+            self.stats.clone(),
+        );
+        tracker.spawn_blocking(move || {
+            let _span = span.enter();
+            let chunks = plan(&boot, &learned);
+            if chunks.is_empty() {
+                return;
+            }
+            tracing::info!(chunks = chunks.len(), rate, "prefetching");
+            run(&backend, &boot, &chunks, rate, &stop, &stats);
+            let s = stats.snapshot();
+            tracing::info!(state = %s.state, done = s.done, held = s.held, failed = s.failed, "prefetch finished");
+        });
+    }
+
+    pub fn snapshot(&self) -> PrefetchSnapshot {
+        let mut s = self.stats.snapshot();
+        if let Some(log) = &self.recording {
+            s.recorded = log.len() as u64;
+        }
+        s
     }
 }
 
