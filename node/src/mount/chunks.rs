@@ -132,9 +132,8 @@ pub struct ChunkBackend {
     blobs: Vec<BlobEntry>,
     flights: Mutex<HashMap<(u32, u64), Arc<Flight>>>,
     stats: Arc<SourceStats>,
-    /// On-demand reads in the backend now; prefetch waits for zero.
-    demand: Mutex<usize>,
-    idle: Condvar,
+    /// On-demand reads in the backend now; prefetch waits for none.
+    demand: DemandGate,
     /// Where first touches are recorded (the image's first run), if anywhere.
     access: Option<Arc<AccessLog>>,
 }
@@ -168,8 +167,7 @@ impl ChunkBackend {
             blobs,
             flights: Mutex::new(HashMap::new()),
             stats: Arc::new(SourceStats::default()),
-            demand: Mutex::new(0),
-            idle: Condvar::new(),
+            demand: DemandGate::default(),
             access: None,
         }
     }
@@ -191,18 +189,7 @@ impl ChunkBackend {
 
     /// Wait until no on-demand read is in the backend; false if cancelled first.
     pub fn wait_idle(&self, cancel: &CancellationToken) -> bool {
-        let mut n = self.demand.lock().unwrap_or_else(PoisonError::into_inner);
-        while *n > 0 {
-            if cancel.is_cancelled() {
-                return false;
-            }
-            n = self
-                .idle
-                .wait_timeout(n, std::time::Duration::from_millis(50))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        !cancel.is_cancelled()
+        self.demand.wait_idle(cancel)
     }
 
     /// `None` when the store holds `chunk`'s bytes; else what it holds of the blob.
@@ -517,7 +504,7 @@ impl ChunkBackend {
 
 impl ChunkSource for ChunkBackend {
     fn read_chunk(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<VerifiedChunk> {
-        let _demand = Demand::enter(self);
+        let _demand = self.demand.enter();
         let entry = self.entry(blob, chunk)?;
         if let Some(log) = &self.access {
             log.touch((blob.index, chunk.compressed_offset));
@@ -530,19 +517,43 @@ impl ChunkSource for ChunkBackend {
     }
 }
 
-/// An on-demand read in the backend (prefetch waits while there is one).
-struct Demand<'a>(&'a ChunkBackend);
+/// Counts on-demand reads in flight so that lower-priority work (prefetch) can wait for none.
+#[derive(Debug, Default)]
+pub struct DemandGate {
+    busy: Mutex<usize>,
+    idle: Condvar,
+}
 
-impl<'a> Demand<'a> {
-    fn enter(b: &'a ChunkBackend) -> Self {
-        *b.demand.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        Demand(b)
+/// One on-demand read; leaving when dropped.
+pub struct Demand<'a>(&'a DemandGate);
+
+impl DemandGate {
+    /// An on-demand read starts.
+    pub fn enter(&self) -> Demand<'_> {
+        *self.busy.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Demand(self)
+    }
+
+    /// Wait until no on-demand read is in flight; false if `cancel` fired first.
+    pub fn wait_idle(&self, cancel: &CancellationToken) -> bool {
+        let mut n = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            n = self
+                .idle
+                .wait_timeout(n, std::time::Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        !cancel.is_cancelled()
     }
 }
 
 impl Drop for Demand<'_> {
     fn drop(&mut self) {
-        let mut n = self.0.demand.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut n = self.0.busy.lock().unwrap_or_else(PoisonError::into_inner);
         *n = n.saturating_sub(1);
         if *n == 0 {
             self.0.idle.notify_all();
@@ -694,6 +705,30 @@ mod tests {
         );
         // The last chunk has no neighbour.
         assert_eq!(offsets(&plan(&t, &t[9], FULL, |_| true)), vec![9_000_000]);
+    }
+
+    #[test]
+    fn prefetch_waits_for_on_demand_reads_to_finish() {
+        let gate = Arc::new(DemandGate::default());
+        let cancel = CancellationToken::new();
+        assert!(gate.wait_idle(&cancel), "idle gate");
+        let read = gate.enter();
+        let (g, c) = (gate.clone(), cancel.clone());
+        let waiter = std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            (g.wait_idle(&c), t.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(read);
+        let (ok, waited) = waiter.join().expect("waiter");
+        assert!(
+            ok && waited >= std::time::Duration::from_millis(100),
+            "{waited:?}"
+        );
+        // A cancelled wait gives up even while a read is in flight.
+        let _read = gate.enter();
+        cancel.cancel();
+        assert!(!gate.wait_idle(&cancel));
     }
 
     #[test]

@@ -353,14 +353,12 @@ pub fn run(
             stats.state.store(3, Relaxed);
             return;
         }
-        // Stay under the rate: the bytes so far may not have taken less than bytes / rate.
         let spent = backend
             .stats()
             .prefetch_bytes
             .load(Relaxed)
             .saturating_sub(origin_at_start);
-        let due = Duration::from_secs_f64(spent as f64 / rate.max(1) as f64);
-        if let Some(wait) = due.checked_sub(start.elapsed()) {
+        if let Some(wait) = pace(spent, rate, start.elapsed()) {
             if sleep_or_cancel(wait, cancel) {
                 stats.state.store(3, Relaxed);
                 return;
@@ -383,6 +381,13 @@ pub fn run(
         stats.done.fetch_add(1, Relaxed);
     }
     stats.state.store(2, Relaxed);
+}
+
+/// How long to wait before the next fetch so that `spent` bytes since the start, `elapsed`
+/// ago, stay under `rate` bytes per second (`None`: go on).
+pub fn pace(spent: u64, rate: u64, elapsed: Duration) -> Option<Duration> {
+    let due = Duration::from_secs_f64(spent as f64 / rate.max(1) as f64);
+    due.checked_sub(elapsed).filter(|d| !d.is_zero())
 }
 
 /// Sleep `d` unless cancelled first; true when cancelled.
@@ -420,6 +425,53 @@ pub async fn keep_saved(log: Arc<AccessLog>, stats: Arc<PrefetchStats>, cancel: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plan_follows_the_learned_order_once_per_chunk_and_skips_unknown_chunks() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/fixtures/nydus/built/ab-v6-merged/bootstrap");
+        let Ok(boot) = Bootstrap::open(&path) else {
+            eprintln!("SKIP: fixture {} missing", path.display());
+            return;
+        };
+        let b1 = boot.blob_chunks(1).expect("chunks");
+        let b0 = boot.blob_chunks(0).expect("chunks");
+        let (x, y) = (&b1[b1.len() - 1], &b0[0]);
+        let learned = vec![
+            (x.blob_index, x.compressed_offset),
+            (9, 0),
+            (y.blob_index, y.compressed_offset),
+            (x.blob_index, x.compressed_offset),
+        ];
+        let p = plan(&boot, &learned);
+        let got: Vec<ChunkKey> = p
+            .iter()
+            .map(|c| (c.blob_index, c.compressed_offset))
+            .collect();
+        let table = boot.prefetch_table().len();
+        assert_eq!(
+            got[got.len() - 2..],
+            [
+                (x.blob_index, x.compressed_offset),
+                (y.blob_index, y.compressed_offset)
+            ],
+            "prefetch table entries: {table}"
+        );
+        let unique: HashSet<_> = got.iter().collect();
+        assert_eq!(unique.len(), got.len());
+    }
+
+    #[test]
+    fn pace_keeps_prefetch_under_its_rate() {
+        let mib = 1 << 20;
+        // 8 MiB at 4 MiB/s must take 2 s: after 0.5 s, wait 1.5 s more.
+        assert_eq!(
+            pace(8 * mib, 4 * mib, Duration::from_millis(500)),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(pace(8 * mib, 4 * mib, Duration::from_secs(3)), None);
+        assert_eq!(pace(0, 4 * mib, Duration::ZERO), None);
+    }
 
     #[test]
     fn access_log_keeps_first_touch_order_and_round_trips() {
