@@ -243,7 +243,8 @@ fn blobs_config() -> fuser::Config {
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
-    // Only the mounter (root, who mounts the EROFS) opens these files.
+    // Only the mounter opens these files (mount(2) opens them for EROFS); the kernel's later
+    // reads on behalf of any reader of the EROFS mount pass (tested), other users get EACCES.
     c.acl = SessionACL::Owner;
     c.n_threads = Some(2);
     c.clone_fd = true;
