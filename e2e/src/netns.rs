@@ -54,6 +54,7 @@ impl Net {
             subnet,
             hosts: Vec::new(),
         };
+        ip(&["link", "set", &net.bridge, "address", &net.mac(1)])?;
         ip(&["link", "set", &net.bridge, "up"])?;
         ip(&[
             "addr",
@@ -92,6 +93,10 @@ impl Net {
             "link", "add", &host.veth, "type", "veth", "peer", "name", "eth0", "netns", &host.ns,
         ])?;
         ip(&["link", "set", &host.veth, "master", &self.bridge, "up"])?;
+        let mac = self.mac(i + 2);
+        ip(&[
+            "netns", "exec", &host.ns, "ip", "link", "set", "eth0", "address", &mac,
+        ])?;
         ip(&[
             "netns",
             "exec",
@@ -106,6 +111,30 @@ impl Net {
         ip(&["netns", "exec", &host.ns, "ip", "link", "set", "eth0", "up"])?;
         ip(&["netns", "exec", &host.ns, "ip", "link", "set", "lo", "up"])?;
         Ok(host)
+    }
+
+    /// Makes every neighbour (ARP) entry between the hosts, and between the machine and each
+    /// host, permanent. The kernel's ARP table is shared by all namespaces and capped
+    /// (`net.ipv4.neigh.default.gc_thresh3`, 1024 by default); a full mesh of N hosts needs about
+    /// N² dynamic entries, so from about 30 hosts on lookups fail ("neighbor table overflow") and
+    /// connections time out. Permanent entries do not count against the cap. Call it after the
+    /// last `add_host`.
+    pub fn pin_neighbors(&self) -> Result<()> {
+        let entry = |ip: Ipv4Addr, mac: &str, dev: &str| {
+            format!("neigh replace {ip} lladdr {mac} dev {dev} nud permanent\n")
+        };
+        let mut root = String::new();
+        for (i, h) in self.hosts.iter().enumerate() {
+            root.push_str(&entry(h.ip, &self.mac(i + 2), &self.bridge));
+            let mut batch = entry(self.gateway(), &self.mac(1), "eth0");
+            for (j, other) in self.hosts.iter().enumerate() {
+                if j != i {
+                    batch.push_str(&entry(other.ip, &self.mac(j + 2), "eth0"));
+                }
+            }
+            ip_batch(Some(&h.ns), &batch)?;
+        }
+        ip_batch(None, &root)
     }
 
     /// Cap what `host` can send at `mbit` Mbit/s (tbf on its eth0).
@@ -134,6 +163,43 @@ impl Net {
         c.args(["netns", "exec", &host.ns, program]);
         c
     }
+}
+
+impl Net {
+    /// The MAC of the address ending in `octet` (1: the bridge, 2…: the hosts), locally
+    /// administered and unique to this run's subnet.
+    fn mac(&self, octet: usize) -> String {
+        format!("02:e7:{:02x}:00:00:{:02x}", self.subnet, octet)
+    }
+}
+
+/// Runs `ip [-n NS] -batch -` with `commands` on stdin.
+fn ip_batch(netns: Option<&str>, commands: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running ip -batch")?;
+    child
+        .stdin
+        .take()
+        .context("ip -batch without stdin")?
+        .write_all(commands.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ip -batch in {netns:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn tbf(mbit: u32) -> Vec<String> {

@@ -1,10 +1,13 @@
-//! A `shoal node` under test: spawned on free loopback ports with its data dir in the test's temp
-//! dir, stderr captured to a log, ready when `GET /healthz` on the admin port answers 200.
+//! A `shoal node` under test: spawned on free loopback ports (or, for multi-host tests, inside a
+//! test host's network namespace on that host's address and the standard ports) with its data dir
+//! in the test's temp dir, stderr captured to a log, ready when `GET /healthz` on the admin port
+//! answers 200.
 //!
-//! Invariants: restarts reuse the same data dir and ports; the log is appended across restarts;
-//! dropping the handle SIGKILLs the process.
+//! Invariants: restarts reuse the same data dir, address, ports, arguments and environment; the log
+//! is appended across restarts; dropping the handle SIGKILLs the process.
 
 use std::fs::OpenOptions;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -34,7 +37,21 @@ pub struct NodeOptions {
     pub config: Option<PathBuf>,
     /// Extra arguments appended as they are.
     pub extra_args: Vec<String>,
+    /// Run inside this network namespace (`ip netns exec NS shoal node …`).
+    pub netns: Option<String>,
+    /// Listen on this address with the standard ports ([`MIRROR_PORT`], [`ADMIN_PORT`]) instead
+    /// of free loopback ports (a node on a test host).
+    pub bind: Option<Ipv4Addr>,
+    /// Extra environment variables (fault injection, …).
+    pub env: Vec<(String, String)>,
+    /// Name of the node's subdir and log label (`node` when empty).
+    pub label: String,
 }
+
+/// The mirror port of a node with [`NodeOptions::bind`] set.
+pub const MIRROR_PORT: u16 = 5050;
+/// The admin port of a node with [`NodeOptions::bind`] set.
+pub const ADMIN_PORT: u16 = 5051;
 
 impl NodeOptions {
     /// A node whose default upstream is `url`.
@@ -92,6 +109,7 @@ pub struct Node {
     bin: PathBuf,
     data_dir: PathBuf,
     log_path: PathBuf,
+    ip: IpAddr,
     listen: u16,
     admin: u16,
     options: NodeOptions,
@@ -106,35 +124,63 @@ impl Node {
 
     /// Starts a node with `options` and waits until it is healthy.
     pub fn start_with(t: &TestCtx, options: NodeOptions) -> Result<Self> {
-        let dir = t.subdir("node")?;
-        let log_path = dir.join("node.log");
-        t.register_log("node", &log_path);
-        let mut node = Self {
-            bin: paths::shoal_bin()?,
-            data_dir: dir.join("data"),
-            log_path,
-            listen: free_port()?,
-            admin: free_port()?,
-            options,
-            child: None,
-        };
+        let mut node = Self::prepare(t, options)?;
         node.spawn()?;
         Ok(node)
     }
 
-    /// The mirror/proxy address, `127.0.0.1:P`.
-    pub fn listen_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.listen)
+    /// A node set up (dirs, ports, log) but not started: [`Node::spawn_only`] then
+    /// [`Node::wait_ready`] start it, so a caller can start many nodes at once and wait for them
+    /// together.
+    pub fn prepare(t: &TestCtx, options: NodeOptions) -> Result<Self> {
+        let label = if options.label.is_empty() {
+            "node"
+        } else {
+            options.label.as_str()
+        };
+        let dir = t.subdir(label)?;
+        let log_path = dir.join("node.log");
+        t.register_log(label, &log_path);
+        let (ip, listen, admin) = match options.bind {
+            Some(ip) => (IpAddr::V4(ip), MIRROR_PORT, ADMIN_PORT),
+            None => (IpAddr::V4(Ipv4Addr::LOCALHOST), free_port()?, free_port()?),
+        };
+        Ok(Self {
+            bin: paths::shoal_bin()?,
+            data_dir: dir.join("data"),
+            log_path,
+            ip,
+            listen,
+            admin,
+            options,
+            child: None,
+        })
     }
 
-    /// `http://127.0.0.1:P` (the mirror).
+    /// The address it listens on (127.0.0.1, or its test host's).
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+
+    /// Starts the process without waiting for it to be healthy (see [`Node::wait_ready`]).
+    pub fn spawn_only(&mut self) -> Result<()> {
+        ensure!(self.child.is_none(), "node is still running");
+        self.spawn_process()
+    }
+
+    /// The mirror/proxy address, `IP:P`.
+    pub fn listen_addr(&self) -> String {
+        format!("{}:{}", self.ip, self.listen)
+    }
+
+    /// `http://IP:P` (the mirror).
     pub fn url(&self) -> String {
         format!("http://{}", self.listen_addr())
     }
 
-    /// The admin address, `127.0.0.1:Q`.
+    /// The admin address, `IP:Q`.
     pub fn admin_addr(&self) -> String {
-        format!("127.0.0.1:{}", self.admin)
+        format!("{}:{}", self.ip, self.admin)
     }
 
     /// The data dir.
@@ -234,12 +280,25 @@ impl Node {
     }
 
     fn spawn(&mut self) -> Result<()> {
+        self.spawn_process()?;
+        self.wait_ready()
+    }
+
+    fn spawn_process(&mut self) -> Result<()> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .context("opening the node log")?;
-        let mut cmd = Command::new(&self.bin);
+        // `ip netns exec` execs the program: the child is the node itself, so SIGKILL reaches it.
+        let mut cmd = match &self.options.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
         cmd.arg("node")
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -257,6 +316,7 @@ impl Node {
             cmd.arg("--config").arg(config);
         }
         cmd.args(&self.options.extra_args);
+        cmd.envs(self.options.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .env(
                 "RUST_LOG",
@@ -270,21 +330,29 @@ impl Node {
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.child = Some(child);
-        self.wait_ready()
+        Ok(())
     }
 
-    fn wait_ready(&mut self) -> Result<()> {
+    /// Waits until the (spawned) node answers `/healthz`; fails if it exits first.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let client = http::client()?;
         let url = format!("http://{}/healthz", self.admin_addr());
+        // A node that exited is reported at once (the inner error), not after the timeout.
         let ready = poll("the node's /healthz", READY_TIMEOUT, || {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
-                    bail!("the node exited during start-up: {status}");
+                    self.child = None;
+                    return Ok(Some(Err(anyhow::anyhow!(
+                        "the node exited during start-up: {status}"
+                    ))));
                 }
             }
-            Ok((client.get(&url).send()?.status().as_u16() == 200).then_some(()))
+            let up = client.get(&url).send()?.status().as_u16() == 200;
+            Ok(up.then_some(Ok(())))
         });
-        ready.with_context(|| format!("node log tail:\n{}", self.log_tail(30)))
+        ready
+            .and_then(|exited| exited)
+            .with_context(|| format!("node log tail:\n{}", self.log_tail(30)))
     }
 }
 

@@ -1,4 +1,5 @@
-//! A real origin: the CNCF distribution registry (`docker-registry serve`), on a free loopback port,
+//! A real origin: the CNCF distribution registry (`docker-registry serve`), on a free loopback port
+//! (or on a test host's address inside its network namespace, see [`Registry::start_on_host`]),
 //! with filesystem storage and a JSON log in the test's temp dir, optionally behind htpasswd.
 //!
 //! Invariants: `stop()` then `start()` keeps the port, the storage and the log (appended), so a test
@@ -6,6 +7,7 @@
 //! ([`RegistryLog`]); [`Registry::log`] first makes sure every finished request is in it.
 
 use std::fs::{File, OpenOptions};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use reqwest::blocking::Body;
 
 use crate::http;
+use crate::netns::Host;
 use crate::registry_log::RegistryLog;
 use crate::wait::{free_port, poll};
 use crate::TestCtx;
@@ -47,7 +50,10 @@ impl Creds {
 #[derive(Debug)]
 pub struct Registry {
     dir: PathBuf,
+    ip: Ipv4Addr,
     port: u16,
+    /// The network namespace it runs in (`None`: this process's).
+    netns: Option<String>,
     config: PathBuf,
     log_path: PathBuf,
     creds: Option<Creds>,
@@ -58,17 +64,35 @@ pub struct Registry {
 impl Registry {
     /// Starts an anonymous registry.
     pub fn start(t: &TestCtx) -> Result<Self> {
-        Self::start_with(t, None)
+        Self::start_with(t, None, Ipv4Addr::LOCALHOST, free_port()?, None)
     }
 
     /// Starts a registry that requires `user`/`pass` (htpasswd, bcrypt) for everything.
     pub fn start_htpasswd(t: &TestCtx, user: &str, pass: &str) -> Result<Self> {
-        Self::start_with(t, Some(Creds::new(user, pass)))
+        Self::start_with(
+            t,
+            Some(Creds::new(user, pass)),
+            Ipv4Addr::LOCALHOST,
+            free_port()?,
+            None,
+        )
     }
 
-    fn start_with(t: &TestCtx, creds: Option<Creds>) -> Result<Self> {
+    /// Starts an anonymous registry "on" test host `host` (inside its namespace, listening on
+    /// `host.ip:port`), so what it sends crosses the host's (shaped) link. This process reaches
+    /// it through the bridge.
+    pub fn start_on_host(t: &TestCtx, host: &Host, port: u16) -> Result<Self> {
+        Self::start_with(t, None, host.ip, port, Some(host.ns.clone()))
+    }
+
+    fn start_with(
+        t: &TestCtx,
+        creds: Option<Creds>,
+        ip: Ipv4Addr,
+        port: u16,
+        netns: Option<String>,
+    ) -> Result<Self> {
         let dir = t.subdir("registry")?;
-        let port = free_port()?;
         let auth = match &creds {
             Some(c) => {
                 let htpasswd = dir.join("htpasswd");
@@ -86,7 +110,7 @@ impl Registry {
              log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
              maintenance:\n    uploadpurging:\n      enabled: false\n\
-             http:\n  addr: 127.0.0.1:{port}\n  secret: shoal-e2e-secret\n\
+             http:\n  addr: {ip}:{port}\n  secret: shoal-e2e-secret\n\
              {auth}",
             storage = dir.join("storage").display(),
         );
@@ -95,7 +119,9 @@ impl Registry {
         t.register_log("registry", &log_path);
         let mut registry = Self {
             dir,
+            ip,
             port,
+            netns,
             config,
             log_path,
             creds,
@@ -106,12 +132,12 @@ impl Registry {
         Ok(registry)
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT` (`127.0.0.1:PORT` unless started on a test host).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://IP:PORT`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr())
     }
@@ -256,7 +282,16 @@ impl Registry {
             .append(true)
             .open(&self.log_path)
             .context("opening the registry log")?;
-        let child = Command::new("docker-registry")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "docker-registry"]);
+                c
+            }
+            None => Command::new("docker-registry"),
+        };
+        // `ip netns exec` execs the program, so the child is the registry itself.
+        let child = cmd
             .arg("serve")
             .arg(&self.config)
             .stdin(Stdio::null())
@@ -283,10 +318,13 @@ impl Registry {
         let mark = self.marks.fetch_add(1, Ordering::Relaxed);
         let token = format!("e2e-log-mark-{}-{mark}", std::process::id());
         let url = format!("{}/v2/?{token}", self.url());
-        http::client()?
-            .get(&url)
-            .send()
-            .context("sending a log marker")?;
+        let client = http::client()?;
+        // Retried: right after many clients hung up, a busy origin link can drop the first SYNs.
+        poll(
+            "the registry to take a log marker",
+            Duration::from_secs(60),
+            || Ok(Some(client.get(&url).send().map(|_| ())?)),
+        )?;
         poll(
             "the registry log to catch up",
             Duration::from_secs(10),

@@ -1,5 +1,6 @@
 //! skopeo as the client: push the fixture image into an origin, and copy an image from a registry
-//! (the origin or a node's mirror port) into a fresh OCI layout for byte-for-byte comparison.
+//! (the origin or a node's mirror port) into a fresh OCI layout for byte-for-byte comparison,
+//! from this process's network namespace or from a test host's.
 //!
 //! Every call uses its own accept-anything policy file and never a user's auth file, so results
 //! depend only on the flags given here.
@@ -63,7 +64,22 @@ pub fn copy_to_oci(
     creds: Option<&Creds>,
 ) -> Result<(Outcome, PathBuf)> {
     let dest = t.subdir("skopeo-copy")?;
-    let mut cmd = skopeo(t)?;
+    let cmd = copy_command(t, None, host, image, creds, &dest)?;
+    Ok((run(cmd)?, dest))
+}
+
+/// The command `skopeo copy --retry-times=0 docker://<host>/<image> oci:<dest>` (plain HTTP,
+/// optional source credentials), run inside network namespace `netns` when given. Built here,
+/// run by the caller (e.g. on another thread, see [`run_command`]).
+pub fn copy_command(
+    t: &TestCtx,
+    netns: Option<&str>,
+    host: &str,
+    image: &str,
+    creds: Option<&Creds>,
+    dest: &Path,
+) -> Result<Command> {
+    let mut cmd = skopeo_in(t, netns)?;
     cmd.arg("copy")
         .arg("--src-tls-verify=false")
         .arg("--retry-times=0");
@@ -73,12 +89,28 @@ pub fn copy_to_oci(
     };
     cmd.arg(format!("docker://{host}/{image}"))
         .arg(format!("oci:{}", dest.display()));
-    Ok((run(cmd)?, dest))
+    Ok(cmd)
+}
+
+/// Runs a command built by [`copy_command`].
+pub fn run_command(cmd: Command) -> Result<Outcome> {
+    run(cmd)
 }
 
 fn skopeo(t: &TestCtx) -> Result<Command> {
+    skopeo_in(t, None)
+}
+
+fn skopeo_in(t: &TestCtx, netns: Option<&str>) -> Result<Command> {
     let policy = policy_file(t.dir())?;
-    let mut cmd = Command::new("skopeo");
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "skopeo"]);
+            c
+        }
+        None => Command::new("skopeo"),
+    };
     cmd.arg("--policy").arg(policy);
     // Keep a user's ~/.docker/config.json or containers auth.json out of the picture.
     cmd.env("REGISTRY_AUTH_FILE", t.dir().join("no-auth.json"));

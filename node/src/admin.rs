@@ -22,6 +22,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
     pub mounts: crate::mount::Mounts,
+    pub peering: Option<crate::peering::Peering>,
 }
 
 /// Static facts about the running node.
@@ -42,7 +43,33 @@ pub struct Status {
     pub store: StoreStatus,
     pub traffic: Traffic,
     pub downloads_in_flight: usize,
+    /// The node's cluster side; absent on a standalone node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p2p: Option<P2pStatus>,
     pub blobs: Vec<BlobStatus>,
+}
+
+/// The cluster side of `shoal status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct P2pStatus {
+    pub node_id: String,
+    pub p2p_addr: String,
+    pub zone: Option<String>,
+    pub schedulers: Vec<SchedulerStatus>,
+    pub dht_addr: Option<String>,
+    pub dht_peers: Option<usize>,
+    pub upload_slots_free: usize,
+    pub leases: usize,
+    pub uploaded_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SchedulerStatus {
+    pub addr: String,
+    pub reachable: bool,
+    /// Why the last announcement failed.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,6 +86,9 @@ pub struct Traffic {
     pub origin_bytes: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Blob bytes obtained from peers (verified).
+    #[serde(default)]
+    pub peer_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -114,8 +144,34 @@ async fn status(State(st): State<AdminState>) -> Response {
             origin_bytes: Totals::get(&t.origin_bytes),
             cache_hits: Totals::get(&t.cache_hits),
             cache_misses: Totals::get(&t.cache_misses),
+            peer_bytes: Totals::get(&t.peer_bytes),
         },
         downloads_in_flight: st.downloads.active(),
+        p2p: match &st.peering {
+            Some(p) => {
+                let s = p.status().await;
+                Some(P2pStatus {
+                    node_id: s.node_id,
+                    p2p_addr: s.p2p_addr,
+                    zone: s.zone,
+                    schedulers: s
+                        .schedulers
+                        .into_iter()
+                        .map(|x| SchedulerStatus {
+                            addr: x.addr,
+                            reachable: x.reachable,
+                            error: x.error,
+                        })
+                        .collect(),
+                    dht_addr: s.dht_addr,
+                    dht_peers: s.dht_peers,
+                    upload_slots_free: s.upload_slots_free,
+                    leases: s.leases,
+                    uploaded_bytes: st.metrics.p2p.uploaded_total(),
+                })
+            }
+            None => None,
+        },
         blobs: blobs
             .into_iter()
             .map(|b| BlobStatus {

@@ -1,5 +1,6 @@
 //! The `shoal` command line: one binary, one subcommand per file.
 
+pub mod convert;
 pub mod mount;
 pub mod node;
 pub mod rafs;
@@ -33,6 +34,8 @@ pub enum Command {
     Mounts(mount::MountsArgs),
     /// Run a scheduler: piece availability, parent ranking, origin leases.
     Scheduler(scheduler::SchedulerArgs),
+    /// Convert an OCI/Docker image into a Nydus image, registry to registry.
+    Convert(convert::ConvertArgs),
     /// Nydus RAFS images: build, merge, inspect, check, unpack.
     #[command(subcommand)]
     Rafs(rafs::RafsCommand),

@@ -34,6 +34,7 @@ pub struct FileConfig {
     /// names no registry; without one, the first entry is the default.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamSection>,
+    pub p2p: P2pSection,
 }
 
 impl Default for FileConfig {
@@ -46,6 +47,7 @@ impl Default for FileConfig {
             store: StoreSection::default(),
             mirror: MirrorSection::default(),
             upstreams: Vec::new(),
+            p2p: P2pSection::default(),
         }
     }
 }
@@ -148,6 +150,63 @@ pub struct UpstreamSection {
     pub password_file: Option<PathBuf>,
 }
 
+/// Sharing with other nodes. A node shares only when it has a join secret
+/// (`join_secret_file`); without one it is standalone and every other field
+/// here is ignored.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct P2pSection {
+    /// The cluster's join secret: 64+ hex characters (e.g. `openssl rand
+    /// -hex 32`) or 32+ raw bytes. Only nodes holding it exchange data.
+    pub join_secret_file: Option<PathBuf>,
+    /// QUIC (UDP) address of the data plane. Default `0.0.0.0:5052`.
+    pub listen: SocketAddr,
+    /// libp2p DHT (TCP) address. Default: the IP of `listen`, port 5053.
+    pub dht_listen: Option<SocketAddr>,
+    /// The data-plane address other nodes reach this one at, as announced
+    /// to schedulers. Default: `listen`, its IP replaced (when unspecified)
+    /// by the local address that routes to the first scheduler.
+    pub advertise: Option<SocketAddr>,
+    /// Schedulers, `host:port` (the same list, in any order, on every node).
+    pub schedulers: Vec<String>,
+    /// DHT bootstrap peers, `host:port` of their DHT listeners (port 5053
+    /// when left out).
+    pub peers: Vec<String>,
+    /// Zone/rack label: same-zone parents are preferred.
+    pub zone: Option<String>,
+    /// Concurrent uploads to peers. Default `8`.
+    pub upload_slots: usize,
+    /// Upload bandwidth to all peers together, per second; `0` = unlimited.
+    pub upload_rate: ByteSize,
+    /// Pieces fetched from peers at once for one blob. Default `8`.
+    pub fetch_window: usize,
+    /// A download that gets no new piece from peers for this long (and no
+    /// origin lease) fetches the rest from the origin. Default `20s`.
+    pub stall_timeout: HumanDuration,
+    /// Run a scheduler inside this node, listening here (default: none).
+    /// List its address in `schedulers` on every node, this one included.
+    pub embedded_scheduler: Option<SocketAddr>,
+}
+
+impl Default for P2pSection {
+    fn default() -> Self {
+        Self {
+            join_secret_file: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 5052)),
+            dht_listen: None,
+            advertise: None,
+            schedulers: Vec::new(),
+            peers: Vec::new(),
+            zone: None,
+            upload_slots: 8,
+            upload_rate: ByteSize(0),
+            fetch_window: 8,
+            stall_timeout: HumanDuration(Duration::from_secs(20)),
+            embedded_scheduler: None,
+        }
+    }
+}
+
 /// Validated runtime configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -158,6 +217,25 @@ pub struct Config {
     pub store: StoreSection,
     pub mirror: MirrorSection,
     pub upstreams: Vec<Upstream>,
+    /// `None`: standalone (no join secret).
+    pub p2p: Option<P2p>,
+}
+
+/// The sharing settings of a node with a join secret.
+#[derive(Clone, Debug)]
+pub struct P2p {
+    pub join_secret: crate::p2p::JoinSecret,
+    pub listen: SocketAddr,
+    pub dht_listen: SocketAddr,
+    pub advertise: Option<SocketAddr>,
+    pub schedulers: Vec<String>,
+    pub peers: Vec<String>,
+    pub zone: Option<String>,
+    pub upload_slots: usize,
+    pub upload_rate: u64,
+    pub fetch_window: usize,
+    pub stall_timeout: Duration,
+    pub embedded_scheduler: Option<SocketAddr>,
 }
 
 /// One origin registry, validated.
@@ -266,6 +344,7 @@ impl FileConfig {
             }
         }
         let data_dir = self.data_dir.unwrap_or_else(default_data_dir);
+        let p2p = validate_p2p(self.p2p)?;
         Ok(Config {
             data_dir,
             listen: self.listen,
@@ -274,8 +353,64 @@ impl FileConfig {
             store: self.store,
             mirror: self.mirror,
             upstreams,
+            p2p,
         })
     }
+}
+
+fn validate_p2p(p: P2pSection) -> Result<Option<P2p>, ConfigError> {
+    let Some(path) = p.join_secret_file else {
+        return Ok(None);
+    };
+    let join_secret = crate::p2p::JoinSecret::load(&path)
+        .map_err(|e| invalid("p2p.join_secret_file", e.to_string()))?;
+    if p.upload_slots == 0 {
+        return Err(invalid("p2p.upload_slots", "must be at least 1"));
+    }
+    if p.fetch_window == 0 || p.fetch_window > 256 {
+        return Err(invalid("p2p.fetch_window", "must be between 1 and 256"));
+    }
+    if p.stall_timeout.0.is_zero() {
+        return Err(invalid("p2p.stall_timeout", "must be more than 0s"));
+    }
+    if p.listen.port() == 0 {
+        return Err(invalid("p2p.listen", "needs a port"));
+    }
+    if let Some(a) = p.advertise {
+        if a.ip().is_unspecified() || a.port() == 0 {
+            return Err(invalid("p2p.advertise", "needs a concrete IP and port"));
+        }
+    }
+    for (i, s) in p.schedulers.iter().enumerate() {
+        if s.trim().is_empty() || s.starts_with("https://") {
+            return Err(invalid(
+                format!("p2p.schedulers[{i}]"),
+                "must be host:port or http://host:port",
+            ));
+        }
+    }
+    for (i, s) in p.peers.iter().enumerate() {
+        if s.trim().is_empty() || s.contains('/') {
+            return Err(invalid(format!("p2p.peers[{i}]"), "must be host:port"));
+        }
+    }
+    let dht_listen = p
+        .dht_listen
+        .unwrap_or_else(|| SocketAddr::new(p.listen.ip(), 5053));
+    Ok(Some(P2p {
+        join_secret,
+        listen: p.listen,
+        dht_listen,
+        advertise: p.advertise,
+        schedulers: p.schedulers,
+        peers: p.peers,
+        zone: p.zone.filter(|z| !z.is_empty()),
+        upload_slots: p.upload_slots,
+        upload_rate: p.upload_rate.0,
+        fetch_window: p.fetch_window,
+        stall_timeout: p.stall_timeout.0,
+        embedded_scheduler: p.embedded_scheduler,
+    }))
 }
 
 fn validate_upstream(i: usize, u: UpstreamSection) -> Result<Upstream, ConfigError> {

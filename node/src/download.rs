@@ -18,10 +18,24 @@
 //! A download keeps running when its clients go away (the bytes are wanted
 //! in the cache), and stops, keeping its committed prefix, at shutdown. A
 //! later download of the same blob resumes from that prefix.
+//!
+//! Sources, on a node in a cluster (`peers.rs`): the blob's scheduler says
+//! who holds which pieces and who holds the origin lease. The lease holder
+//! fetches from the origin (committing every 2 MiB and announcing progress
+//! and piece hashes at once); every other node fetches pieces from several
+//! holders in parallel, in order, pipelined behind the lease holder, and
+//! checks each against the lease holder's per-piece SHA-256 before it is
+//! written or shown to a reader. A peer that sends a bad piece is blamed
+//! and avoided. Without an answering scheduler the DHT's complete holders
+//! are used, and their bytes are shown to readers only after the whole blob
+//! matched its digest. When no peer can help (none holds it, all stalled),
+//! the origin. A blob whose peer-fetched copy failed its digest is fetched
+//! from the origin only for a while. Standalone nodes use the origin only.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
@@ -34,14 +48,23 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::metrics::Metrics;
+use crate::peering::Peering;
 use crate::store::{BlobWriter, RawReader, RepoKey, Store, StoreError, Verifier};
 use crate::upstream::{AuthMode, Origin};
 
+mod peers;
+
 /// Bytes buffered before one write to the content file.
 const WRITE_BATCH: usize = 256 << 10;
-/// Bytes written between two commits (fsync + metadata). Committed bytes are
-/// what peers can be served, so this is also the pipelining granularity.
+/// Bytes written between two commits (fsync + metadata) on a standalone
+/// node.
 const COMMIT_EVERY: u64 = 8 << 20;
+/// The same on a node in a cluster: committed bytes are what peers can be
+/// served, so this is also the pipelining granularity behind a lease holder.
+const COMMIT_EVERY_SHARED: u64 = 2 << 20;
+/// How long a blob whose peer-fetched copy failed its digest is fetched
+/// from the origin only.
+const NO_PEERS_FOR: Duration = Duration::from_secs(600);
 /// Largest read handed to a client stream at once.
 const READ_CHUNK: u64 = 1 << 20;
 
@@ -97,7 +120,8 @@ pub struct Progress {
 pub struct Download {
     pub id: BlobId,
     progress: watch::Sender<Progress>,
-    raw: OnceLock<RawReader>,
+    /// The content file being written (replaced if the download restarts).
+    raw: Mutex<Option<Arc<RawReader>>>,
 }
 
 /// The answer of [`Downloads::join`].
@@ -123,18 +147,41 @@ pub struct Downloads {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     store: Store,
     metrics: Arc<Metrics>,
+    /// The cluster, when the node has one.
+    peering: Option<Peering>,
     active: Mutex<HashMap<BlobId, Arc<Download>>>,
+    /// Blobs to fetch from the origin only, until the instant.
+    no_peers: Mutex<HashMap<BlobId, Instant>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
+impl Inner {
+    fn no_peers(&self, id: &BlobId) -> bool {
+        let mut m = self.no_peers.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        m.retain(|_, until| *until > now);
+        m.contains_key(id)
+    }
+
+    fn mark_no_peers(&self, id: &BlobId) {
+        self.no_peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), Instant::now() + NO_PEERS_FOR);
+    }
+}
+
 impl Downloads {
+    /// `peering`: the cluster to fetch from before the origin (`None`: a
+    /// standalone node).
     pub fn new(
         store: Store,
         metrics: Arc<Metrics>,
+        peering: Option<Peering>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -142,7 +189,9 @@ impl Downloads {
             inner: Arc::new(Inner {
                 store,
                 metrics,
+                peering,
                 active: Mutex::new(HashMap::new()),
+                no_peers: Mutex::new(HashMap::new()),
                 tracker,
                 cancel,
             }),
@@ -168,7 +217,7 @@ impl Downloads {
         let d = Arc::new(Download {
             id: id.clone(),
             progress: tx,
-            raw: OnceLock::new(),
+            raw: Mutex::new(None),
         });
         active.insert(id.clone(), d.clone());
         drop(active);
@@ -308,7 +357,9 @@ impl Download {
         tokio::task::spawn_blocking(move || {
             let raw = d
                 .raw
-                .get()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
                 .ok_or_else(|| std::io::Error::other("content file not open"))?;
             let mut buf = vec![0u8; len as usize];
             let mut filled = 0;
@@ -331,10 +382,48 @@ impl Download {
 
 /// The writer and the running hash travel together between the async task
 /// and the blocking pool.
-struct Sink {
+pub(crate) struct Sink {
     writer: BlobWriter,
     verifier: Verifier,
     committed: u64,
+}
+
+/// One download's progress across its sources: the writer (once the size
+/// is known) and the contiguous prefix `[0, pos)` written and hashed.
+pub(crate) struct Fill {
+    sink: Option<Sink>,
+    pos: u64,
+    size: Option<u64>,
+    /// Some bytes came from peers.
+    from_peers: bool,
+    /// Readers were shown bytes from peers (verified per piece only).
+    peer_exposed: bool,
+    /// Bytes past this offset are not shown to readers until the whole blob is
+    /// verified (bytes from DHT providers, which come with no trusted piece
+    /// hashes).
+    hidden_from: Option<u64>,
+}
+
+impl Fill {
+    fn new(pos: u64, size: Option<u64>) -> Self {
+        Self {
+            sink: None,
+            pos,
+            size,
+            from_peers: false,
+            peer_exposed: false,
+            hidden_from: None,
+        }
+    }
+
+    /// Readers may see `[0, pos)` now (unless bytes are held back).
+    fn expose(&mut self, d: &Download) {
+        if self.hidden_from.is_none() {
+            let pos = self.pos;
+            self.peer_exposed |= self.from_peers;
+            d.progress.send_modify(|p| p.written = pos);
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -345,25 +434,192 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| DownloadError::Store(format!("blocking task failed: {e}")))
 }
 
+/// How an origin fill ended short of an error.
+enum OriginEnd {
+    Done,
+    /// The scheduler took the lease back: continue from peers.
+    Revoked,
+}
+
 async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadError> {
     let id = d.id.clone();
-    let store = inner.store.clone();
     let existing = {
-        let (store, id) = (store.clone(), id.clone());
+        let (store, id) = (inner.store.clone(), id.clone());
         blocking(move || store.blob(&id)).await??
     };
     // Resume from the committed prefix of a partial blob.
-    let resume_from = existing
-        .as_ref()
-        .filter(|r| !r.complete)
-        .map(|r| {
+    let partial = existing.as_ref().filter(|r| !r.complete);
+    let resume_from = partial
+        .and_then(|r| {
             r.present
                 .iter()
                 .next()
                 .filter(|g| g.start == 0)
-                .map_or(0, |g| g.end)
+                .map(|g| g.end)
         })
         .unwrap_or(0);
+    if let Some(rec) = partial {
+        tracing::info!(from = resume_from, size = rec.size, "resuming partial blob");
+    }
+    let mut fill = Fill::new(resume_from, partial.map(|r| r.size));
+    let mut use_peers = inner.peering.is_some() && !inner.no_peers(&id);
+    loop {
+        let result = attempt(inner, d, src, &mut fill, use_peers).await;
+        match result {
+            Err(DownloadError::DigestMismatch(_)) if fill.from_peers => {
+                // Some holder (or the lease holder's piece list) was wrong.
+                inner.mark_no_peers(&id);
+                if !fill.peer_exposed {
+                    tracing::warn!(
+                        "blob from peers did not match its digest; refetching from the origin"
+                    );
+                    use_peers = false;
+                    fill = Fill::new(0, None);
+                    d.progress.send_modify(|p| p.written = 0);
+                    continue;
+                }
+                // Readers already saw bytes: fail them (never complete a
+                // stream with wrong bytes); the next request goes to the
+                // origin.
+                tracing::error!("blob from peers did not match its digest; failing this download, the next one uses the origin");
+                return result;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Peers (when allowed) until they finish the blob, grant this node the
+/// origin lease, or cannot help; then the origin.
+async fn attempt(
+    inner: &Inner,
+    d: &Download,
+    src: &Source,
+    fill: &mut Fill,
+    use_peers: bool,
+) -> Result<(), DownloadError> {
+    let peering = inner.peering.as_ref().filter(|_| use_peers);
+    loop {
+        let mut lease = false;
+        if let Some(p) = peering {
+            match peers::fill(inner, p, d, fill).await? {
+                peers::Outcome::Done => {
+                    inner.metrics.decision("peers");
+                    return finish(inner, d, src, fill).await;
+                }
+                peers::Outcome::Lease => {
+                    inner.metrics.decision("lease");
+                    lease = true;
+                }
+                peers::Outcome::Origin(why) => {
+                    tracing::info!(why, "fetching from the origin");
+                    inner.metrics.decision("origin_fallback");
+                }
+                peers::Outcome::Again => continue,
+            }
+        } else {
+            inner.metrics.decision("origin_standalone");
+        }
+        if let Some(p) = peering {
+            if lease {
+                p.lease_started(&d.id);
+            }
+            p.origin_fetch_started(&d.id);
+        }
+        let result = origin_fill(inner, d, src, fill, lease).await;
+        if lease {
+            if let Some(p) = peering {
+                p.lease_ended(&d.id);
+            }
+        }
+        match result? {
+            OriginEnd::Done => return finish(inner, d, src, fill).await,
+            OriginEnd::Revoked => continue,
+        }
+    }
+}
+
+/// Open the writer for a blob of `size` (resuming at `fill.pos`), if not
+/// open yet, and tell readers the size.
+pub(crate) async fn ensure_sink(
+    inner: &Inner,
+    d: &Download,
+    fill: &mut Fill,
+    size: u64,
+) -> Result<(), DownloadError> {
+    if let Some(s) = &fill.sink {
+        if s.writer.size() != size {
+            return Err(DownloadError::Length {
+                got: size,
+                expected: s.writer.size(),
+            });
+        }
+        return Ok(());
+    }
+    // A lazy mount's chunk backend may hold this blob's writer for the few
+    // milliseconds it takes to store a verified chunk: wait for it briefly.
+    let mut tries = 0;
+    let start = fill.pos;
+    let sink = loop {
+        let (store, id) = (inner.store.clone(), d.id.clone());
+        match blocking(move || open_sink(&store, &id, size, start)).await? {
+            Err(DownloadError::WriterBusy) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => break other?,
+        }
+    };
+    *d.raw.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sink.writer.raw_reader()?));
+    fill.sink = Some(sink);
+    fill.size = Some(size);
+    let exposed = if fill.hidden_from.is_some() { 0 } else { start };
+    d.progress.send_modify(|p| {
+        p.size = Some(size);
+        p.written = p.written.max(exposed);
+    });
+    Ok(())
+}
+
+/// Write `data` at `fill.pos` (hashing it) and advance; commit what is
+/// written when `commit` is set.
+pub(crate) async fn write(
+    fill: &mut Fill,
+    data: Vec<u8>,
+    commit: bool,
+) -> Result<(), DownloadError> {
+    let sink = fill
+        .sink
+        .take()
+        .ok_or_else(|| DownloadError::Store("writer not open".into()))?;
+    let n = data.len() as u64;
+    fill.sink = Some(flush(sink, data, fill.pos, commit).await?);
+    fill.pos += n;
+    Ok(())
+}
+
+/// Bytes written but not committed yet.
+pub(crate) fn uncommitted(fill: &Fill) -> u64 {
+    fill.sink
+        .as_ref()
+        .map_or(0, |s| fill.pos.saturating_sub(s.committed))
+}
+
+/// Fetch `[fill.pos, size)` from the origin. Under a lease, progress is
+/// announced as it commits and a revocation stops the fill.
+async fn origin_fill(
+    inner: &Inner,
+    d: &Download,
+    src: &Source,
+    fill: &mut Fill,
+    lease: bool,
+) -> Result<OriginEnd, DownloadError> {
+    let id = d.id.clone();
+    let peering = inner.peering.as_ref().filter(|_| lease);
+    if fill.size.is_some_and(|s| fill.pos >= s) && fill.sink.is_some() {
+        return Ok(OriginEnd::Done);
+    }
+    let resume_from = fill.pos;
     let path = format!("/v2/{}/blobs/{}", src.repo, id);
     let mut headers = HeaderMap::new();
     if resume_from > 0 {
@@ -383,17 +639,21 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
         )
         .await
         .map_err(|e| DownloadError::Origin(e.to_string()))?;
-    let (start, size) = match resp.status() {
-        StatusCode::OK => (0, resp.content_length().ok_or(DownloadError::NoLength)?),
-        StatusCode::PARTIAL_CONTENT if resume_from > 0 => {
-            let total = resp
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit('/').next())
-                .and_then(|t| t.parse::<u64>().ok())
-                .ok_or(DownloadError::NoLength)?;
-            (resume_from, total)
+    let size = match resp.status() {
+        StatusCode::OK if resume_from == 0 => {
+            resp.content_length().ok_or(DownloadError::NoLength)?
+        }
+        StatusCode::PARTIAL_CONTENT if resume_from > 0 => resp
+            .headers()
+            .get(CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next())
+            .and_then(|t| t.parse::<u64>().ok())
+            .ok_or(DownloadError::NoLength)?,
+        StatusCode::OK => {
+            return Err(DownloadError::Origin(
+                "origin ignored the Range of a resumed download".into(),
+            ))
         }
         status => {
             return Err(DownloadError::Status {
@@ -402,36 +662,12 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
             })
         }
     };
-    // A lazy mount's chunk backend may hold this blob's writer for the few
-    // milliseconds it takes to store a verified chunk: wait for it briefly.
-    let mut tries = 0;
-    let sink = loop {
-        let (store, id) = (store.clone(), id.clone());
-        match blocking(move || open_sink(&store, &id, size, start)).await? {
-            Err(DownloadError::WriterBusy) if tries < 100 => {
-                tries += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            other => break other?,
-        }
+    ensure_sink(inner, d, fill, size).await?;
+    let commit_every = if inner.peering.is_some() {
+        COMMIT_EVERY_SHARED
+    } else {
+        COMMIT_EVERY
     };
-    let mut sink = sink;
-    if d.raw.set(sink.writer.raw_reader()?).is_err() {
-        return Err(DownloadError::Store("download started twice".into()));
-    }
-    if let Some(rec) = &existing {
-        tracing::info!(
-            from = start,
-            size,
-            had = rec.present.len(),
-            "resuming partial blob"
-        );
-    }
-    d.progress.send_modify(|p| {
-        p.size = Some(size);
-        p.written = start;
-    });
-    let mut pos = start;
     let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
     loop {
         let chunk = tokio::select! {
@@ -442,15 +678,21 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
             Ok(c) => c,
             Err(e) => {
                 // Keep what arrived intact: a later download resumes there.
-                let _ = flush(sink, std::mem::take(&mut batch), pos, true).await;
+                let commit = fill.hidden_from.is_none();
+                let _ = write(fill, std::mem::take(&mut batch), commit).await;
                 return Err(e);
             }
         };
         let Some(chunk) = chunk else { break };
         inner.metrics.from_origin("blob", chunk.len() as u64);
-        let after = pos + batch.len() as u64 + chunk.len() as u64;
+        if let Some(p) = peering {
+            p.origin_progress(&id, chunk.len() as u64);
+        }
+        let after = fill.pos + batch.len() as u64 + chunk.len() as u64;
         if after > size {
-            let _ = blocking(move || sink.writer.discard()).await;
+            if let Some(s) = fill.sink.take() {
+                let _ = blocking(move || s.writer.discard()).await;
+            }
             return Err(DownloadError::Length {
                 got: after,
                 expected: size,
@@ -458,50 +700,90 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
         }
         batch.extend_from_slice(&chunk);
         if batch.len() >= WRITE_BATCH {
-            let n = batch.len() as u64;
-            let commit = pos + n - sink.committed >= COMMIT_EVERY;
-            sink = flush(
-                sink,
-                std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH)),
-                pos,
-                commit,
-            )
-            .await?;
-            pos += n;
-            d.progress.send_modify(|p| p.written = pos);
+            // Bytes held back (from a DHT provider) are committed only
+            // once the whole blob is verified.
+            let commit = fill.hidden_from.is_none()
+                && uncommitted(fill) + batch.len() as u64 >= commit_every;
+            let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
+            write(fill, data, commit).await?;
+            fill.expose(d);
+            if commit {
+                if let Some(p) = peering {
+                    p.changed(&id);
+                    if p.lease_revoked(&id) {
+                        return Ok(OriginEnd::Revoked);
+                    }
+                }
+            }
         }
     }
-    let n = batch.len() as u64;
-    sink = flush(sink, batch, pos, true).await?;
-    pos += n;
-    if pos != size {
+    let commit = fill.hidden_from.is_none();
+    write(fill, batch, commit).await?;
+    if fill.pos != size {
         return Err(DownloadError::Length {
-            got: pos,
+            got: fill.pos,
             expected: size,
         });
     }
-    d.progress.send_modify(|p| p.written = pos);
+    fill.expose(d);
+    Ok(OriginEnd::Done)
+}
+
+/// Verify the whole blob and mark it complete, or discard it.
+async fn finish(
+    inner: &Inner,
+    d: &Download,
+    src: &Source,
+    fill: &mut Fill,
+) -> Result<(), DownloadError> {
+    let size = fill.size.unwrap_or(0);
+    if fill.pos != size {
+        return Err(DownloadError::Length {
+            got: fill.pos,
+            expected: size,
+        });
+    }
+    let sink = fill
+        .sink
+        .take()
+        .ok_or_else(|| DownloadError::Store("writer not open".into()))?;
     let key = RepoKey {
         upstream: src.origin.host.clone(),
         repo: src.repo.clone(),
     };
     let public = src.public;
+    let store = inner.store.clone();
+    let end = fill.pos;
     blocking(move || -> Result<(), DownloadError> {
-        match sink.verifier.finish() {
+        let Sink {
+            mut writer,
+            verifier,
+            committed,
+        } = sink;
+        let id = writer.id().clone();
+        match verifier.finish() {
             Ok(verified) => {
-                let id = sink.writer.id().clone();
-                sink.writer.complete(verified)?;
+                // Bytes still uncommitted (held back from peers and readers
+                // until now) become present only once verified.
+                if end > committed {
+                    writer.commit(committed..end)?;
+                }
+                writer.complete(verified)?;
                 store.add_repo(&id, key, public)?;
                 Ok(())
             }
             Err(_) => {
-                let id = sink.writer.id().clone();
-                sink.writer.discard()?;
+                writer.discard()?;
                 Err(DownloadError::DigestMismatch(id))
             }
         }
     })
-    .await?
+    .await??;
+    d.progress.send_modify(|p| p.written = end);
+    if let Some(p) = &inner.peering {
+        p.completed(&d.id);
+    }
+    Ok(())
 }
 
 /// Open (or resume) the writer; re-hash the kept prefix so the digest covers

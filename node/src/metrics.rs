@@ -47,6 +47,20 @@ pub struct Metrics {
     /// Per-mount series (reads, bytes fetched by source, latency), encoded at scrape time from
     /// the live mounts' counters; the mount manager adds and removes mounts.
     pub mount_series: std::sync::Arc<crate::mount::exporter::MountSeries>,
+    /// Blob bytes downloads obtained from peers (verified), by kind.
+    pub peer_bytes: Family<KindLabels, Counter>,
+    /// Pieces from peers that failed verification (evicted, peer blamed).
+    pub bad_pieces: Counter,
+    /// Where downloads went for their bytes, by decision (`lease`,
+    /// `peers`, `dht`, `origin_fallback`, `origin_standalone`).
+    pub fetch_decisions: Family<KindLabels, Counter>,
+    /// Scheduler requests by operation (`announce`, `parents`, `failure`)
+    /// and their latency.
+    pub scheduler_requests: Family<KindLabels, Counter>,
+    pub scheduler_errors: Family<KindLabels, Counter>,
+    pub scheduler_duration: Family<KindLabels, Histogram>,
+    /// The data plane's per-peer counters (`shoal_p2p_*`).
+    pub p2p: crate::p2p::P2pMetrics,
     /// Totals kept for `shoal status` without parsing the registry.
     pub totals: Totals,
 }
@@ -58,6 +72,7 @@ pub struct Totals {
     pub origin_bytes: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    pub peer_bytes: AtomicU64,
 }
 
 impl Totals {
@@ -151,8 +166,55 @@ impl Metrics {
         registry.register_collector(Box::new(crate::mount::exporter::MountCollector(
             mount_series.clone(),
         )));
+        let peer_bytes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "peer_bytes",
+            "Bytes downloads obtained from peers (each piece verified), by kind",
+            peer_bytes.clone(),
+        );
+        let bad_pieces = Counter::default();
+        registry.register(
+            "bad_pieces",
+            "Pieces from peers that failed verification (dropped, sender blamed)",
+            bad_pieces.clone(),
+        );
+        let fetch_decisions = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "fetch_decisions",
+            "Where downloads went for their bytes (lease, peers, dht, origin_fallback, origin_standalone)",
+            fetch_decisions.clone(),
+        );
+        let scheduler_requests = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "scheduler_requests",
+            "Requests to schedulers, by operation",
+            scheduler_requests.clone(),
+        );
+        let scheduler_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "scheduler_errors",
+            "Failed requests to schedulers, by operation",
+            scheduler_errors.clone(),
+        );
+        let scheduler_duration = Family::<KindLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "scheduler_request_duration_seconds",
+            "Latency of scheduler requests, by operation",
+            scheduler_duration.clone(),
+        );
+        let p2p = crate::p2p::P2pMetrics::default();
+        p2p.register(&mut registry);
         Self {
             registry,
+            peer_bytes,
+            bad_pieces,
+            fetch_decisions,
+            scheduler_requests,
+            scheduler_errors,
+            scheduler_duration,
+            p2p,
             requests,
             request_duration,
             served_bytes,
@@ -181,6 +243,19 @@ impl Metrics {
             .get_or_create(&KindLabels { kind })
             .inc_by(n);
         self.totals.origin_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn from_peers(&self, kind: &'static str, n: u64) {
+        self.peer_bytes
+            .get_or_create(&KindLabels { kind })
+            .inc_by(n);
+        self.totals.peer_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn decision(&self, kind: &'static str) {
+        self.fetch_decisions
+            .get_or_create(&KindLabels { kind })
+            .inc();
     }
 
     pub fn origin_request(&self, kind: &'static str) {

@@ -4,7 +4,8 @@
 //! Shutdown order: stop accepting connections and give in-flight responses
 //! a grace period → unmount the lazy mounts (kept in the mount table for the
 //! next start) → cancel downloads (each commits what it has) → wait for
-//! every task → flush the store.
+//! every task → stop the cluster side (announcements, DHT, uploads) → flush
+//! the store.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +23,8 @@ use crate::download::Downloads;
 use crate::metrics::Metrics;
 use crate::mirror::{self, MirrorState};
 use crate::mount::{MountDeps, Mounts};
+use crate::p2p::Identity;
+use crate::peering::Peering;
 use crate::store::{Backend, Store, StoreConfig};
 use crate::upstream::Upstreams;
 
@@ -48,9 +51,59 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let tracker = TaskTracker::new();
     let upstreams = Arc::new(Upstreams::new(&cfg, metrics.clone())?);
     let access = Arc::new(Access::new(cfg.mirror.access_ttl.0, metrics.clone()));
+    // The cluster side: data plane, DHT, announcements. Stopped after the
+    // downloads (which use it) and before the store is flushed.
+    let peer_cancel = CancellationToken::new();
+    let mut embedded = None;
+    let peering = match &cfg.p2p {
+        Some(p2p_cfg) => {
+            if let Some(listen) = p2p_cfg.embedded_scheduler {
+                let mut sched_cfg = shoal_scheduler::config::FileConfig {
+                    listen,
+                    ..Default::default()
+                }
+                .validate()?;
+                sched_cfg.auth_key = Some(
+                    p2p_cfg
+                        .join_secret
+                        .derive_key(shoal_proto::auth::SCHEDULER_LABEL),
+                );
+                let scheduler = shoal_scheduler::server::Scheduler::bind(sched_cfg)
+                    .await
+                    .with_context(|| {
+                        format!("embedded scheduler on {listen} (p2p.embedded_scheduler)")
+                    })?;
+                let stop = peer_cancel.clone();
+                embedded = Some(tokio::spawn(async move {
+                    if let Err(e) = scheduler.serve(stop.cancelled_owned()).await {
+                        tracing::error!(error = %e, "embedded scheduler failed");
+                    }
+                }));
+            }
+            let dir = cfg.data_dir.clone();
+            let identity = tokio::task::spawn_blocking(move || Identity::load_or_generate(&dir))
+                .await?
+                .with_context(|| format!("node identity in {}", cfg.data_dir.display()))?;
+            Some(
+                Peering::start(
+                    p2p_cfg,
+                    identity,
+                    store.clone(),
+                    metrics.clone(),
+                    peer_cancel.clone(),
+                )
+                .await?,
+            )
+        }
+        None => {
+            tracing::info!("no p2p.join_secret_file: standalone node (no peers)");
+            None
+        }
+    };
     let downloads = Downloads::new(
         store.clone(),
         metrics.clone(),
+        peering.clone(),
         tracker.clone(),
         work.clone(),
     );
@@ -98,6 +151,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         metrics,
         info: Arc::new(info),
         mounts: mounts.clone(),
+        peering: peering.clone(),
     };
 
     let mirror_listener = TcpListener::bind(cfg.listen)
@@ -135,6 +189,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     work.cancel();
     tracker.close();
     tracker.wait().await;
+    if let Some(p) = &peering {
+        p.shutdown().await;
+    }
+    peer_cancel.cancel();
+    if let Some(s) = embedded {
+        let _ = s.await;
+    }
     tokio::task::spawn_blocking(move || store.flush()).await??;
     tracing::info!("store flushed; bye");
     Ok(())

@@ -94,6 +94,10 @@ pub struct P2pConfig {
     /// version negotiation change it.
     #[doc(hidden)]
     pub protocol_version: u16,
+    /// Fault injection for end-to-end tests (`SHOAL_FAULT_CORRUPT_UPLOADS=1`):
+    /// flip a byte of every range served to peers. Never set otherwise.
+    #[doc(hidden)]
+    pub fault_corrupt_uploads: bool,
 }
 
 impl P2pConfig {
@@ -112,6 +116,7 @@ impl P2pConfig {
             stream_window: 2 << 20,
             connection_window: 16 << 20,
             protocol_version: PROTOCOL_VERSION,
+            fault_corrupt_uploads: false,
         }
     }
 

@@ -370,21 +370,22 @@ fn bearer(token: &str) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-fn basic(user: &str, pass: &str) -> HeaderValue {
+/// `Basic base64(user:pass)`; also used by `shoal convert`'s registry client.
+pub(crate) fn basic(user: &str, pass: &str) -> HeaderValue {
     let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
     HeaderValue::from_str(&format!("Basic {enc}")).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// `Bearer realm="…",service="…",scope="…"`
+/// `Bearer realm="…",service="…",scope="…"`; also used by `shoal convert`'s registry client.
 #[derive(Debug, PartialEq, Eq)]
-struct BearerChallenge {
-    realm: String,
-    service: Option<String>,
-    scope: Option<String>,
+pub(crate) struct BearerChallenge {
+    pub(crate) realm: String,
+    pub(crate) service: Option<String>,
+    pub(crate) scope: Option<String>,
 }
 
 impl BearerChallenge {
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         let rest = s
             .trim()
             .strip_prefix("Bearer ")

@@ -5,6 +5,7 @@
 //!
 //! This crate does no I/O and spawns no tasks.
 
+pub mod auth;
 pub mod digest;
 pub mod name;
 pub mod node_id;

@@ -83,6 +83,8 @@ pub struct SchedulerClient {
     addr: String,
     base: String,
     http: reqwest::Client,
+    /// Signs POSTs (`shoal_proto::auth`) when set.
+    auth_key: Option<[u8; 32]>,
 }
 
 impl SchedulerClient {
@@ -122,7 +124,15 @@ impl SchedulerClient {
             addr: addr.trim().to_string(),
             base,
             http,
+            auth_key: None,
         })
+    }
+
+    /// Sign requests with `key` (`derive_key(secret, SCHEDULER_LABEL)`), as
+    /// a scheduler with a join secret requires.
+    pub fn with_auth(mut self, key: [u8; 32]) -> Self {
+        self.auth_key = Some(key);
+        self
     }
 
     /// The address as given (what [`pick_scheduler`] hashes).
@@ -173,13 +183,22 @@ impl SchedulerClient {
             addr: self.addr.clone(),
             message: format!("encoding the request: {e}"),
         })?;
-        let req = self
+        let full_path = format!("{API_PREFIX}{path}");
+        let mut req = self
             .http
-            .post(format!("{}{API_PREFIX}{path}", self.base))
+            .post(format!("{}{full_path}", self.base))
             .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
-            .header("content-type", "application/json")
-            .body(body);
-        self.send(req).await
+            .header("content-type", "application/json");
+        if let Some(key) = &self.auth_key {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            req = req.header(
+                shoal_proto::auth::AUTH_HEADER,
+                shoal_proto::auth::sign(key, "POST", &full_path, now_ms, &body),
+            );
+        }
+        self.send(req.body(body)).await
     }
 
     async fn send<T: DeserializeOwned>(
@@ -297,6 +316,15 @@ impl SchedulerSet {
             .collect::<Result<Vec<_>, _>>()?;
         let addrs = clients.iter().map(|c| c.addr.clone()).collect();
         Ok(Self { clients, addrs })
+    }
+
+    /// Sign every client's requests with `key` (see
+    /// [`SchedulerClient::with_auth`]).
+    pub fn with_auth(mut self, key: [u8; 32]) -> Self {
+        for c in &mut self.clients {
+            c.auth_key = Some(key);
+        }
+        self
     }
 
     pub fn all(&self) -> &[SchedulerClient] {

@@ -46,6 +46,12 @@ pub struct FileConfig {
     pub cluster: Vec<String>,
     /// This scheduler's entry in `cluster`. Required when `cluster` is set.
     pub advertise: Option<String>,
+    /// The cluster's join secret (the nodes' `p2p.join_secret_file`). When
+    /// set, only requests signed with it (by member nodes and the CLI) may
+    /// announce, ask for parents, report failures or submit jobs; reads of
+    /// the status page, status JSON and metrics stay open. Default: none
+    /// (anyone who can reach the port is trusted).
+    pub join_secret_file: Option<PathBuf>,
     pub log: LogConfig,
 }
 
@@ -62,6 +68,7 @@ impl Default for FileConfig {
             lease_warmup: None,
             cluster: Vec::new(),
             advertise: None,
+            join_secret_file: None,
             log: LogConfig::default(),
         }
     }
@@ -97,6 +104,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Requests must be signed with this key (derived from the join secret).
+    pub auth_key: Option<[u8; 32]>,
     pub state: StateConfig,
     pub log: LogConfig,
 }
@@ -174,7 +183,21 @@ impl FileConfig {
             .lease_warmup
             .map_or(heartbeat.saturating_mul(3) / 2, ms);
         let shard = shard(self.cluster, self.advertise)?;
+        let auth_key = match &self.join_secret_file {
+            None => None,
+            Some(path) => {
+                let contents = std::fs::read(path)
+                    .map_err(|e| invalid("join_secret_file", format!("{}: {e}", path.display())))?;
+                let secret = shoal_proto::auth::parse_secret(&contents)
+                    .map_err(|e| invalid("join_secret_file", e.to_string()))?;
+                Some(shoal_proto::auth::derive_key(
+                    &secret,
+                    shoal_proto::auth::SCHEDULER_LABEL,
+                ))
+            }
+        };
         Ok(Config {
+            auth_key,
             listen: self.listen,
             state: StateConfig {
                 heartbeat_ms: heartbeat,

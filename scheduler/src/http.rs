@@ -17,6 +17,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
+use shoal_proto::auth::{self, AuthError, AUTH_HEADER};
 use shoal_proto::sched::{
     check_version, ErrorBody, ErrorCode, VersionError, PROTOCOL_HEADER, PROTOCOL_VERSION,
 };
@@ -29,8 +30,14 @@ use crate::state::WrongScheduler;
 /// with piece hash lists.
 const MAX_BODY: usize = 32 << 20;
 
-/// All routes of a scheduler.
+/// All routes of a scheduler, trusting every client.
 pub fn router(handle: SchedulerHandle) -> Router {
+    router_with_auth(handle, None)
+}
+
+/// All routes of a scheduler; with `auth_key`, POST requests must be signed
+/// with it (`shoal_proto::auth`), GETs stay open.
+pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> Router {
     Router::new()
         .route("/api/v1/announce", post(announce))
         .route("/api/v1/blobs/{blob}/parents", post(parents))
@@ -40,6 +47,9 @@ pub fn router(handle: SchedulerHandle) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(move |req, next| {
+            authenticate(auth_key, req, next)
+        }))
         .layer(middleware::from_fn(protocol_version))
         .with_state(handle)
 }
@@ -59,6 +69,8 @@ pub enum ApiError {
     Closed(#[from] Closed),
     #[error("no such path")]
     NotFound,
+    #[error(transparent)]
+    Unauthorized(#[from] AuthError),
 }
 
 impl IntoResponse for ApiError {
@@ -96,6 +108,10 @@ impl IntoResponse for ApiError {
                 body.code = ErrorCode::Other;
                 StatusCode::NOT_FOUND
             }
+            Self::Unauthorized(_) => {
+                body.code = ErrorCode::Other;
+                StatusCode::UNAUTHORIZED
+            }
         };
         if status.is_server_error() {
             tracing::warn!(error = %body.error, "request failed");
@@ -120,6 +136,38 @@ async fn protocol_version(req: Request, next: Next) -> Response {
     resp.headers_mut()
         .insert(PROTOCOL_HEADER, HeaderValue::from(PROTOCOL_VERSION));
     resp
+}
+
+/// With a key, a POST must carry a valid signature over its method, path
+/// and body.
+async fn authenticate(key: Option<[u8; 32]>, req: Request, next: Next) -> Response {
+    let Some(key) = key else {
+        return next.run(req).await;
+    };
+    if req.method() != Method::POST {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return ApiError::BadRequest("request body too large or unreadable".into()).into_response();
+    };
+    let header = parts.headers.get(AUTH_HEADER).and_then(|v| v.to_str().ok());
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    if let Err(e) = auth::verify(
+        &key,
+        header,
+        parts.method.as_str(),
+        parts.uri.path(),
+        &bytes,
+        now_ms,
+    ) {
+        tracing::info!(error = %e, path = parts.uri.path(), "unauthenticated request refused");
+        return ApiError::from(e).into_response();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 fn json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

@@ -38,6 +38,7 @@ pub enum ServerError {
 /// [`Scheduler::serve`] to answer requests.
 #[derive(Debug)]
 pub struct Scheduler {
+    auth_key: Option<[u8; 32]>,
     listener: TcpListener,
     local_addr: SocketAddr,
     handle: SchedulerHandle,
@@ -67,6 +68,7 @@ impl Scheduler {
         let cancel = CancellationToken::new();
         let handle = service::spawn(cfg.state, metrics, &tracker, cancel.clone());
         Ok(Self {
+            auth_key: cfg.auth_key,
             listener,
             local_addr,
             handle,
@@ -88,6 +90,7 @@ impl Scheduler {
     /// Serve until `shutdown` resolves, then shut down in order.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Self {
+            auth_key,
             listener,
             local_addr,
             handle,
@@ -97,7 +100,10 @@ impl Scheduler {
         tracing::info!(listen = %local_addr, "scheduler ready");
         let stop_accepting = CancellationToken::new();
         let stop = stop_accepting.clone();
-        let app = crate::http::router(handle);
+        if auth_key.is_none() {
+            tracing::warn!("no join_secret_file: any client that reaches this port may announce and blame nodes");
+        }
+        let app = crate::http::router_with_auth(handle, auth_key);
         let mut server = tracker.spawn(
             async move {
                 axum::serve(listener, app)

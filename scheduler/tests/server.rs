@@ -607,3 +607,86 @@ async fn status_json_html_and_metrics() {
     assert_eq!(missing.status(), 404);
     s.stop().await;
 }
+
+/// With a join secret, only signed requests change state; reads stay open.
+#[tokio::test]
+async fn join_secret_admits_only_signed_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "5a".repeat(32)).unwrap();
+    let cfg = format!(
+        "{FAST}\njoin_secret_file = {:?}\n",
+        secret.display().to_string()
+    );
+    let s = Running::start(&cfg).await;
+    let key = shoal_proto::auth::derive_key(&[0x5a; 32], shoal_proto::auth::SCHEDULER_LABEL);
+    let wrong = shoal_proto::auth::derive_key(&[0x5b; 32], shoal_proto::auth::SCHEDULER_LABEL);
+
+    let member = FakeNode::new(1, s.addr);
+    let member = FakeNode {
+        client: member.client.clone().with_auth(key),
+        ..member
+    };
+    let outsider = FakeNode::new(2, s.addr);
+    let impostor = FakeNode::new(3, s.addr);
+    let impostor = FakeNode {
+        client: impostor.client.clone().with_auth(wrong),
+        ..impostor
+    };
+
+    member.announce(true, vec![holds(1, PIECES)]).await;
+    for n in [&outsider, &impostor] {
+        let err = n
+            .client
+            .announce(&n.request(true, vec![holds(1, PIECES)]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Rejected { status: 401, .. }),
+            "{err}"
+        );
+        let err = n
+            .client
+            .report_failure(
+                &blob(1),
+                &FailureReport {
+                    reporter: n.id,
+                    peer: member.id,
+                    reason: FailureReason::BadPiece,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Rejected { status: 401, .. }),
+            "{err}"
+        );
+    }
+    // The member is known and unblamed; the others were never registered.
+    let status = outsider.client.status().await.unwrap();
+    let ids: Vec<NodeId> = status.nodes.iter().map(|n| n.id).collect();
+    assert_eq!(ids, vec![member.id]);
+    let asker = FakeNode::new(4, s.addr);
+    let asker = FakeNode {
+        client: asker.client.clone().with_auth(key),
+        ..asker
+    };
+    asker.announce(true, vec![]).await;
+    let parents = asker.parents(1, false).await;
+    assert_eq!(holder_ids(&parents), vec![member.id]);
+
+    // A replayed signature does not carry over to another body.
+    let http = reqwest::Client::new();
+    let body = b"{}".to_vec();
+    let header = shoal_proto::auth::sign(&key, "POST", "/api/v1/announce", 1, &body);
+    let resp = http
+        .post(s.url("/api/v1/announce"))
+        .header(PROTOCOL_HEADER, "1")
+        .header(shoal_proto::auth::AUTH_HEADER, header)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401, "a signature from long ago is refused");
+    s.stop().await;
+}

@@ -1,9 +1,18 @@
-//! Node-to-node transfer throughput on loopback: the QUIC data plane
-//! (`shoal_node::p2p`, identity-bound TLS, join-secret handshake, pieces read
-//! and verified from the store) next to a plain TCP copy of the same bytes
-//! from the same file, in the same run.
+//! Peer-to-peer benchmarks (not tests), two modes:
 //!
-//! `cargo run -p shoal-e2e --bin p2p-bench -- [--size-mib 512] [--rounds 3]`
+//! - default: node-to-node transfer throughput on loopback: the QUIC data plane
+//!   (`shoal_node::p2p`, identity-bound TLS, join-secret handshake, pieces read
+//!   and verified from the store) next to a plain TCP copy of the same bytes
+//!   from the same file, in the same run.
+//!   `cargo run -p shoal-e2e --bin p2p-bench -- [--size-mib 512] [--rounds 3]`
+//! - `cluster`: for each N, a cluster of N nodes in network namespaces (origin
+//!   link 200 Mbit/s, node links 1 Gbit/s, see `shoal_e2e::cluster`) where all N
+//!   hosts pull the fixture image at the same moment with skopeo, once straight
+//!   from the origin and once through their node; prints the time until every
+//!   host holds the image and the origin's blob bytes (its own log) per image.
+//!   Needs root, iproute2, docker-registry, skopeo and the shoal binary.
+//!   `cargo run -p shoal-e2e --bin p2p-bench -- cluster [--nodes 1,2,4,8,16]
+//!   [--origin-mbit 200] [--node-mbit 1000]`
 
 use std::io::Read as _;
 use std::os::unix::fs::FileExt as _;
@@ -18,14 +27,21 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("cluster") {
+        return cluster_bench::run(&all[1..]);
+    }
     let mut size_mib = 512u64;
     let mut rounds = 3usize;
-    let mut args = std::env::args().skip(1);
+    let mut args = all.into_iter();
     while let Some(a) = args.next() {
         match a.as_str() {
             "--size-mib" => size_mib = args.next().context("--size-mib N")?.parse()?,
             "--rounds" => rounds = args.next().context("--rounds N")?.parse()?,
-            other => anyhow::bail!("unknown argument {other:?}"),
+            other => anyhow::bail!(
+                "unknown argument {other:?} (usage: p2p-bench [--size-mib N] [--rounds N] | \
+                 p2p-bench cluster [--nodes 1,2,4,8,16] [--origin-mbit 200] [--node-mbit 1000])"
+            ),
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -201,4 +217,176 @@ fn kernel() -> String {
     let _ = std::fs::File::open("/proc/sys/kernel/osrelease")
         .and_then(|mut f| f.read_to_string(&mut s));
     format!("Linux {}", s.trim())
+}
+
+/// `p2p-bench cluster`: N concurrent pulls through shoal vs straight from the origin.
+mod cluster_bench {
+    use std::time::Duration;
+
+    use anyhow::{ensure, Context, Result};
+    use shoal_e2e::cluster::{
+        mb, verify_all, Cluster, ClusterOptions, NodeBytes, PullSet, Pulled, NODE_MBIT, ORIGIN_MBIT,
+    };
+    use shoal_e2e::TestCtx;
+
+    struct Options {
+        nodes: Vec<usize>,
+        origin_mbit: u32,
+        node_mbit: u32,
+    }
+
+    /// One way of pulling, for one N.
+    struct Round {
+        /// Until the last host held the image.
+        all_hold: Duration,
+        /// Origin blob bytes / image bytes.
+        origin_images: f64,
+        /// Bytes nodes say they got from peers (shoal only).
+        from_peers: u64,
+    }
+
+    pub fn run(args: &[String]) -> Result<()> {
+        let options = parse(args)?;
+        if let Some(why) = shoal_e2e::netns::unavailable() {
+            anyhow::bail!("p2p-bench cluster cannot build test hosts: {why}");
+        }
+        for tool in ["docker-registry", "skopeo"] {
+            ensure!(
+                shoal_e2e::paths::which(tool).is_some(),
+                "p2p-bench cluster needs `{tool}` on PATH"
+            );
+        }
+        let mut rows = Vec::new();
+        let mut failed = Vec::new();
+        for &n in &options.nodes {
+            eprintln!("N = {n}: starting the cluster");
+            match measure(n, &options) {
+                Ok((shoal, direct, image)) => {
+                    eprintln!(
+                        "N = {n}: shoal {:.1?} ({:.2} images from the origin), direct {:.1?} ({:.2})",
+                        shoal.all_hold, shoal.origin_images, direct.all_hold, direct.origin_images
+                    );
+                    rows.push((n, shoal, direct, image));
+                }
+                // A round whose copies are wrong or missing has no figures; the others still do.
+                Err(err) => {
+                    eprintln!("N = {n}: FAILED: {err:#}");
+                    failed.push(format!("N = {n}: {err:#}"));
+                }
+            }
+        }
+        print_table(&options, &rows);
+        ensure!(
+            failed.is_empty(),
+            "{} round(s) failed:\n{}",
+            failed.len(),
+            failed.join("\n")
+        );
+        Ok(())
+    }
+
+    /// Starts a fresh cluster of `n` nodes; all hosts pull straight from the origin, then all
+    /// through their nodes. Returns (shoal, direct, image bytes).
+    fn measure(n: usize, options: &Options) -> Result<(Round, Round, u64)> {
+        let ctx = TestCtx::standalone(&format!("p2p-bench-cluster-{n}"))?;
+        let mut cluster_options = ClusterOptions::members(n);
+        cluster_options.origin_mbit = options.origin_mbit;
+        cluster_options.node_mbit = options.node_mbit;
+        let cluster = Cluster::start(&ctx, &cluster_options)?;
+        let image = cluster.image_bytes();
+
+        let mark = cluster.origin_mark()?;
+        let jobs = (0..n)
+            .map(|i| cluster.direct_pull_job(&ctx, i))
+            .collect::<Result<Vec<_>>>()?;
+        let pulled = PullSet::start(jobs).join()?;
+        let direct = round(&cluster, &pulled, mark, 0)?;
+
+        let mark = cluster.origin_mark()?;
+        let jobs = (0..n)
+            .map(|i| cluster.pull_job(&ctx, i))
+            .collect::<Result<Vec<_>>>()?;
+        let pulled = PullSet::start(jobs).join()?;
+        let from_peers = (0..n)
+            .map(|i| cluster.metrics(i).map(|m| NodeBytes::of(&m).from_peers))
+            .sum::<Result<u64>>()?;
+        let shoal = round(&cluster, &pulled, mark, from_peers)?;
+        Ok((shoal, direct, image))
+    }
+
+    /// Checks every copy, then measures and deletes them.
+    fn round(cluster: &Cluster, pulled: &[Pulled], mark: usize, from_peers: u64) -> Result<Round> {
+        verify_all(cluster.image(), pulled)?;
+        let origin = cluster.origin_blob_bytes_since(mark)?;
+        for p in pulled {
+            p.remove()?;
+        }
+        Ok(Round {
+            all_hold: pulled.iter().map(|p| p.elapsed).max().unwrap_or_default(),
+            origin_images: origin as f64 / cluster.image_bytes() as f64,
+            from_peers,
+        })
+    }
+
+    fn print_table(options: &Options, rows: &[(usize, Round, Round, u64)]) {
+        let image = rows.first().map_or(0, |r| r.3);
+        println!(
+            "image: fixture debian-python ({:.1} MB, 2 layers); origin link {} Mbit/s, node links \
+             {} Mbit/s; all N hosts pull at the same moment with skopeo",
+            mb(image),
+            options.origin_mbit,
+            options.node_mbit
+        );
+        println!(
+            "{:>3} | {:>16} {:>13} {:>12} | {:>17} {:>13} | {:>9}",
+            "N",
+            "shoal: all hold",
+            "origin/image",
+            "from peers",
+            "direct: all hold",
+            "origin/image",
+            "speed-up"
+        );
+        for (n, shoal, direct, _) in rows {
+            println!(
+                "{n:>3} | {:>15.1}s {:>13.2} {:>9.1} MB | {:>16.1}s {:>13.2} | {:>8.2}x",
+                shoal.all_hold.as_secs_f64(),
+                shoal.origin_images,
+                mb(shoal.from_peers),
+                direct.all_hold.as_secs_f64(),
+                direct.origin_images,
+                direct.all_hold.as_secs_f64() / shoal.all_hold.as_secs_f64().max(1e-9)
+            );
+        }
+        println!("machine: nproc {}, {}", super::num_cpus(), super::kernel());
+    }
+
+    fn parse(args: &[String]) -> Result<Options> {
+        let mut options = Options {
+            nodes: vec![1, 2, 4, 8, 16],
+            origin_mbit: ORIGIN_MBIT,
+            node_mbit: NODE_MBIT,
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+            match flag.as_str() {
+                "--nodes" => {
+                    options.nodes = value
+                        .split(',')
+                        .map(|n| n.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .context("--nodes takes a list like 1,2,4,8")?;
+                }
+                "--origin-mbit" => options.origin_mbit = value.parse()?,
+                "--node-mbit" => options.node_mbit = value.parse()?,
+                other => anyhow::bail!("unknown flag {other}"),
+            }
+        }
+        ensure!(
+            options.nodes.iter().all(|&n| (1..=200).contains(&n)),
+            "node counts must be 1..=200"
+        );
+        Ok(options)
+    }
 }

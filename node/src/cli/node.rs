@@ -38,6 +38,27 @@ pub struct NodeArgs {
     /// plain HTTP. Repeatable (config: [[upstream]]).
     #[arg(long, value_name = "[HOST=]URL")]
     pub upstream: Vec<String>,
+    /// Where peers reach this node's QUIC data plane, `IP:PORT` (config:
+    /// p2p.listen) [default: 0.0.0.0:5052]. The DHT listens on TCP at the
+    /// same IP, port 5053 (p2p.dht_listen).
+    #[arg(long, env = "SHOAL_P2P", value_name = "ADDR")]
+    pub p2p: Option<SocketAddr>,
+    /// A scheduler, `host:port`; repeatable, the same list on every node
+    /// (config: p2p.schedulers).
+    #[arg(long, value_name = "ADDR")]
+    pub scheduler: Vec<String>,
+    /// A DHT bootstrap peer, `host:port` of its DHT listener; repeatable
+    /// (config: p2p.peers).
+    #[arg(long, value_name = "ADDR")]
+    pub peer: Vec<String>,
+    /// The cluster join secret (64+ hex characters, e.g. from `openssl
+    /// rand -hex 32`). Without it the node is standalone (config:
+    /// p2p.join_secret_file).
+    #[arg(long, env = "SHOAL_JOIN_SECRET_FILE", value_name = "FILE")]
+    pub join_secret_file: Option<PathBuf>,
+    /// Zone/rack label; same-zone peers are preferred (config: p2p.zone).
+    #[arg(long, env = "SHOAL_ZONE")]
+    pub zone: Option<String>,
     /// Log format (config: log.format).
     #[arg(long, env = "SHOAL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -69,6 +90,17 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     for u in &args.upstream {
         file.add_upstream_flag(u);
+    }
+    if let Some(p) = args.p2p {
+        file.p2p.listen = p;
+    }
+    file.p2p.schedulers.extend(args.scheduler);
+    file.p2p.peers.extend(args.peer);
+    if let Some(f) = args.join_secret_file {
+        file.p2p.join_secret_file = Some(f);
+    }
+    if let Some(z) = args.zone {
+        file.p2p.zone = Some(z);
     }
     let cfg = file.validate()?;
     init_tracing(cfg.log.format == LogFormat::Json, &cfg.log.level);

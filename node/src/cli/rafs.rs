@@ -375,7 +375,7 @@ impl From<DigesterArg> for Digester {
 }
 
 /// `1MiB`, `64KiB`, `4k`, `0x100000` or plain bytes; must be a power of two in 4 KiB..=16 MiB.
-fn parse_chunk_size(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_chunk_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     let (num, mult) = if let Some(hex) = lower.strip_prefix("0x") {

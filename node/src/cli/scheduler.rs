@@ -33,6 +33,11 @@ pub struct SchedulerArgs {
     /// [default: 0.0.0.0:5060].
     #[arg(long, env = "SHOAL_SCHEDULER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// The cluster join secret, the same file the nodes use: only requests
+    /// signed with it may change the scheduler's state (config:
+    /// join_secret_file).
+    #[arg(long, env = "SHOAL_JOIN_SECRET_FILE", value_name = "FILE")]
+    pub join_secret_file: Option<PathBuf>,
     /// Log format (config: log.format).
     #[arg(long, env = "SHOAL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -49,6 +54,9 @@ pub fn run(args: SchedulerArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     if let Some(l) = args.listen {
         file.listen = l;
+    }
+    if let Some(f) = args.join_secret_file {
+        file.join_secret_file = Some(f);
     }
     if let Some(f) = args.log_format {
         file.log.format = match f {

@@ -72,13 +72,53 @@ fn render(s: &Status) -> String {
     let t = &s.traffic;
     let _ = writeln!(
         o,
-        "traffic:   {} served to clients, {} from origin; blob cache hits {}, misses {}; downloads running {}",
+        "traffic:   {} served to clients, {} from origin, {} from peers; blob cache hits {}, misses {}; downloads running {}",
         ByteSize(t.served_bytes),
         ByteSize(t.origin_bytes),
+        ByteSize(t.peer_bytes),
         t.cache_hits,
         t.cache_misses,
         s.downloads_in_flight
     );
+    match &s.p2p {
+        None => {
+            let _ = writeln!(o, "peers:     standalone (no join secret)");
+        }
+        Some(p) => {
+            let scheds: Vec<String> = p
+                .schedulers
+                .iter()
+                .map(|x| {
+                    format!(
+                        "{} ({})",
+                        x.addr,
+                        if x.reachable { "up" } else { "unreachable" }
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                "peers:     node {} at {}{}; {} sent to peers; {} upload slots free; {} origin leases",
+                p.node_id,
+                p.p2p_addr,
+                p.zone.as_ref().map(|z| format!(", zone {z}")).unwrap_or_default(),
+                ByteSize(p.uploaded_bytes),
+                p.upload_slots_free,
+                p.leases
+            );
+            let _ = writeln!(
+                o,
+                "           schedulers: {}; DHT {} ({} peers)",
+                if scheds.is_empty() {
+                    "none".into()
+                } else {
+                    scheds.join(", ")
+                },
+                p.dht_addr.as_deref().unwrap_or("off"),
+                p.dht_peers.map_or("?".into(), |n| n.to_string())
+            );
+        }
+    }
     if !s.blobs.is_empty() {
         let _ = writeln!(
             o,

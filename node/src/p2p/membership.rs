@@ -137,6 +137,16 @@ impl JoinSecret {
         })
     }
 
+    /// A 32-byte key for another use of the secret (`label` names the use,
+    /// e.g. the DHT's private-network key), so the raw secret never leaves
+    /// this type: HMAC-SHA256(secret, "shoal-derive-v1" ‖ label).
+    pub fn derive_key(&self, label: &str) -> [u8; 32] {
+        let mut mac = self.mac.clone();
+        mac.update(b"shoal-derive-v1");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// Length of the secret in bytes.
     pub fn key_len(&self) -> usize {
         self.len

@@ -37,6 +37,8 @@ pub struct P2pMetrics {
     pub uploads_active: Gauge,
     /// Member connections open (both directions).
     pub connections: Gauge,
+    /// All range bytes sent to peers (the sum of `upload_bytes`).
+    pub upload_total: Counter,
 }
 
 impl P2pMetrics {
@@ -73,6 +75,11 @@ impl P2pMetrics {
             "Open member connections",
             self.connections.clone(),
         );
+    }
+
+    /// Bytes sent to all peers so far.
+    pub fn uploaded_total(&self) -> u64 {
+        self.upload_total.get()
     }
 
     /// Bytes sent to `peer` so far.

@@ -262,6 +262,11 @@ async fn send_body(
                 return Err(ResetCode::Internal);
             }
         };
+        if inner.cfg.fault_corrupt_uploads {
+            // Fault injection for tests of peer verification: a node that
+            // serves wrong bytes.
+            buf[0] ^= 0x55;
+        }
         for slice in buf[..n].chunks(WRITE_MAX) {
             inner.rate.acquire(slice.len() as u64).await;
             // `write` takes what flow control allows; counting each part
@@ -274,6 +279,7 @@ async fn send_body(
                     n = send.write(&slice[sent..]) => n.map_err(|_| ResetCode::Cancelled)?,
                 };
                 counter.inc_by(n as u64);
+                inner.metrics.upload_total.inc_by(n as u64);
                 sent += n;
             }
         }

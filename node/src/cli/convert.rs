@@ -1,0 +1,209 @@
+//! `shoal convert SRC DST`: parse the flags, run [`crate::convert::convert`] with a progress
+//! display on stderr, print the summary (or `--json`) on stdout.
+//!
+//! Exit codes: 0 converted; 1 the conversion failed (missing or non-image source, refused
+//! credentials, a build error — the message says which); 2 a registry could not be reached.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Args;
+use shoal_rafs::build::BuildOptions;
+
+use super::rafs::{parse_chunk_size, CompressorArg, DigesterArg};
+use crate::convert::auth::Credentials;
+use crate::convert::{self, progress, ConvertOptions, Summary};
+
+/// Convert an OCI or Docker image into a Nydus image, registry to registry.
+///
+/// Pulls SRC (every platform of an image index, or only --platform), converts each layer into
+/// a RAFS v6 data blob with the built-in builder (several at once), merges the layer
+/// bootstraps, and pushes the Nydus image to DST: data blobs, the bootstrap layer, the config
+/// with the new diff ids, the manifest, and an index when SRC had one. Blobs DST already has
+/// are skipped; the tag is written last, so a failed run never leaves it pointing at a partial
+/// image. Converted layers are kept in --work-dir: a rerun after a failure redoes only what is
+/// missing.
+///
+/// Credentials: --src-creds/--dest-creds, else the auth file (--authfile, $REGISTRY_AUTH_FILE,
+/// $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json), as skopeo reads them.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The source image, `host[:port]/repo[:tag|@digest]`.
+    pub src: String,
+    /// The target, `host[:port]/repo[:tag]`.
+    pub dst: String,
+    /// Talk plain HTTP to the registries (for registries without TLS).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Convert only this platform of a multi-platform image, `os/arch[/variant]`.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// An already-converted Nydus image: chunks it stores are referenced instead of written
+    /// again (its blobs are mounted or copied into DST's repository). Of a multi-platform
+    /// dictionary, the --platform (else this host's) manifest is used.
+    #[arg(long, value_name = "IMAGE")]
+    pub chunk_dict: Option<String>,
+    /// Chunk compression.
+    #[arg(long, value_enum, default_value_t = CompressorArg::Zstd)]
+    pub compressor: CompressorArg,
+    /// Chunk digest algorithm.
+    #[arg(long, value_enum, default_value_t = DigesterArg::Blake3)]
+    pub digester: DigesterArg,
+    /// Chunk size: a power of two from 4KiB to 16MiB.
+    #[arg(long, default_value = "1MiB", value_parser = parse_chunk_size)]
+    pub chunk_size: u32,
+    /// A file of image paths, one per line (`/usr/bin/python3`; a directory means everything
+    /// below it), written to the image's prefetch table in that order.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
+    /// Source registry credentials, `USER[:PASSWORD]`.
+    #[arg(
+        long,
+        value_name = "USER[:PASSWORD]",
+        env = "SHOAL_SRC_CREDS",
+        hide_env_values = true
+    )]
+    pub src_creds: Option<String>,
+    /// Target registry credentials, `USER[:PASSWORD]`.
+    #[arg(
+        long,
+        alias = "dst-creds",
+        value_name = "USER[:PASSWORD]",
+        env = "SHOAL_DEST_CREDS",
+        hide_env_values = true
+    )]
+    pub dest_creds: Option<String>,
+    /// Auth file in containers-auth.json / Docker config.json form.
+    #[arg(long, value_name = "FILE")]
+    pub authfile: Option<PathBuf>,
+    /// Where converted layers are kept between runs (default: ~/.cache/shoal/convert).
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// Layers converted at once.
+    #[arg(long, default_value_t = 3)]
+    pub jobs: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let opts = options(&args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let result = rt.block_on(async {
+        let (progress, renderer) = progress::start(tty);
+        let result = convert::convert(opts, progress).await;
+        let _ = renderer.await;
+        result
+    });
+    match result {
+        Ok(summary) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", render(&summary));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            eprintln!("shoal convert: {:#}", anyhow::Error::from(e));
+            eprintln!("shoal convert: {} was not written", args.dst);
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+fn options(args: &ConvertArgs) -> anyhow::Result<ConvertOptions> {
+    let creds = |v: &Option<String>, flag| {
+        v.as_deref()
+            .map(|s| Credentials::parse_flag(s, flag))
+            .transpose()
+    };
+    let prefetch = match &args.prefetch_list {
+        None => Vec::new(),
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading the prefetch list {}", p.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect(),
+    };
+    Ok(ConvertOptions {
+        src: args.src.clone(),
+        dst: args.dst.clone(),
+        plain_http: args.plain_http,
+        platform: args.platform.clone(),
+        chunk_dict: args.chunk_dict.clone(),
+        build: BuildOptions {
+            compressor: args.compressor.into(),
+            digester: args.digester.into(),
+            chunk_size: args.chunk_size,
+        },
+        prefetch,
+        src_creds: creds(&args.src_creds, "--src-creds")?,
+        dst_creds: creds(&args.dest_creds, "--dest-creds")?,
+        authfile: args.authfile.clone(),
+        work_dir: args.work_dir.clone().unwrap_or_else(default_work_dir),
+        jobs: args.jobs,
+    })
+}
+
+fn default_work_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    match (env("XDG_CACHE_HOME"), env("HOME")) {
+        (Some(c), _) => c.join("shoal/convert"),
+        (None, Some(h)) => h.join(".cache/shoal/convert"),
+        (None, None) => PathBuf::from("/var/tmp/shoal-convert"),
+    }
+}
+
+fn render(s: &Summary) -> String {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let refs = s.chunks + s.chunks_dedup_in_image + s.chunks_from_dict;
+    let pct = |n: u64| n as f64 * 100.0 / refs.max(1) as f64;
+    let mut out = format!(
+        "converted {} → {} ({}) in {:.1}s\n\
+         platforms: {}\n\
+         layers: {} ({} already converted in the work dir)\n\
+         source {:.1} MiB → Nydus {:.1} MiB",
+        s.source,
+        s.target,
+        s.digest,
+        s.seconds,
+        s.platforms.join(", "),
+        s.layers,
+        s.layers_cached,
+        mib(s.source_bytes),
+        mib(s.nydus_bytes),
+    );
+    if s.dict_bytes > 0 {
+        out.push_str(&format!(
+            " (+ {:.1} MiB of dictionary blobs referenced)",
+            mib(s.dict_bytes)
+        ));
+    }
+    out.push_str(&format!(
+        "\nchunks: {} stored, {} deduplicated within layers ({:.1}%), {} from the chunk dictionary ({:.1}%)\n\
+         blobs: {} pushed, {} already at the target, {} mounted from another repository\n",
+        s.chunks,
+        s.chunks_dedup_in_image,
+        pct(s.chunks_dedup_in_image),
+        s.chunks_from_dict,
+        pct(s.chunks_from_dict),
+        s.blobs_pushed,
+        s.blobs_skipped,
+        s.blobs_mounted,
+    ));
+    out
+}
