@@ -1,5 +1,7 @@
 //! Lazy mounts end to end: a two-layer Debian + python3 image built with our RAFS builder, pushed
-//! to a real registry in Nydus form, mounted through a real node with `shoal mount` (FUSE).
+//! to a real registry in Nydus form, mounted through a real node with `shoal mount`, in both modes
+//! (FUSE, and kernel EROFS over the node's on-demand blob files) — each scenario is one function
+//! run as a test per mode.
 //!
 //! What is asserted: python3 runs in a chroot of the mount; the mounted tree equals `umoci unpack`
 //! of the source image (the fixtures' `listing.py` on both: types, modes, owners, sizes, link
@@ -50,15 +52,53 @@ impl Drop for Unmount {
     }
 }
 
-fn fuse_missing() -> Option<String> {
-    match std::fs::OpenOptions::new()
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Fuse,
+    Erofs,
+}
+
+impl Mode {
+    fn arg(self) -> &'static str {
+        match self {
+            Mode::Fuse => "fuse",
+            Mode::Erofs => "erofs",
+        }
+    }
+}
+
+/// Why a mount of `mode` cannot work here (both modes need /dev/fuse: EROFS mode serves its blob
+/// files with FUSE).
+fn missing(mode: Mode) -> Option<String> {
+    if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
     {
-        Ok(_) => None,
-        Err(e) => Some(format!("cannot open /dev/fuse: {e}")),
+        return Some(format!("cannot open /dev/fuse: {e}"));
     }
+    if mode == Mode::Erofs {
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        let _ = Command::new("modprobe")
+            .arg("erofs")
+            .stderr(std::process::Stdio::null())
+            .status();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        if (major, minor) < (6, 12) {
+            return Some(format!(
+                "file-backed EROFS needs Linux 6.12+, this is {release}"
+            ));
+        }
+        let fs = fs + &std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs.contains("erofs") {
+            return Some("the kernel has no erofs filesystem (CONFIG_EROFS_FS)".into());
+        }
+    }
+    None
 }
 
 fn scene(t: &TestCtx) -> Result<Scene> {
@@ -104,20 +144,29 @@ fn shoal_ok(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn mount(s: &Scene) -> Result<()> {
+fn mount(s: &Scene, mode: Mode) -> Result<()> {
     let mnt = s.mnt.to_string_lossy();
     let admin = s.node.admin_addr();
-    shoal_ok(&["mount", &s.reference, &mnt, "--node", &admin])?;
-    ensure!(is_shoal_mount(&s.mnt), "no fuse.shoal mount at {mnt}");
+    shoal_ok(&[
+        "mount",
+        &s.reference,
+        &mnt,
+        "--mode",
+        mode.arg(),
+        "--node",
+        &admin,
+    ])?;
+    ensure!(is_shoal_mount(&s.mnt), "no {} mount at {mnt}", mode.arg());
     Ok(())
 }
 
+/// Whether `dir` holds a shoal mount: FUSE (`fuse.shoal`) or kernel EROFS.
 fn is_shoal_mount(dir: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let dir = dir.to_string_lossy();
     info.lines().any(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        f.get(4) == Some(&dir.as_ref()) && l.contains(" - fuse.shoal ")
+        f.get(4) == Some(&dir.as_ref()) && (l.contains(" - fuse.shoal ") || l.contains(" - erofs "))
     })
 }
 
@@ -171,8 +220,22 @@ fn umoci_rootfs(t: &TestCtx) -> Result<PathBuf> {
 
 #[test]
 fn fuse_mount_runs_python_and_equals_the_oci_unpack() {
-    let name = "fuse_mount_runs_python_and_equals_the_oci_unpack";
-    if let Some(why) = fuse_missing() {
+    runs_python_and_equals_the_oci_unpack(
+        "fuse_mount_runs_python_and_equals_the_oci_unpack",
+        Mode::Fuse,
+    );
+}
+
+#[test]
+fn erofs_mount_runs_python_and_equals_the_oci_unpack() {
+    runs_python_and_equals_the_oci_unpack(
+        "erofs_mount_runs_python_and_equals_the_oci_unpack",
+        Mode::Erofs,
+    );
+}
+
+fn runs_python_and_equals_the_oci_unpack(name: &str, mode: Mode) {
+    if let Some(why) = missing(mode) {
         eprintln!("SKIP {name}: {why}");
         return;
     }
@@ -180,7 +243,7 @@ fn fuse_mount_runs_python_and_equals_the_oci_unpack() {
     run(name, &needs, |t| {
         let s = scene(t)?;
         let mark = s.registry.log()?.requests.len();
-        mount(&s)?;
+        mount(&s, mode)?;
         let out = Command::new("chroot")
             .arg(&s.mnt)
             .args(["python3", "-c", "import json; print(42)"])
@@ -205,7 +268,10 @@ fn fuse_mount_runs_python_and_equals_the_oci_unpack() {
         );
         let m = mounts_json(&s)?;
         let entry = &m["mounts"][0];
-        ensure!(entry["state"] == "mounted", "mounts: {m}");
+        ensure!(
+            entry["state"] == "mounted" && entry["mode"] == mode.arg(),
+            "mounts: {m}"
+        );
         let st = &entry["stats"];
         ensure!(
             st["read_bytes"].as_u64() > Some(0) && st["source"]["origin_bytes"].as_u64() > Some(0),
@@ -215,6 +281,23 @@ fn fuse_mount_runs_python_and_equals_the_oci_unpack() {
             "{name}: shoal mounts: {}",
             shoal_ok(&["mounts", "--node", &s.node.admin_addr()])?
         );
+        let metrics = shoal_e2e::http::client()?
+            .get(format!("http://{}/metrics", s.node.admin_addr()))
+            .send()?
+            .text()?;
+        let labels = format!(
+            "mount=\"{}\",image=\"{}\",mode=\"{}\"",
+            s.mnt.display(),
+            s.reference,
+            mode.arg()
+        );
+        for series in [
+            format!("shoal_mount_read_bytes_total{{{labels}}} "),
+            format!("shoal_mount_fetched_bytes_total{{{labels},source=\"origin\"}} "),
+            format!("shoal_mount_read_latency_seconds_count{{{labels}}} "),
+        ] {
+            ensure!(metrics.contains(&series), "no {series} in /metrics");
+        }
 
         let expected = listing(&umoci_rootfs(t)?)?;
         let actual = listing(&s.mnt)?;
@@ -250,14 +333,28 @@ fn fuse_mount_runs_python_and_equals_the_oci_unpack() {
 
 #[test]
 fn killed_node_fails_reads_and_restart_restores_the_mount() {
-    let name = "killed_node_fails_reads_and_restart_restores_the_mount";
-    if let Some(why) = fuse_missing() {
+    killed_node_fails_reads_and_restart_restores(
+        "killed_node_fails_reads_and_restart_restores_the_mount",
+        Mode::Fuse,
+    );
+}
+
+#[test]
+fn erofs_killed_node_fails_reads_and_restart_restores_the_mount() {
+    killed_node_fails_reads_and_restart_restores(
+        "erofs_killed_node_fails_reads_and_restart_restores_the_mount",
+        Mode::Erofs,
+    );
+}
+
+fn killed_node_fails_reads_and_restart_restores(name: &str, mode: Mode) {
+    if let Some(why) = missing(mode) {
         eprintln!("SKIP {name}: {why}");
         return;
     }
     run(name, NEEDS, |t| {
         let mut s = scene(t)?;
-        mount(&s)?;
+        mount(&s, mode)?;
         let os_release = std::fs::read(s.mnt.join("usr/lib/os-release"))?;
         ensure!(
             os_release == s.image.file_bytes("/usr/lib/os-release")?,
@@ -310,8 +407,22 @@ fn killed_node_fails_reads_and_restart_restores_the_mount() {
 
 #[test]
 fn corrupted_origin_chunk_gives_eio_and_is_not_cached() {
-    let name = "corrupted_origin_chunk_gives_eio_and_is_not_cached";
-    if let Some(why) = fuse_missing() {
+    corrupted_origin_chunk_gives_eio(
+        "corrupted_origin_chunk_gives_eio_and_is_not_cached",
+        Mode::Fuse,
+    );
+}
+
+#[test]
+fn erofs_corrupted_origin_chunk_gives_eio_and_is_not_cached() {
+    corrupted_origin_chunk_gives_eio(
+        "erofs_corrupted_origin_chunk_gives_eio_and_is_not_cached",
+        Mode::Erofs,
+    );
+}
+
+fn corrupted_origin_chunk_gives_eio(name: &str, mode: Mode) {
+    if let Some(why) = missing(mode) {
         eprintln!("SKIP {name}: {why}");
         return;
     }
@@ -321,7 +432,7 @@ fn corrupted_origin_chunk_gives_eio_and_is_not_cached() {
         let at = chunk.compressed_offset + u64::from(chunk.compressed_size) / 2;
         let origin_file = s.registry.blob_path(&blob)?;
         let original = setup::flip_byte(&origin_file, at)?;
-        mount(&s)?;
+        mount(&s, mode)?;
         let path = s.mnt.join(PYTHON.trim_start_matches('/'));
         for attempt in 0..2 {
             let mark = s.registry.log()?.requests.len();
@@ -376,6 +487,121 @@ fn plain_oci_image_is_refused_with_how_to_convert() {
         );
         ensure!(!is_shoal_mount(&s.mnt), "mounted anyway");
         println!("{name}: {}", stderr.trim());
+        Ok(())
+    });
+}
+
+fn python_in_chroot(s: &Scene) -> Result<()> {
+    let out = Command::new("chroot")
+        .arg(&s.mnt)
+        .args(["python3", "-c", "import json; print(42)"])
+        .output()?;
+    ensure!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "42",
+        "chroot python3: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn learned_access_list_prefetches_what_the_first_run_read() {
+    learned_access_list_prefetches(
+        "learned_access_list_prefetches_what_the_first_run_read",
+        Mode::Fuse,
+    );
+}
+
+#[test]
+fn erofs_learned_access_list_prefetches_what_the_first_run_read() {
+    learned_access_list_prefetches(
+        "erofs_learned_access_list_prefetches_what_the_first_run_read",
+        Mode::Erofs,
+    );
+}
+
+/// First run of the image records which chunks it read; the node keeps that list across a wipe
+/// of its store; a later mount of the same image prefetches them, after which the same program
+/// fetches (almost) nothing on demand.
+fn learned_access_list_prefetches(name: &str, mode: Mode) {
+    if let Some(why) = missing(mode) {
+        eprintln!("SKIP {name}: {why}");
+        return;
+    }
+    run(name, NEEDS, |t| {
+        let mut s = scene(t)?;
+        let mnt = s.mnt.to_string_lossy().into_owned();
+        let mark = s.registry.log()?.requests.len();
+        mount(&s, mode)?;
+        python_in_chroot(&s)?;
+        let first = data_bytes_from_origin(&s, mark)?;
+        let m = mounts_json(&s)?;
+        ensure!(
+            m["mounts"][0]["stats"]["prefetch"]["recording"] == true,
+            "first mount does not record: {m}"
+        );
+        shoal_ok(&["umount", &mnt, "--node", &s.node.admin_addr()])?;
+        let access = s.node.data_dir().join("access");
+        let list = poll("the access list", Duration::from_secs(30), || {
+            let Ok(dir) = std::fs::read_dir(&access) else {
+                return Ok(None);
+            };
+            let files: Vec<_> = dir
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .collect();
+            Ok(files.first().map(|f| f.path()))
+        })?;
+        let recorded: serde_json::Value = serde_json::from_slice(&std::fs::read(&list)?)?;
+        let n = recorded["chunks"].as_array().map_or(0, Vec::len);
+        ensure!(n > 0, "empty access list {}", list.display());
+
+        // A fresh store: everything but the access lists goes.
+        s.node.terminate()?;
+        for e in std::fs::read_dir(s.node.data_dir())? {
+            let p = e?.path();
+            if p != access {
+                if p.is_dir() {
+                    std::fs::remove_dir_all(&p)?;
+                } else {
+                    std::fs::remove_file(&p)?;
+                }
+            }
+        }
+        s.node.restart()?;
+
+        let mark = s.registry.log()?.requests.len();
+        let started = std::time::Instant::now();
+        mount(&s, mode)?;
+        let done = poll("the prefetch", Duration::from_secs(120), || {
+            let m = mounts_json(&s)?;
+            let p = m["mounts"][0]["stats"]["prefetch"].clone();
+            Ok((p["state"] == "done").then_some(p))
+        })?;
+        let took = started.elapsed();
+        let prefetched = data_bytes_from_origin(&s, mark)?;
+        ensure!(
+            done["failed"] == 0 && done["planned"].as_u64() == Some(n as u64),
+            "prefetch: {done}"
+        );
+        let mark = s.registry.log()?.requests.len();
+        python_in_chroot(&s)?;
+        let on_demand = data_bytes_from_origin(&s, mark)?;
+        println!(
+            "{name}: first run fetched {first} bytes and recorded {n} chunks; the remount prefetched {prefetched} bytes in {took:.1?}; the second run then fetched {on_demand} bytes on demand"
+        );
+        ensure!(prefetched > 0, "nothing prefetched");
+        ensure!(
+            on_demand * 10 <= first,
+            "second run still fetched {on_demand} of {first} bytes on demand"
+        );
+        let st = &mounts_json(&s)?["mounts"][0]["stats"];
+        ensure!(
+            st["prefetch"]["recording"] == false
+                && st["source"]["prefetch_bytes"].as_u64() > Some(0),
+            "stats: {st}"
+        );
         Ok(())
     });
 }

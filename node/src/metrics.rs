@@ -44,6 +44,9 @@ pub struct Metrics {
     pub access_checks: Family<KindLabels, Counter>,
     /// Chunk bytes (compressed) lazy mounts obtained, by source (`local`, `origin`).
     pub mount_chunk_bytes: Family<KindLabels, Counter>,
+    /// Per-mount series (reads, bytes fetched by source, latency), encoded at scrape time from
+    /// the live mounts' counters; the mount manager adds and removes mounts.
+    pub mount_series: std::sync::Arc<crate::mount::exporter::MountSeries>,
     /// Blob bytes downloads obtained from peers (verified), by kind.
     pub peer_bytes: Family<KindLabels, Counter>,
     /// Pieces from peers that failed verification (evicted, peer blamed).
@@ -159,6 +162,10 @@ impl Metrics {
             "Chunk bytes lazy mounts obtained, by source (local, origin)",
             mount_chunk_bytes.clone(),
         );
+        let mount_series = std::sync::Arc::new(crate::mount::exporter::MountSeries::default());
+        registry.register_collector(Box::new(crate::mount::exporter::MountCollector(
+            mount_series.clone(),
+        )));
         let peer_bytes = Family::<KindLabels, Counter>::default();
         registry.register(
             "peer_bytes",
@@ -219,6 +226,7 @@ impl Metrics {
             downloads_failed,
             access_checks,
             mount_chunk_bytes,
+            mount_series,
             totals: Totals::default(),
         }
     }

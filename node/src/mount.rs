@@ -11,13 +11,23 @@
 //! mount a dead node left) until `umount`; at node shutdown every live mount is unmounted but
 //! stays in the table. Every blob of a live mount is pinned in the store.
 //!
+//! Modes: FUSE (`shoal_rafs::fuse`) at the directory, or kernel EROFS (`shoal_rafs::erofs`) at
+//! the directory with its decoded blob files served from `<data dir>/erofs/<key of the dir>`;
+//! both read through the same chunk backend. Each mount records the image's access list on its
+//! first run, or prefetches it (plus the bootstrap's prefetch table) on later ones; that
+//! background work is cancelled when the mount goes.
+//!
 //! Layout: `image` (references, manifests, Nydus layers: pure), `resolve` (origin → verified
-//! bootstrap), `chunks` (the `ChunkSource` over store and origin), `table` (mounts.json, stale
-//! mounts), `api` (admin routes).
+//! bootstrap), `chunks` (the `ChunkSource` over store and origin), `prefetch` (access lists,
+//! prefetch), `fs` (the filesystem of a live mount, either mode), `exporter` (per-mount
+//! Prometheus series), `table` (mounts.json, stale mounts), `api` (admin routes).
 
 pub mod api;
 pub mod chunks;
+pub mod exporter;
+pub mod fs;
 pub mod image;
+pub mod prefetch;
 pub mod resolve;
 pub mod table;
 
@@ -28,7 +38,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::Digest;
-use shoal_rafs::fuse::{self, FuseError, FuseMount, FuseOptions, LatencySnapshot};
+use shoal_rafs::erofs::ErofsError;
+use shoal_rafs::fuse::{self, FuseError, LatencySnapshot};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,7 +50,9 @@ use crate::metrics::Metrics;
 use crate::store::{PinGuard, Store, StoreError};
 use crate::upstream::{OriginError, Upstreams};
 use chunks::{BlobSpec, ChunkBackend, SourceSnapshot};
+use fs::Mounted;
 use image::{ImageError, ImageRef};
+use prefetch::{Background, PrefetchSnapshot};
 pub use table::{MountMode, MountRecord};
 
 /// Why a mount operation failed.
@@ -61,12 +74,12 @@ pub enum MountError {
     Busy { dir: PathBuf, image: String },
     #[error("no shoal mount at {dir}")]
     NotMounted { dir: PathBuf },
-    #[error("mount mode {mode} is not implemented yet; use --mode fuse")]
-    ModeUnsupported { mode: MountMode },
     #[error("mount point {dir}: {reason}")]
     Dir { dir: PathBuf, reason: String },
     #[error(transparent)]
     Fuse(#[from] FuseError),
+    #[error(transparent)]
+    Erofs(#[from] ErofsError),
     #[error("mount table: {0}")]
     Table(String),
     #[error("the node is shutting down")]
@@ -83,6 +96,9 @@ pub struct MountRequest {
     /// `os/arch[/variant]`; default this host's.
     #[serde(default)]
     pub platform: Option<String>,
+    /// Prefetch rate in origin bytes per second (default [`prefetch::DEFAULT_RATE`]; 0: off).
+    #[serde(default)]
+    pub prefetch_rate: Option<u64>,
 }
 
 fn default_mode() -> MountMode {
@@ -127,6 +143,9 @@ pub struct MountStats {
     pub latency_p50_us: Option<u64>,
     pub latency_p90_us: Option<u64>,
     pub latency_p99_us: Option<u64>,
+    /// Prefetch progress and access-list recording.
+    #[serde(default)]
+    pub prefetch: PrefetchSnapshot,
 }
 
 /// What the mount manager needs from the node.
@@ -154,7 +173,7 @@ enum Cmd {
     Mount(MountRecord, Reply<MountInfo>),
     Prepared(
         MountRecord,
-        Result<Live, MountError>,
+        Result<Box<Live>, MountError>,
         Option<Reply<MountInfo>>,
     ),
     Unmount(PathBuf, Reply<()>),
@@ -190,9 +209,6 @@ impl Mounts {
 
     /// Mount `req.image` at `req.dir` (which must exist; made canonical here).
     pub async fn mount(&self, req: MountRequest) -> Result<MountInfo, MountError> {
-        if req.mode != MountMode::Fuse {
-            return Err(MountError::ModeUnsupported { mode: req.mode });
-        }
         ImageRef::parse(&req.image)?;
         let dir = canonical(&req.dir).await?;
         let record = MountRecord {
@@ -200,6 +216,7 @@ impl Mounts {
             dir,
             mode: req.mode,
             platform: image::platform_or_host(req.platform.as_deref()),
+            prefetch_rate: req.prefetch_rate,
         };
         self.ask(|r| Cmd::Mount(record, r)).await?
     }
@@ -243,11 +260,28 @@ async fn canonical(dir: &Path) -> Result<PathBuf, MountError> {
 
 /// A live mount and what keeps it alive.
 struct Live {
-    fuse: FuseMount,
+    fs: Mounted,
     backend: Arc<ChunkBackend>,
+    /// Recording (the image's first run) or prefetching (later runs).
+    background: Background,
     manifest: Digest,
     mounted_at_ms: u64,
     _pins: Vec<PinGuard>,
+    /// Stops the background work when the mount goes.
+    _stop: tokio_util::sync::DropGuard,
+    _series: SeriesGuard,
+}
+
+/// Keeps a mount's Prometheus series while the mount lives.
+struct SeriesGuard {
+    series: Arc<exporter::MountSeries>,
+    dir: PathBuf,
+}
+
+impl Drop for SeriesGuard {
+    fn drop(&mut self) {
+        self.series.remove(&self.dir);
+    }
 }
 
 enum Slot {
@@ -327,7 +361,7 @@ impl Actor {
         let span = tracing::info_span!("mount", image = %rec.image, dir = %rec.dir.display());
         self.deps.tracker.spawn(
             async move {
-                let result = mount_image(&deps, &rec).await;
+                let result = mount_image(&deps, &rec).await.map(Box::new);
                 // If the actor is gone the mount is dropped, which unmounts it.
                 let _ = tx.send(Cmd::Prepared(rec, result, reply)).await;
             }
@@ -338,22 +372,22 @@ impl Actor {
     async fn prepared(
         &mut self,
         rec: MountRecord,
-        result: Result<Live, MountError>,
+        result: Result<Box<Live>, MountError>,
         reply: Option<Reply<MountInfo>>,
     ) {
         let restoring = reply.is_none();
         match result {
             Ok(live) if self.closed => {
-                unmount_live(live).await;
+                unmount_live(*live).await;
                 send(reply, Err(MountError::ShuttingDown));
             }
             Ok(live) => {
                 tracing::info!(image = %rec.image, dir = %rec.dir.display(), manifest = %live.manifest, "mounted");
                 let Some((_, slot)) = self.slots.get_mut(&rec.dir) else {
-                    unmount_live(live).await;
+                    unmount_live(*live).await;
                     return;
                 };
-                *slot = Slot::Mounted(Box::new(live));
+                *slot = Slot::Mounted(live);
                 let info = info(&rec, slot);
                 let saved = self.persist_add(&rec).await;
                 send(reply, saved.map(|()| info));
@@ -388,8 +422,8 @@ impl Actor {
         let saved = self.save().await;
         if let Slot::Mounted(live) = slot {
             tracing::info!(image = %rec.image, dir = %dir.display(), "unmounting");
-            let fuse = live.fuse;
-            tokio::task::spawn_blocking(move || fuse.unmount())
+            let fs = live.fs;
+            tokio::task::spawn_blocking(move || fs.unmount())
                 .await
                 .map_err(|e| MountError::Table(format!("unmount task failed: {e}")))??;
         }
@@ -438,9 +472,9 @@ fn send(reply: Option<Reply<MountInfo>>, r: Result<MountInfo, MountError>) {
 }
 
 async fn unmount_live(live: Live) {
-    let dir = live.fuse.dir().to_path_buf();
-    let fuse = live.fuse;
-    match tokio::task::spawn_blocking(move || fuse.unmount()).await {
+    let dir = live.fs.dir().to_path_buf();
+    let fs = live.fs;
+    match tokio::task::spawn_blocking(move || fs.unmount()).await {
         Ok(Ok(())) => tracing::info!(dir = %dir.display(), "unmounted"),
         Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "unmount failed"),
         Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "unmount task failed"),
@@ -478,7 +512,12 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         pins.push(deps.store.pin(&id));
         blobs.push((BlobSpec { id, size }, chunks));
     }
-    let backend = Arc::new(ChunkBackend::new(
+    let boot = Arc::new(boot);
+    let list_path = prefetch::list_path(&deps.data_dir, &resolved.layers.bootstrap.digest);
+    let mut background = tokio::task::spawn_blocking(move || Background::prepare(&list_path))
+        .await
+        .map_err(|e| MountError::Table(format!("access list task failed: {e}")))?;
+    let mut backend = ChunkBackend::new(
         chunks::Deps {
             rt: tokio::runtime::Handle::current(),
             store: deps.store.clone(),
@@ -488,18 +527,51 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
             cancel: deps.cancel.clone(),
         },
         blobs,
-    ));
-    let dir = rec.dir.clone();
-    let source = backend.clone();
-    let fuse = tokio::task::spawn_blocking(move || {
-        table::clear_stale(&dir);
-        fuse::mount(Arc::new(boot), source, &dir, &FuseOptions::default())
-    })
-    .await
-    .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
+    );
+    background.attach(&mut backend);
+    let backend = Arc::new(backend);
+    let (dir, data_dir, source, b) = (
+        rec.dir.clone(),
+        deps.data_dir.clone(),
+        backend.clone(),
+        boot.clone(),
+    );
+    let mode = rec.mode;
+    let fs = tokio::task::spawn_blocking(move || fs::mount(mode, &data_dir, b, source, &dir))
+        .await
+        .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
+    let stop = deps.cancel.child_token();
+    let span = tracing::info_span!("mount-background", dir = %rec.dir.display());
+    background.start(
+        &deps.tracker,
+        &backend,
+        &boot,
+        rec.prefetch_rate.unwrap_or(prefetch::DEFAULT_RATE),
+        &stop,
+        span,
+    );
+    let series = deps.metrics.mount_series.clone();
+    series.add(
+        &rec.dir,
+        exporter::Probe {
+            labels: exporter::MountLabels {
+                mount: rec.dir.display().to_string(),
+                image: rec.image.clone(),
+                mode: rec.mode.to_string(),
+            },
+            reads: fs.stats().clone(),
+            source: backend.stats().clone(),
+        },
+    );
     Ok(Live {
-        fuse,
+        _series: SeriesGuard {
+            series,
+            dir: rec.dir.clone(),
+        },
+        fs,
         backend,
+        background,
+        _stop: stop.drop_guard(),
         manifest: resolved.manifest_digest,
         mounted_at_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -537,7 +609,7 @@ fn info(rec: &MountRecord, slot: &Slot) -> MountInfo {
 }
 
 fn stats(live: &Live) -> MountStats {
-    let f = live.fuse.stats().snapshot();
+    let f = live.fs.stats().snapshot();
     let lat = &f.read_latency;
     MountStats {
         reads: f.reads,
@@ -550,6 +622,7 @@ fn stats(live: &Live) -> MountStats {
         latency_p50_us: percentile(lat, 0.50),
         latency_p90_us: percentile(lat, 0.90),
         latency_p99_us: percentile(lat, 0.99),
+        prefetch: live.background.snapshot(),
     }
 }
 

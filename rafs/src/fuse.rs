@@ -19,12 +19,12 @@
 //! attributes), `errno` (error → errno), `mounting` (mount(2) or fusermount3, and unmount),
 //! `stats` (per-mount counters).
 
-mod cache;
+pub(crate) mod cache;
 mod errno;
 mod fs;
 mod inodes;
-mod mounting;
-mod pool;
+pub(crate) mod mounting;
+pub(crate) mod pool;
 mod reader;
 mod stats;
 

@@ -1,7 +1,7 @@
 //! Nydus RAFS on-disk format: a reader for v6 and v5 bootstraps, chunk decoding and
 //! verification over a [`ChunkSource`], the blob tail/TOC and CI parsers, the decoded-blob writer,
-//! the `inspect` / `check` / `unpack` tools built on them, the v6 builder and merge, and the
-//! read-only FUSE filesystem ([`fuse`]).
+//! the `inspect` / `check` / `unpack` tools built on them, the v6 builder and merge, the
+//! read-only FUSE filesystem ([`fuse`]) and the kernel EROFS mount helper ([`erofs`]).
 //!
 //! Every parser here takes untrusted input: it returns an [`Error`] on anything malformed, never
 //! panics, never loops without bound and never allocates from an unchecked length field.
@@ -9,6 +9,7 @@
 mod blob;
 mod bootstrap;
 pub mod build;
+pub mod erofs;
 mod error;
 pub mod fuse;
 #[doc(hidden)]

@@ -30,12 +30,18 @@ pub struct MountArgs {
     pub image: String,
     /// An existing directory to mount on.
     pub dir: PathBuf,
-    /// `fuse` (any kernel) or `erofs` (kernel EROFS, Linux 6.12+; not implemented yet).
+    /// `fuse` (any kernel) or `erofs` (kernel EROFS over on-demand decoded blob files: metadata and
+    /// warm reads at kernel speed; needs root and Linux 6.12+ with file-backed EROFS).
     #[arg(long, value_enum, default_value_t = MountMode::Fuse)]
     pub mode: MountMode,
     /// Platform to pick from a multi-platform image, `os/arch[/variant]` (default: this host's).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Background prefetch rate, origin bytes per second (e.g. `32MiB`; `0` turns prefetch off).
+    /// Prefetch fetches the image's prefetch table and the chunks its first run touched (recorded
+    /// by the node), in that order, always behind the reads programs make.
+    #[arg(long, value_parser = ByteSize::parse)]
+    pub prefetch_rate: Option<ByteSize>,
     /// The node's admin address.
     #[arg(long, default_value = DEFAULT_NODE, env = "SHOAL_ADMIN")]
     pub node: SocketAddr,
@@ -71,6 +77,7 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         dir,
         mode: args.mode,
         platform: args.platform,
+        prefetch_rate: args.prefetch_rate.map(|b| b.0),
     };
     let url = format!("http://{}/api/v1/mounts", args.node);
     let body = serde_json::to_vec(&req)?;
@@ -189,9 +196,13 @@ fn render(mounts: &[MountInfo]) -> String {
         }
         let Some(s) = &m.stats else { continue };
         let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("≤{v}µs"));
+        let what = match m.mode {
+            MountMode::Fuse => "read by programs",
+            MountMode::Erofs => "read by the kernel (page-cache misses)",
+        };
         let _ = writeln!(
             o,
-            "    read by programs: {} in {} reads ({} errors); latency p50 {} p90 {} p99 {}",
+            "    {what}: {} in {} reads ({} errors); latency p50 {} p90 {} p99 {}",
             ByteSize(s.read_bytes),
             s.reads,
             s.read_errors,
@@ -202,15 +213,33 @@ fn render(mounts: &[MountInfo]) -> String {
         let src = &s.source;
         let _ = writeln!(
             o,
-            "    fetched: {} chunks; local store {} ({} chunks), origin {} ({} chunks in {} requests, {} failed); {} chunks failed verification",
+            "    fetched: {} chunks; local store {} ({} chunks), peers {} ({} chunks), origin {} ({} chunks in {} requests, {} failed); {} chunks failed verification",
             s.chunks_fetched,
             ByteSize(src.local_bytes),
             src.local_chunks,
+            ByteSize(src.peer_bytes),
+            src.peer_chunks,
             ByteSize(src.origin_bytes),
             src.origin_chunks,
             src.origin_requests,
             src.origin_errors,
             src.verify_failures
+        );
+        let p = &s.prefetch;
+        let recording = if p.recording {
+            format!("; recording the access list ({} chunks)", p.recorded)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            o,
+            "    prefetch: {} {}/{} chunks ({} held already, {} failed), {} from the origin{recording}",
+            p.state,
+            p.done,
+            p.planned,
+            p.held,
+            p.failed,
+            ByteSize(src.prefetch_bytes)
         );
     }
     o

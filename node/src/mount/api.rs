@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{MountError, MountInfo, MountRequest, Mounts};
 use crate::mount::image::ImageError;
+use shoal_rafs::erofs::ErofsError;
 
 /// `GET /api/v1/mounts`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -87,10 +88,12 @@ pub fn status_of(e: &MountError) -> StatusCode {
         | MountError::Bootstrap { .. } => StatusCode::BAD_GATEWAY,
         MountError::Busy { .. } => StatusCode::CONFLICT,
         MountError::NotMounted { .. } => StatusCode::NOT_FOUND,
-        MountError::ModeUnsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+        MountError::Erofs(ErofsError::Unsupported { .. }) => StatusCode::NOT_IMPLEMENTED,
+        MountError::Erofs(ErofsError::Image(_)) => StatusCode::UNPROCESSABLE_ENTITY,
         MountError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        MountError::Store(_) | MountError::Fuse(_) | MountError::Table(_) => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        MountError::Store(_)
+        | MountError::Fuse(_)
+        | MountError::Erofs(_)
+        | MountError::Table(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

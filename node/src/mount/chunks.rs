@@ -1,5 +1,7 @@
 //! The node's RAFS [`ChunkSource`] for one mount: local store first, then origin `Range` GETs,
-//! every chunk verified before it is returned or stored. This file is the one sync→async bridge
+//! every chunk verified before it is returned or stored. Prefetch (`prefetch.rs`) uses the same
+//! path through [`ChunkBackend::prefetch_chunk`], behind on-demand reads (it waits while any
+//! read is in the backend), and reads can be recorded into the image's access list. This file is the one sync→async bridge
 //! of the FUSE path: the FUSE read workers (plain threads) call [`ChunkBackend::read_chunk`],
 //! which blocks on the node's runtime for origin requests.
 //!
@@ -30,6 +32,7 @@ use shoal_proto::{BlobId, RepoName};
 use shoal_rafs::{decode_chunk, BlobInfo, ChunkRef, ChunkSource, VerifiedChunk, MAX_CHUNK_SIZE};
 use tokio_util::sync::CancellationToken;
 
+use super::prefetch::AccessLog;
 use crate::metrics::{KindLabels, Metrics};
 use crate::store::{RangeSet, Store, StoreError};
 use crate::upstream::{AuthMode, Origin};
@@ -63,6 +66,12 @@ pub struct SourceStats {
     pub verify_failures: AtomicU64,
     /// Verified chunks written to the store.
     pub stored_chunks: AtomicU64,
+    /// Chunks fetched from peers, and their bytes (a slot for the P2P path; 0 until it lands).
+    pub peer_chunks: AtomicU64,
+    pub peer_bytes: AtomicU64,
+    /// Of the origin figures above: chunks and bytes fetched for prefetch, not for a read.
+    pub prefetch_chunks: AtomicU64,
+    pub prefetch_bytes: AtomicU64,
 }
 
 /// A plain copy of [`SourceStats`].
@@ -76,6 +85,14 @@ pub struct SourceSnapshot {
     pub origin_errors: u64,
     pub verify_failures: u64,
     pub stored_chunks: u64,
+    #[serde(default)]
+    pub peer_chunks: u64,
+    #[serde(default)]
+    pub peer_bytes: u64,
+    #[serde(default)]
+    pub prefetch_chunks: u64,
+    #[serde(default)]
+    pub prefetch_bytes: u64,
 }
 
 impl SourceStats {
@@ -89,6 +106,10 @@ impl SourceStats {
             origin_errors: self.origin_errors.load(Relaxed),
             verify_failures: self.verify_failures.load(Relaxed),
             stored_chunks: self.stored_chunks.load(Relaxed),
+            peer_chunks: self.peer_chunks.load(Relaxed),
+            peer_bytes: self.peer_bytes.load(Relaxed),
+            prefetch_chunks: self.prefetch_chunks.load(Relaxed),
+            prefetch_bytes: self.prefetch_bytes.load(Relaxed),
         }
     }
 }
@@ -111,6 +132,10 @@ pub struct ChunkBackend {
     blobs: Vec<BlobEntry>,
     flights: Mutex<HashMap<(u32, u64), Arc<Flight>>>,
     stats: Arc<SourceStats>,
+    /// On-demand reads in the backend now; prefetch waits for none.
+    demand: DemandGate,
+    /// Where first touches are recorded (the image's first run), if anywhere.
+    access: Option<Arc<AccessLog>>,
 }
 
 struct BlobEntry {
@@ -142,7 +167,42 @@ impl ChunkBackend {
             blobs,
             flights: Mutex::new(HashMap::new()),
             stats: Arc::new(SourceStats::default()),
+            demand: DemandGate::default(),
+            access: None,
         }
+    }
+
+    /// Record the chunks reads ask for into `log` (first touch, in order).
+    pub fn record_into(&mut self, log: Arc<AccessLog>) {
+        self.access = Some(log);
+    }
+
+    /// Fetch `chunk` for prefetch unless the store holds it: Ok(true) fetched, Ok(false) held.
+    pub fn prefetch_chunk(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<bool> {
+        let entry = self.entry(blob, chunk)?;
+        let Some(present) = self.missing(entry, chunk) else {
+            return Ok(false);
+        };
+        self.remote(entry, blob, chunk, &present, true)
+            .map(|_| true)
+    }
+
+    /// Wait until no on-demand read is in the backend; false if cancelled first.
+    pub fn wait_idle(&self, cancel: &CancellationToken) -> bool {
+        self.demand.wait_idle(cancel)
+    }
+
+    /// `None` when the store holds `chunk`'s bytes; else what it holds of the blob.
+    fn missing(&self, entry: &BlobEntry, chunk: &ChunkRef) -> Option<RangeSet> {
+        let reader = match self.deps.store.open_reader(&entry.spec.id) {
+            Ok(Some(r)) => r,
+            _ => return Some(RangeSet::new()),
+        };
+        let rec = reader.record();
+        if rec.complete || rec.present.contains_range(&compressed_range(chunk)) {
+            return None;
+        }
+        Some(rec.present.clone())
     }
 
     pub fn stats(&self) -> &Arc<SourceStats> {
@@ -234,6 +294,7 @@ impl ChunkBackend {
         blob: &BlobInfo,
         chunk: &ChunkRef,
         present: &RangeSet,
+        prefetch: bool,
     ) -> shoal_rafs::Result<VerifiedChunk> {
         let key = (blob.index, chunk.compressed_offset);
         let lead = {
@@ -266,7 +327,7 @@ impl ChunkBackend {
                 let bytes = flight.wait().map_err(|reason| fetch_error(entry, reason))?;
                 decode_chunk(blob, chunk, &bytes)
             }
-            Ok(lead) => self.lead(entry, blob, chunk, lead),
+            Ok(lead) => self.lead(entry, blob, chunk, lead, prefetch),
         }
     }
 
@@ -276,12 +337,13 @@ impl ChunkBackend {
         blob: &BlobInfo,
         chunk: &ChunkRef,
         lead: Lead<'_>,
+        prefetch: bool,
     ) -> shoal_rafs::Result<VerifiedChunk> {
         let (Some(first), Some(last)) = (lead.chunks.first(), lead.chunks.last()) else {
             return Err(fetch_error(entry, "empty fetch plan".into()));
         };
         let range = first.compressed_offset..compressed_range(last).end;
-        let data = match self.fetch(entry, range.clone()) {
+        let data = match self.fetch(entry, range.clone(), prefetch) {
             Ok(d) => d,
             Err(reason) => {
                 self.stats.origin_errors.fetch_add(1, Relaxed);
@@ -297,6 +359,9 @@ impl ChunkBackend {
             match decode_chunk(blob, c, stored) {
                 Ok(v) => {
                     self.stats.origin_chunks.fetch_add(1, Relaxed);
+                    if prefetch {
+                        self.stats.prefetch_chunks.fetch_add(1, Relaxed);
+                    }
                     let bytes = Arc::new(stored.to_vec());
                     keep.push((c.compressed_offset, bytes.clone()));
                     flight.set(Ok(bytes));
@@ -325,7 +390,12 @@ impl ChunkBackend {
     }
 
     /// GET `range` of the blob from the origin, as the node.
-    fn fetch(&self, entry: &BlobEntry, range: Range<u64>) -> Result<Vec<u8>, String> {
+    fn fetch(
+        &self,
+        entry: &BlobEntry,
+        range: Range<u64>,
+        prefetch: bool,
+    ) -> Result<Vec<u8>, String> {
         let d = &self.deps;
         let path = format!("/v2/{}/blobs/{}", d.repo, entry.spec.id);
         let mut headers = HeaderMap::new();
@@ -369,6 +439,11 @@ impl ChunkBackend {
                 self.stats
                     .origin_bytes
                     .fetch_add(bytes.len() as u64, Relaxed);
+                if prefetch {
+                    self.stats
+                        .prefetch_bytes
+                        .fetch_add(bytes.len() as u64, Relaxed);
+                }
                 let end = pos + bytes.len() as u64;
                 if end > skip {
                     let from = skip.saturating_sub(pos) as usize;
@@ -429,12 +504,60 @@ impl ChunkBackend {
 
 impl ChunkSource for ChunkBackend {
     fn read_chunk(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<VerifiedChunk> {
+        let _demand = self.demand.enter();
         let entry = self.entry(blob, chunk)?;
+        if let Some(log) = &self.access {
+            log.touch((blob.index, chunk.compressed_offset));
+        }
         let (local, present) = self.local(entry, blob, chunk);
         if let Some(v) = local {
             return Ok(v);
         }
-        self.remote(entry, blob, chunk, &present)
+        self.remote(entry, blob, chunk, &present, false)
+    }
+}
+
+/// Counts on-demand reads in flight so that lower-priority work (prefetch) can wait for none.
+#[derive(Debug, Default)]
+pub struct DemandGate {
+    busy: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// One on-demand read; leaving when dropped.
+pub struct Demand<'a>(&'a DemandGate);
+
+impl DemandGate {
+    /// An on-demand read starts.
+    pub fn enter(&self) -> Demand<'_> {
+        *self.busy.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        Demand(self)
+    }
+
+    /// Wait until no on-demand read is in flight; false if `cancel` fired first.
+    pub fn wait_idle(&self, cancel: &CancellationToken) -> bool {
+        let mut n = self.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            n = self
+                .idle
+                .wait_timeout(n, std::time::Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        !cancel.is_cancelled()
+    }
+}
+
+impl Drop for Demand<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.busy.lock().unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
     }
 }
 
@@ -582,6 +705,30 @@ mod tests {
         );
         // The last chunk has no neighbour.
         assert_eq!(offsets(&plan(&t, &t[9], FULL, |_| true)), vec![9_000_000]);
+    }
+
+    #[test]
+    fn prefetch_waits_for_on_demand_reads_to_finish() {
+        let gate = Arc::new(DemandGate::default());
+        let cancel = CancellationToken::new();
+        assert!(gate.wait_idle(&cancel), "idle gate");
+        let read = gate.enter();
+        let (g, c) = (gate.clone(), cancel.clone());
+        let waiter = std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            (g.wait_idle(&c), t.elapsed())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        drop(read);
+        let (ok, waited) = waiter.join().expect("waiter");
+        assert!(
+            ok && waited >= std::time::Duration::from_millis(100),
+            "{waited:?}"
+        );
+        // A cancelled wait gives up even while a read is in flight.
+        let _read = gate.enter();
+        cancel.cancel();
+        assert!(!gate.wait_idle(&cancel));
     }
 
     #[test]

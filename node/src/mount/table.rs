@@ -1,5 +1,5 @@
 //! The persisted mount table: `<data dir>/mounts.json`, the mounts to restore when the node
-//! starts, and the cleanup of a mount point a dead node left behind.
+//! starts, and the cleanup of mount points a dead node left behind (FUSE, EROFS, blob files).
 //!
 //! Invariants: the file is replaced atomically (write a temp file, fsync it, rename, fsync the
 //! directory), so after a crash it holds either the old table or the new one. It holds requests
@@ -22,7 +22,7 @@ pub const FILE_NAME: &str = "mounts.json";
 pub enum MountMode {
     /// The FUSE filesystem (universal).
     Fuse,
-    /// Kernel EROFS over decoded blob caches (Linux 6.12+).
+    /// Kernel EROFS over decoded blob files served on demand (Linux 6.12+).
     Erofs,
 }
 
@@ -44,6 +44,9 @@ pub struct MountRecord {
     pub mode: MountMode,
     /// `os/arch[/variant]` picked from an index.
     pub platform: String,
+    /// Prefetch rate, origin bytes per second (`None`: the default; 0: no prefetch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefetch_rate: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -82,8 +85,10 @@ pub fn save(data_dir: &Path, mounts: &[MountRecord]) -> io::Result<()> {
     File::open(data_dir)?.sync_all()
 }
 
-/// Whether `dir` is a mount point of a shoal FUSE filesystem (per `/proc/self/mountinfo`).
-pub fn is_shoal_mount(dir: &Path) -> bool {
+/// Whether `dir` is a mount point of a shoal filesystem (per `/proc/self/mountinfo`): a FUSE
+/// mount of ours (type `fuse.shoal`: an image or an EROFS mount's blob files), or a kernel EROFS
+/// mount whose source is a bootstrap under `erofs_root` (an EROFS mode mount).
+pub fn is_shoal_mount(dir: &Path, erofs_root: &Path) -> bool {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
@@ -93,16 +98,19 @@ pub fn is_shoal_mount(dir: &Path) -> bool {
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
             return false;
         };
-        fields.get(4).is_some_and(|p| unescape(p) == want)
-            && fields.get(sep + 1).is_some_and(|t| *t == "fuse.shoal")
+        if fields.get(4).is_none_or(|p| unescape(p) != want) {
+            return false;
+        }
+        match (fields.get(sep + 1), fields.get(sep + 2)) {
+            (Some(&"fuse.shoal"), _) => true,
+            (Some(&"erofs"), Some(src)) => Path::new(&unescape(src)).starts_with(erofs_root),
+            _ => false,
+        }
     })
 }
 
-/// Lazily unmount a stale shoal FUSE mount at `dir` (left by a node that died).
-pub fn clear_stale(dir: &Path) {
-    if !is_shoal_mount(dir) {
-        return;
-    }
+/// Lazily unmount stale shoal mounts at `dir` (left by a node that died); several may be stacked.
+pub fn clear_stale(dir: &Path, erofs_root: &Path) {
     let ok = |mut c: Command| {
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -110,14 +118,20 @@ pub fn clear_stale(dir: &Path) {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let mut umount = Command::new("umount");
-    umount.arg("-l").arg(dir);
-    let mut fusermount = Command::new("fusermount3");
-    fusermount.arg("-u").arg("-z").arg(dir);
-    if ok(umount) || ok(fusermount) {
-        tracing::info!(dir = %dir.display(), "cleared a stale shoal mount");
-    } else {
-        tracing::warn!(dir = %dir.display(), "cannot clear a stale shoal mount");
+    for _ in 0..4 {
+        if !is_shoal_mount(dir, erofs_root) {
+            return;
+        }
+        let mut umount = Command::new("umount");
+        umount.arg("-l").arg(dir);
+        let mut fusermount = Command::new("fusermount3");
+        fusermount.arg("-u").arg("-z").arg(dir);
+        if ok(umount) || ok(fusermount) {
+            tracing::info!(dir = %dir.display(), "cleared a stale shoal mount");
+        } else {
+            tracing::warn!(dir = %dir.display(), "cannot clear a stale shoal mount");
+            return;
+        }
     }
 }
 
@@ -159,6 +173,7 @@ mod tests {
             dir: "/mnt/a b".into(),
             mode: MountMode::Fuse,
             platform: "linux/amd64".into(),
+            prefetch_rate: None,
         }];
         save(d.path(), &recs).expect("save");
         assert_eq!(load(d.path()).expect("load"), recs);
