@@ -156,6 +156,8 @@ pub struct MountDeps {
     pub upstreams: Arc<Upstreams>,
     pub downloads: Downloads,
     pub metrics: Arc<Metrics>,
+    /// The cluster, if the node is in one: chunks come from peers first.
+    pub peering: Option<crate::peering::Peering>,
     /// Cancelled after the mounts are gone (shutdown step "cancel work").
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
@@ -525,6 +527,7 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
             repo: resolved.repo.clone(),
             metrics: deps.metrics.clone(),
             cancel: deps.cancel.clone(),
+            peering: deps.peering.clone(),
         },
         blobs,
     );

@@ -113,6 +113,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         upstreams: upstreams.clone(),
         downloads: downloads.clone(),
         metrics: metrics.clone(),
+        peering: peering.clone(),
         cancel: work.clone(),
         tracker: tracker.clone(),
     });

@@ -1,4 +1,5 @@
-//! The node's RAFS [`ChunkSource`] for one mount: local store first, then origin `Range` GETs,
+//! The node's RAFS [`ChunkSource`] for one mount: local store first, then peers holding the range
+//! (on a node in a cluster), then origin `Range` GETs,
 //! every chunk verified before it is returned or stored. Prefetch (`prefetch.rs`) uses the same
 //! path through [`ChunkBackend::prefetch_chunk`], behind on-demand reads (it waits while any
 //! read is in the backend), and reads can be recorded into the image's access list. This file is the one sync→async bridge
@@ -7,8 +8,10 @@
 //!
 //! Order for a chunk: the blob's store record is complete or holds the chunk's compressed range →
 //! `BlobReader::read_at` (piece-verified by the store) and `decode_chunk` (digest-verified);
-//! otherwise an origin `Range` GET that also covers the following chunks of the blob that are
-//! neither present nor in flight, up to [`MAX_REQUEST`] bytes ([`plan`]). Concurrent readers of
+//! otherwise a range that also covers the following chunks of the blob that are neither present
+//! nor in flight, up to [`MAX_REQUEST`] bytes ([`plan`]), asked of a peer holding it
+//! (`Peering::read_range`) and else of the origin; a peer range in which any chunk fails its
+//! digest blames the peer and is fetched from the origin instead. Concurrent readers of
 //! a chunk covered by a request in flight wait for it instead of asking again (single flight keyed
 //! by (blob index, compressed offset)).
 //!
@@ -28,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use reqwest::header::{HeaderMap, HeaderValue, RANGE};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
-use shoal_proto::{BlobId, RepoName};
+use shoal_proto::{BlobId, NodeId, RepoName};
 use shoal_rafs::{decode_chunk, BlobInfo, ChunkRef, ChunkSource, VerifiedChunk, MAX_CHUNK_SIZE};
 use tokio_util::sync::CancellationToken;
 
@@ -123,6 +126,8 @@ pub struct Deps {
     pub repo: RepoName,
     pub metrics: Arc<Metrics>,
     pub cancel: CancellationToken,
+    /// The cluster: chunks are asked of peers before the origin.
+    pub peering: Option<crate::peering::Peering>,
 }
 
 /// The chunk source of one mount. See the module docs.
@@ -343,22 +348,95 @@ impl ChunkBackend {
             return Err(fetch_error(entry, "empty fetch plan".into()));
         };
         let range = first.compressed_offset..compressed_range(last).end;
-        let data = match self.fetch(entry, range.clone(), prefetch) {
-            Ok(d) => d,
-            Err(reason) => {
-                self.stats.origin_errors.fetch_add(1, Relaxed);
-                lead.fail(&reason);
-                return Err(fetch_error(entry, reason));
+        // Peers first; their bytes are checked chunk by chunk like the
+        // origin's, and a peer whose range does not verify is blamed and
+        // the range fetched from the origin instead.
+        let mut from_peer = self.fetch_from_peer(entry, range.clone());
+        let mut data = match from_peer.take() {
+            Some((peer, d)) => {
+                from_peer = Some((peer, Vec::new()));
+                d
             }
+            None => match self.fetch(entry, range.clone(), prefetch) {
+                Ok(d) => d,
+                Err(reason) => {
+                    self.stats.origin_errors.fetch_add(1, Relaxed);
+                    lead.fail(&reason);
+                    return Err(fetch_error(entry, reason));
+                }
+            },
         };
+        let decoded = loop {
+            let decoded: Vec<_> = lead
+                .chunks
+                .iter()
+                .map(|c| {
+                    let at = (c.compressed_offset - range.start) as usize;
+                    decode_chunk(blob, c, &data[at..at + c.compressed_size as usize])
+                })
+                .collect();
+            let Some((peer, _)) = from_peer.take() else {
+                break decoded;
+            };
+            if decoded.iter().all(|r| r.is_ok()) {
+                self.stats
+                    .peer_chunks
+                    .fetch_add(lead.chunks.len() as u64, Relaxed);
+                self.stats.peer_bytes.fetch_add(data.len() as u64, Relaxed);
+                self.deps
+                    .metrics
+                    .mount_chunk_bytes
+                    .get_or_create(&KindLabels { kind: "peer" })
+                    .inc_by(data.len() as u64);
+                return self
+                    .finish_lead(entry, chunk, lead, &range, &data, decoded, prefetch, true);
+            }
+            self.stats.verify_failures.fetch_add(1, Relaxed);
+            self.deps.metrics.bad_pieces.inc();
+            tracing::warn!(blob = %entry.spec.id, peer = %peer, "chunks from a peer do not verify; peer blamed, asking the origin");
+            if let Some(p) = &self.deps.peering {
+                p.blame(
+                    &entry.spec.id,
+                    peer,
+                    shoal_proto::sched::FailureReason::BadPiece,
+                );
+            }
+            data = match self.fetch(entry, range.clone(), prefetch) {
+                Ok(d) => d,
+                Err(reason) => {
+                    self.stats.origin_errors.fetch_add(1, Relaxed);
+                    lead.fail(&reason);
+                    return Err(fetch_error(entry, reason));
+                }
+            };
+        };
+        self.finish_lead(entry, chunk, lead, &range, &data, decoded, prefetch, false)
+    }
+
+    /// Hand the decoded chunks of a fetch to their waiters, keep the good
+    /// ones, and return the asked-for one.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_lead(
+        &self,
+        entry: &BlobEntry,
+        chunk: &ChunkRef,
+        lead: Lead<'_>,
+        range: &Range<u64>,
+        data: &[u8],
+        decoded: Vec<shoal_rafs::Result<VerifiedChunk>>,
+        prefetch: bool,
+        from_peer: bool,
+    ) -> shoal_rafs::Result<VerifiedChunk> {
         let mut mine = None;
         let mut keep = Vec::new();
-        for (c, flight) in lead.chunks.iter().zip(&lead.flights) {
+        for ((c, flight), result) in lead.chunks.iter().zip(&lead.flights).zip(decoded) {
             let at = (c.compressed_offset - range.start) as usize;
             let stored = &data[at..at + c.compressed_size as usize];
-            match decode_chunk(blob, c, stored) {
+            match result {
                 Ok(v) => {
-                    self.stats.origin_chunks.fetch_add(1, Relaxed);
+                    if !from_peer {
+                        self.stats.origin_chunks.fetch_add(1, Relaxed);
+                    }
                     if prefetch {
                         self.stats.prefetch_chunks.fetch_add(1, Relaxed);
                     }
@@ -386,6 +464,18 @@ impl ChunkBackend {
                 entry,
                 "chunk missing from its own fetch".into(),
             ))
+        })
+    }
+
+    /// `range` of the blob from a peer holding it, unverified.
+    fn fetch_from_peer(&self, entry: &BlobEntry, range: Range<u64>) -> Option<(NodeId, Vec<u8>)> {
+        let p = self.deps.peering.as_ref()?;
+        let d = &self.deps;
+        d.rt.block_on(async {
+            tokio::select! {
+                r = p.read_range(&entry.spec.id, range) => r,
+                _ = d.cancel.cancelled() => None,
+            }
         })
     }
 
