@@ -589,6 +589,10 @@ impl ChunkBackend {
         self.stats
             .stored_chunks
             .fetch_add(chunks.len() as u64, Relaxed);
+        if let Some(p) = &self.deps.peering {
+            // Pieces this completed become known to the scheduler.
+            p.changed(&spec.id);
+        }
     }
 }
 
