@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::sched::{
     check_version, pick_scheduler, AnnounceRequest, AnnounceResponse, ErrorBody, ErrorCode,
-    FailureAck, FailureReport, ParentsRequest, ParentsResponse, StatusResponse, VersionError,
-    API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION,
+    FailureAck, FailureReport, JobId, JobList, JobRequest, JobStatus, ParentsRequest,
+    ParentsResponse, StatusResponse, VersionError, API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION,
 };
 use shoal_proto::BlobId;
 
@@ -157,9 +157,37 @@ impl SchedulerClient {
 
     /// Nodes, blobs and traffic as the scheduler sees them.
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        self.get("/status").await
+    }
+
+    /// Start a prewarm job (what `shoal prewarm` does).
+    pub async fn create_job(&self, req: &JobRequest) -> Result<JobStatus, ClientError> {
+        self.post("/jobs", req).await
+    }
+
+    /// Every prewarm job the scheduler knows, newest first.
+    pub async fn jobs(&self) -> Result<JobList, ClientError> {
+        self.get("/jobs").await
+    }
+
+    /// One job, with each node's progress.
+    pub async fn job(&self, id: JobId) -> Result<JobStatus, ClientError> {
+        self.get(&format!("/jobs/{id}")).await
+    }
+
+    /// Cancel a job: its nodes stop (downloads already running finish).
+    pub async fn cancel_job(&self, id: JobId) -> Result<JobStatus, ClientError> {
         let req = self
             .http
-            .get(format!("{}{API_PREFIX}/status", self.base))
+            .delete(format!("{}{API_PREFIX}/jobs/{id}", self.base))
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string());
+        self.send(req).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let req = self
+            .http
+            .get(format!("{}{API_PREFIX}{path}", self.base))
             .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string());
         self.send(req).await
     }

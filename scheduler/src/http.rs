@@ -18,12 +18,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use shoal_proto::sched::{
-    check_version, ErrorBody, ErrorCode, VersionError, PROTOCOL_HEADER, PROTOCOL_VERSION,
+    check_version, ErrorBody, ErrorCode, JobId, JobList, VersionError, PROTOCOL_HEADER,
+    PROTOCOL_VERSION,
 };
 use shoal_proto::BlobId;
 
 use crate::service::{Closed, SchedulerHandle};
-use crate::state::WrongScheduler;
+use crate::state::{JobError, WrongScheduler};
 
 /// Largest request body: a full announcement of a node holding many blobs,
 /// with piece hash lists.
@@ -36,6 +37,8 @@ pub fn router(handle: SchedulerHandle) -> Router {
         .route("/api/v1/blobs/{blob}/parents", post(parents))
         .route("/api/v1/blobs/{blob}/failure", post(failure))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/jobs", post(create_job).get(list_jobs))
+        .route("/api/v1/jobs/{id}", get(job).delete(cancel_job))
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -57,6 +60,8 @@ pub enum ApiError {
     WrongScheduler(#[from] WrongScheduler),
     #[error(transparent)]
     Closed(#[from] Closed),
+    #[error(transparent)]
+    Job(#[from] JobError),
     #[error("no such path")]
     NotFound,
 }
@@ -95,6 +100,21 @@ impl IntoResponse for ApiError {
             Self::NotFound => {
                 body.code = ErrorCode::Other;
                 StatusCode::NOT_FOUND
+            }
+            Self::Job(JobError::NotFound(_)) => {
+                body.code = ErrorCode::NotFound;
+                StatusCode::NOT_FOUND
+            }
+            Self::Job(JobError::NoNodes { .. } | JobError::TooFewNodes { .. }) => {
+                body.code = ErrorCode::NoNodes;
+                StatusCode::CONFLICT
+            }
+            Self::Job(JobError::TooMany) => {
+                body.code = ErrorCode::Unavailable;
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Job(JobError::BadImage { .. } | JobError::Duplicate(_)) => {
+                StatusCode::BAD_REQUEST
             }
         };
         if status.is_server_error() {
@@ -161,6 +181,41 @@ async fn failure(
 
 async fn status(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(h.status().await?))
+}
+
+fn job_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse()
+        .map_err(|e| ApiError::BadRequest(format!("bad job id: {e}")))
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+async fn create_job(
+    State(h): State<SchedulerHandle>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let status = h.create_job(json(&body)?).await??;
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+async fn list_jobs(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(JobList {
+        jobs: h.jobs().await?,
+    }))
+}
+
+async fn job(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.job(job_id(&raw)?).await??))
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(job = %raw))]
+async fn cancel_job(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.cancel_job(job_id(&raw)?).await??))
 }
 
 async fn status_page(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {

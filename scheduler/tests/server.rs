@@ -123,6 +123,7 @@ impl FakeNode {
                 from_peers: 10,
                 ..Traffic::default()
             },
+            job_progress: Vec::new(),
         }
     }
 
@@ -496,6 +497,7 @@ async fn several_schedulers_split_blobs() {
             blobs,
             removed: Vec::new(),
             traffic: Traffic::default(),
+            job_progress: Vec::new(),
         };
         for c in set.all() {
             c.announce(&req).await.unwrap();
