@@ -2,6 +2,7 @@
 
 pub mod mount;
 pub mod node;
+pub mod prewarm;
 pub mod rafs;
 pub mod scheduler;
 pub mod status;
@@ -31,6 +32,8 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// List the node's lazy mounts and their numbers.
     Mounts(mount::MountsArgs),
+    /// Warm an image across the cluster (a job at the scheduler); also `prewarm status|cancel|list`.
+    Prewarm(prewarm::PrewarmArgs),
     /// Run a scheduler: piece availability, parent ranking, origin leases.
     Scheduler(scheduler::SchedulerArgs),
     /// Nydus RAFS images: build, merge, inspect, check, unpack.

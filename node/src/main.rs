@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Mount(a) => cli::mount::run_mount(a),
         Command::Umount(a) => cli::mount::run_umount(a),
         Command::Mounts(a) => cli::mount::run_mounts(a),
+        Command::Prewarm(a) => cli::prewarm::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,345 @@
+//! End-to-end tests of `shoal prewarm` on a loopback cluster: a real origin (distribution
+//! registry) holding the fixture image, a `shoal scheduler`, and three `shoal node`s joined to it
+//! (QUIC data plane on loopback ports), driven through the `shoal prewarm` CLI. Origin-side facts
+//! come from the registry's own log.
+//!
+//! Needs the `shoal` binary: run `cargo build -p shoal-node` first (or set SHOAL_BIN).
+
+use std::fs::OpenOptions;
+use std::net::TcpListener;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use shoal_e2e::fixture::{assert_same_image, Image, OciLayout};
+use shoal_e2e::http;
+use shoal_e2e::node::{Node, NodeOptions};
+use shoal_e2e::registry::Registry;
+use shoal_e2e::setup::{self, IMAGE};
+use shoal_e2e::wait::{free_port, poll};
+use shoal_e2e::{paths, run, skopeo, Need, TestCtx};
+
+const NEEDS: &[Need] = &[
+    Need::Bin("docker-registry"),
+    Need::Bin("skopeo"),
+    Need::Shoal,
+];
+/// Nodes in the cluster.
+const NODES: usize = 3;
+
+// ---------------------------------------------------------------- the cluster
+
+/// A `shoal scheduler` process on a free loopback port; killed on drop.
+struct Scheduler {
+    addr: String,
+    child: Child,
+}
+
+impl Scheduler {
+    fn start(t: &TestCtx) -> Result<Self> {
+        let dir = t.subdir("scheduler")?;
+        let log_path = dir.join("scheduler.log");
+        t.register_log("scheduler", &log_path);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let child = Command::new(paths::shoal_bin()?)
+            .args(["scheduler", "--listen", &addr])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting shoal scheduler")?;
+        let s = Self { addr, child };
+        poll("the scheduler to answer", Duration::from_secs(30), || {
+            Ok(s.status().ok())
+        })?;
+        Ok(s)
+    }
+
+    fn status(&self) -> Result<serde_json::Value> {
+        let got = http::fetch(http::client()?.get(format!("http://{}/api/v1/status", self.addr)))?;
+        ensure!(got.completed_ok(), "GET /api/v1/status: {}", got.short());
+        Ok(serde_json::from_slice(&got.body)?)
+    }
+
+    fn live_nodes(&self) -> Result<usize> {
+        Ok(self.status()?["nodes"].as_array().map_or(0, Vec::len))
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Origin with the fixture, a scheduler and [`NODES`] nodes that announced to it.
+struct Cluster {
+    registry: Registry,
+    image: Image,
+    scheduler: Scheduler,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn start(t: &TestCtx, extra_hosts: &[(String, String)]) -> Result<Self> {
+        let (registry, image) = setup::anonymous_origin(t)?;
+        let scheduler = Scheduler::start(t)?;
+        let secret = t.dir().join("join-secret");
+        std::fs::write(&secret, "7".repeat(64))?;
+        let mut nodes = Vec::new();
+        for _ in 0..NODES {
+            let mut opts = NodeOptions::upstream(&registry.url());
+            opts.host_upstreams = extra_hosts.to_vec();
+            opts.extra_args = vec![
+                "--p2p".into(),
+                format!("127.0.0.1:{}", free_port()?),
+                "--join-secret-file".into(),
+                secret.display().to_string(),
+                "--scheduler".into(),
+                scheduler.addr.clone(),
+            ];
+            nodes.push(Node::start_with(t, opts)?);
+        }
+        poll(
+            "every node to announce to the scheduler",
+            Duration::from_secs(30),
+            || Ok((scheduler.live_nodes()? == NODES).then_some(())),
+        )?;
+        Ok(Self {
+            registry,
+            image,
+            scheduler,
+            nodes,
+        })
+    }
+
+    /// `shoal prewarm ARGS --scheduler S`.
+    fn prewarm(&self, args: &[&str]) -> Result<Output> {
+        Command::new(paths::shoal_bin()?)
+            .arg("prewarm")
+            .args(args)
+            .args(["--scheduler", &self.scheduler.addr])
+            .stdin(Stdio::null())
+            .output()
+            .context("running shoal prewarm")
+    }
+
+    /// The fixture's reference at the origin.
+    fn image_ref(&self) -> String {
+        format!("{}/{IMAGE}", self.registry.addr())
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+// ---------------------------------------------------------------- tests
+
+/// Prewarm on every node with `--wait`: the origin serves the image about once, every node holds
+/// every blob, and a pull through any node afterwards reads nothing from the origin.
+#[test]
+fn prewarm_all_nodes_reads_the_origin_once_and_pulls_are_local() {
+    run(
+        "prewarm_all_nodes_reads_the_origin_once_and_pulls_are_local",
+        NEEDS,
+        |t| {
+            let c = Cluster::start(t, &[])?;
+            let mark = c.registry.log()?.requests.len();
+            let started = Instant::now();
+            let out = c.prewarm(&[&c.image_ref(), "--wait"])?;
+            let took = started.elapsed();
+            ensure!(out.status.success(), "prewarm failed: {}", text(&out));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            ensure!(stdout.contains("done"), "no summary: {}", text(&out));
+
+            let image_bytes: u64 = c.image.blobs().iter().map(|d| d.size).sum();
+            let log = c.registry.log()?.since(mark);
+            let origin = log.blob_bytes_written();
+            let ratio = origin as f64 / image_bytes as f64;
+            eprintln!(
+                "prewarm of {image_bytes} bytes on {NODES} nodes took {took:.2?}; origin served {origin} blob bytes ({ratio:.3}x the image)"
+            );
+            ensure!(
+                ratio <= 1.05,
+                "origin served {origin} bytes for a {image_bytes}-byte image ({ratio:.3}x): {:?}",
+                log.requests
+            );
+            for (i, node) in c.nodes.iter().enumerate() {
+                let status = node.status()?;
+                for d in c.image.blobs() {
+                    ensure!(
+                        status.blob(&d.digest).is_some_and(|b| b.complete),
+                        "node {i} does not hold {} complete",
+                        d.digest
+                    );
+                }
+            }
+
+            // A pull through any node now needs nothing from the origin.
+            let mark = c.registry.log()?.requests.len();
+            let (pulled, dir) = skopeo::copy_to_oci(t, &c.nodes[1].listen_addr(), IMAGE, None)?;
+            ensure!(pulled.success, "skopeo copy failed: {}", pulled.stderr);
+            assert_same_image(&c.image, &OciLayout::open(dir)?)?;
+            let after = c.registry.log()?.since(mark);
+            ensure!(
+                after.blob_fetch_count() == 0 && after.blob_bytes_written() == 0,
+                "the pull read blobs from the origin: {:?}",
+                after.requests
+            );
+            // Nothing but the mirror's `GET /v2/` version check (and the harness's log marks):
+            // no manifest, no tag, no blob.
+            let asked: Vec<_> = after
+                .requests
+                .iter()
+                .filter(|r| r.uri.split('?').next() != Some("/v2/"))
+                .collect();
+            ensure!(asked.is_empty(), "the pull asked the origin: {asked:?}");
+
+            // The job is listed, done, on every node.
+            let list = c.prewarm(&["list", "--json"])?;
+            ensure!(list.status.success(), "{}", text(&list));
+            let v: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+            let job = &v["jobs"][0];
+            ensure!(job["state"] == "done", "job: {job}");
+            ensure!(
+                job["nodes"].as_array().map_or(0, Vec::len) == NODES,
+                "job: {job}"
+            );
+            Ok(())
+        },
+    );
+}
+
+/// Bad input ends with a clear message and a meaningful exit code.
+#[test]
+fn prewarm_bad_input_is_reported_clearly() {
+    run("prewarm_bad_input_is_reported_clearly", NEEDS, |t| {
+        let c = Cluster::start(t, &[])?;
+        // A missing image: every node reports it; the CLI exits 2 naming it.
+        let missing = format!("{}/test/missing:1", c.registry.addr());
+        let out = c.prewarm(&[&missing, "--wait"])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        ensure!(
+            err.contains("no such image") && err.contains("test/missing:1"),
+            "{}",
+            text(&out)
+        );
+        // Not an image reference at all: refused before anything is sent.
+        let out = c.prewarm(&["Not An Image!", "--wait"])?;
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("image reference"),
+            "{}",
+            text(&out)
+        );
+        // A registry the nodes do not know.
+        let out = c.prewarm(&["unknown.example:5000/a/b:1", "--wait"])?;
+        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("unknown.example:5000"),
+            "{}",
+            text(&out)
+        );
+        // More nodes than there are.
+        let out = c.prewarm(&[&c.image_ref(), "--nodes", "9"])?;
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("more nodes than the 3 live"),
+            "{}",
+            text(&out)
+        );
+        // An unknown job id.
+        let out = c.prewarm(&["status", "0123456789abcdef"])?;
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("no prewarm job 0123456789abcdef"),
+            "{}",
+            text(&out)
+        );
+        // An unreachable scheduler.
+        let out = Command::new(paths::shoal_bin()?)
+            .args(["prewarm", &c.image_ref(), "--scheduler"])
+            .arg(format!("127.0.0.1:{}", free_port()?))
+            .output()?;
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot reach the scheduler"),
+            "{}",
+            text(&out)
+        );
+        Ok(())
+    });
+}
+
+/// A job stuck on an origin that never answers is cancelled: the CLI and the scheduler say so,
+/// and the nodes stop it.
+#[test]
+fn prewarm_cancel_stops_the_job() {
+    run("prewarm_cancel_stops_the_job", NEEDS, |t| {
+        // An "origin" that accepts connections and never answers.
+        let blackhole = TcpListener::bind("127.0.0.1:0")?;
+        let host = format!("127.0.0.1:{}", blackhole.local_addr()?.port());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in blackhole.incoming().flatten() {
+                held.push(s);
+            }
+        });
+        let c = Cluster::start(t, &[(host.clone(), format!("http://{host}"))])?;
+        let out = c.prewarm(&[&format!("{host}/stuck/image:1")])?;
+        ensure!(out.status.success(), "{}", text(&out));
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        ensure!(id.len() == 16, "job id {id:?}");
+        // Every node has picked it up.
+        poll("every node to run the job", Duration::from_secs(20), || {
+            let o = c.prewarm(&["status", &id, "--json"])?;
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+            let running = v["nodes"]
+                .as_array()
+                .map_or(0, |n| n.iter().filter(|n| n["state"] == "running").count());
+            Ok((running == NODES).then_some(()))
+        })?;
+        let out = c.prewarm(&["cancel", &id])?;
+        ensure!(out.status.success(), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stdout).contains("cancelled"),
+            "{}",
+            text(&out)
+        );
+        let out = c.prewarm(&["status", &id, "--wait"])?;
+        ensure!(out.status.code() == Some(3), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("was cancelled"),
+            "{}",
+            text(&out)
+        );
+        // The nodes stop the job when their scheduler stops listing it.
+        for (i, node) in c.nodes.iter().enumerate() {
+            poll(
+                "the node to stop the cancelled job",
+                Duration::from_secs(20),
+                || {
+                    Ok(node
+                        .log_tail(200)
+                        .contains("prewarm job cancelled")
+                        .then_some(()))
+                },
+            )
+            .with_context(|| format!("node {i}"))?;
+        }
+        Ok(())
+    });
+}
