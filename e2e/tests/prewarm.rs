@@ -24,6 +24,12 @@ const NEEDS: &[Need] = &[
     Need::Bin("skopeo"),
     Need::Shoal,
 ];
+const PRIVATE: &[Need] = &[
+    Need::Bin("docker-registry"),
+    Need::Bin("skopeo"),
+    Need::Bin("htpasswd"),
+    Need::Shoal,
+];
 /// Nodes in the cluster.
 const NODES: usize = 3;
 
@@ -89,6 +95,15 @@ struct Cluster {
 impl Cluster {
     fn start(t: &TestCtx, extra_hosts: &[(String, String)]) -> Result<Self> {
         let (registry, image) = setup::anonymous_origin(t)?;
+        Self::start_with(t, registry, image, extra_hosts)
+    }
+
+    fn start_with(
+        t: &TestCtx,
+        registry: Registry,
+        image: Image,
+        extra_hosts: &[(String, String)],
+    ) -> Result<Self> {
         let scheduler = Scheduler::start(t)?;
         let secret = t.dir().join("join-secret");
         std::fs::write(&secret, "7".repeat(64))?;
@@ -278,6 +293,43 @@ fn prewarm_bad_input_is_reported_clearly() {
         ensure!(
             String::from_utf8_lossy(&out.stderr).contains("cannot reach the scheduler"),
             "{}",
+            text(&out)
+        );
+        // An unreachable registry: the nodes say so.
+        let mut c = c;
+        c.registry.stop()?;
+        let out = c.prewarm(&[&c.image_ref(), "--wait"])?;
+        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        ensure!(
+            String::from_utf8_lossy(&out.stderr).contains("cannot reach the origin registry"),
+            "{}",
+            text(&out)
+        );
+        Ok(())
+    });
+}
+
+/// A private origin the nodes have no (or wrong) credentials for: every node reports that the
+/// origin refused it.
+#[test]
+fn prewarm_refused_credentials_are_reported() {
+    run("prewarm_refused_credentials_are_reported", PRIVATE, |t| {
+        let (registry, image) = setup::private_origin(t, "alice", "correct horse")?;
+        let c = Cluster::start_with(t, registry, image, &[])?;
+        let out = c.prewarm(&[&c.image_ref(), "--wait"])?;
+        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            err.contains("refused this node's credentials") && err.contains("401"),
+            "{}",
+            text(&out)
+        );
+        ensure!(
+            err.lines()
+                .filter(|l| l.starts_with("  node ") && l.contains("refused this node's"))
+                .count()
+                == NODES,
+            "one line per node: {}",
             text(&out)
         );
         Ok(())

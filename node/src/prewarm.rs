@@ -330,8 +330,20 @@ async fn resolve(
     };
     keep.push(Kept::Manifest(digest, media_type, bytes));
     keep_manifests(&inner.store, origin, &image.repo, keep, public).await?;
-    let mut blobs: Vec<Descriptor> = raw.config.into_iter().collect();
-    let note = match nydus_layers(&name, &layers) {
+    Ok(plan(&name, raw.config, layers, full))
+}
+
+/// What to fetch of an image manifest's config and layers, each blob once,
+/// and a remark on what was left out. OCI image: everything. Nydus image:
+/// the config and the bootstrap, or with `full` everything.
+fn plan(
+    name: &str,
+    config: Option<Descriptor>,
+    layers: Vec<Descriptor>,
+    full: bool,
+) -> (Vec<Descriptor>, Option<String>) {
+    let mut blobs: Vec<Descriptor> = config.into_iter().collect();
+    let note = match nydus_layers(name, &layers) {
         Ok(nydus) if !full && !nydus.blobs.is_empty() => {
             let skipped = nydus.blobs.len();
             blobs.push(nydus.bootstrap);
@@ -339,7 +351,6 @@ async fn resolve(
                 "Nydus image: bootstrap only; {skipped} data blobs left to lazy reads (--full fetches them)"
             ))
         }
-        // OCI images, and Nydus with `full`: every layer.
         _ => {
             blobs.extend(layers);
             None
@@ -347,7 +358,7 @@ async fn resolve(
     };
     let mut seen = HashSet::new();
     blobs.retain(|d| seen.insert(d.digest.clone()));
-    Ok((blobs, note))
+    (blobs, note)
 }
 
 enum Kept {
@@ -562,5 +573,64 @@ async fn fetch_blob(
         if rx.changed().await.is_err() {
             return Err(fail(DownloadError::Shutdown));
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn desc(n: u8, size: u64, annotation: Option<&str>) -> Descriptor {
+        let mut j = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": format!("sha256:{}", format!("{n:02x}").repeat(32)),
+            "size": size,
+        });
+        if let Some(a) = annotation {
+            j["annotations"] = serde_json::json!({ a: "true" });
+        }
+        serde_json::from_value(j).unwrap()
+    }
+
+    fn sizes(blobs: &[Descriptor]) -> Vec<u64> {
+        blobs.iter().map(|d| d.size).collect()
+    }
+
+    #[test]
+    fn oci_images_fetch_config_and_every_layer_once() {
+        let (blobs, note) = plan(
+            "img",
+            Some(desc(1, 1, None)),
+            vec![desc(2, 2, None), desc(3, 3, None), desc(2, 2, None)],
+            false,
+        );
+        assert_eq!(sizes(&blobs), vec![1, 2, 3]);
+        assert_eq!(note, None);
+    }
+
+    #[test]
+    fn nydus_images_fetch_the_bootstrap_or_everything_with_full() {
+        let layers = vec![
+            desc(2, 20, Some("containerd.io/snapshot/nydus-blob")),
+            desc(3, 30, Some("containerd.io/snapshot/nydus-blob")),
+            desc(4, 4, Some("containerd.io/snapshot/nydus-bootstrap")),
+        ];
+        let (blobs, note) = plan("img", Some(desc(1, 1, None)), layers.clone(), false);
+        assert_eq!(sizes(&blobs), vec![1, 4]);
+        assert!(note.unwrap().contains("2 data blobs"));
+        let (blobs, note) = plan("img", Some(desc(1, 1, None)), layers, true);
+        assert_eq!(sizes(&blobs), vec![1, 20, 30, 4]);
+        assert_eq!(note, None);
+    }
+
+    #[test]
+    fn manifests_without_layers_or_manifests_are_not_images() {
+        let d = Digest::sha256(b"x");
+        let e = parse("img", &d, br#"{"schemaVersion":2,"config":{}}"#).err();
+        assert!(matches!(e, Some(PrewarmError::NotImage { .. })));
+        let e = parse("img", &d, b"not json").err();
+        assert!(matches!(e, Some(PrewarmError::NotImage { .. })));
+        assert!(parse("img", &d, br#"{"layers":[]}"#).is_ok());
     }
 }
