@@ -9,6 +9,7 @@
 //! Ground truth about the origin comes from the registry's own access log ([`registry_log`]), never
 //! from numbers the node reports about itself.
 
+pub mod cluster;
 pub mod containerd;
 pub mod ctx;
 pub mod fixture;

@@ -5,15 +5,13 @@
 //!
 //! Needs the `shoal` binary: run `cargo build -p shoal-node` first (or set SHOAL_BIN).
 
-use std::fs::OpenOptions;
 use std::net::TcpListener;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use shoal_e2e::cluster::LoopbackCluster;
 use shoal_e2e::fixture::{assert_same_image, Image, OciLayout};
-use shoal_e2e::http;
-use shoal_e2e::node::{Node, NodeOptions};
 use shoal_e2e::registry::Registry;
 use shoal_e2e::setup::{self, IMAGE};
 use shoal_e2e::wait::{free_port, poll};
@@ -35,65 +33,10 @@ const NODES: usize = 3;
 
 // ---------------------------------------------------------------- the cluster
 
-/// A `shoal scheduler` process on a free loopback port; killed on drop.
-struct Scheduler {
-    addr: String,
-    child: Child,
-}
-
-impl Scheduler {
-    fn start(t: &TestCtx) -> Result<Self> {
-        let dir = t.subdir("scheduler")?;
-        let log_path = dir.join("scheduler.log");
-        t.register_log("scheduler", &log_path);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let addr = format!("127.0.0.1:{}", free_port()?);
-        let child = Command::new(paths::shoal_bin()?)
-            .args(["scheduler", "--listen", &addr])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting shoal scheduler")?;
-        let s = Self { addr, child };
-        poll("the scheduler to answer", Duration::from_secs(30), || {
-            Ok(s.status().ok())
-        })?;
-        Ok(s)
-    }
-
-    fn status(&self) -> Result<serde_json::Value> {
-        let got = http::fetch(http::client()?.get(format!("http://{}/api/v1/status", self.addr)))?;
-        ensure!(got.completed_ok(), "GET /api/v1/status: {}", got.short());
-        Ok(serde_json::from_slice(&got.body)?)
-    }
-
-    fn live_nodes(&self) -> Result<usize> {
-        Ok(self.status()?["nodes"].as_array().map_or(0, Vec::len))
-    }
-}
-
-impl Drop for Scheduler {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Origin with the fixture, a scheduler and [`NODES`] nodes that announced to it.
-struct Cluster {
-    registry: Registry,
-    image: Image,
-    scheduler: Scheduler,
-    nodes: Vec<Node>,
-}
+struct Cluster;
 
 impl Cluster {
-    fn start(t: &TestCtx, extra_hosts: &[(String, String)]) -> Result<Self> {
+    fn start(t: &TestCtx, extra_hosts: &[(String, String)]) -> Result<LoopbackCluster> {
         let (registry, image) = setup::anonymous_origin(t)?;
         Self::start_with(t, registry, image, extra_hosts)
     }
@@ -103,51 +46,8 @@ impl Cluster {
         registry: Registry,
         image: Image,
         extra_hosts: &[(String, String)],
-    ) -> Result<Self> {
-        let scheduler = Scheduler::start(t)?;
-        let secret = t.dir().join("join-secret");
-        std::fs::write(&secret, "7".repeat(64))?;
-        let mut nodes = Vec::new();
-        for _ in 0..NODES {
-            let mut opts = NodeOptions::upstream(&registry.url());
-            opts.host_upstreams = extra_hosts.to_vec();
-            opts.extra_args = vec![
-                "--p2p".into(),
-                format!("127.0.0.1:{}", free_port()?),
-                "--join-secret-file".into(),
-                secret.display().to_string(),
-                "--scheduler".into(),
-                scheduler.addr.clone(),
-            ];
-            nodes.push(Node::start_with(t, opts)?);
-        }
-        poll(
-            "every node to announce to the scheduler",
-            Duration::from_secs(30),
-            || Ok((scheduler.live_nodes()? == NODES).then_some(())),
-        )?;
-        Ok(Self {
-            registry,
-            image,
-            scheduler,
-            nodes,
-        })
-    }
-
-    /// `shoal prewarm ARGS --scheduler S`.
-    fn prewarm(&self, args: &[&str]) -> Result<Output> {
-        Command::new(paths::shoal_bin()?)
-            .arg("prewarm")
-            .args(args)
-            .args(["--scheduler", &self.scheduler.addr])
-            .stdin(Stdio::null())
-            .output()
-            .context("running shoal prewarm")
-    }
-
-    /// The fixture's reference at the origin.
-    fn image_ref(&self) -> String {
-        format!("{}/{IMAGE}", self.registry.addr())
+    ) -> Result<LoopbackCluster> {
+        LoopbackCluster::start_with(t, registry, image, NODES, extra_hosts)
     }
 }
 
