@@ -101,6 +101,12 @@ fn round(nodes: usize) -> Result<Round> {
         .unwrap_or(0);
     let image_bytes: u64 = c.image.blobs().iter().map(|d| d.size).sum();
     let origin = c.registry.log()?.since(mark).blob_bytes_written();
+    drop(c);
+    if std::env::var_os("SHOAL_E2E_KEEP").is_some() {
+        eprintln!("{nodes} nodes: kept {}", t.dir().display());
+        // Leaking the context keeps its temp dir (the processes are gone).
+        std::mem::forget(t);
+    }
     Ok(Round {
         wall,
         slowest_ms,
