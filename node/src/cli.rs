@@ -32,7 +32,7 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// List the node's lazy mounts and their numbers.
     Mounts(mount::MountsArgs),
-    /// Warm an image across the cluster (a job at the scheduler); also `prewarm status|cancel|list`.
+    // Help text: `prewarm::PrewarmArgs`.
     Prewarm(prewarm::PrewarmArgs),
     /// Run a scheduler: piece availability, parent ranking, origin leases.
     Scheduler(scheduler::SchedulerArgs),

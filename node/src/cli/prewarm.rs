@@ -34,6 +34,10 @@ const UNREACHABLE_GRACE: Duration = Duration::from_secs(15);
 /// follows the job until every node is done.
 ///
 /// Also: `shoal prewarm status JOB`, `shoal prewarm cancel JOB`, `shoal prewarm list`.
+///
+/// Exit codes: 0 submitted, or with `--wait` done on every node; 1 bad input, or the scheduler
+/// refused or could not be reached; 2 the job failed on some node (each node's reason is
+/// printed); 3 the job was cancelled.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct PrewarmArgs {
@@ -63,13 +67,17 @@ pub struct PrewarmArgs {
 pub enum PrewarmCommand {
     /// Show where a job stands on each node.
     Status {
+        /// The job id, as `shoal prewarm` printed it.
         job: String,
         /// Follow it until every node finished.
         #[arg(long)]
         wait: bool,
     },
     /// Cancel a job: its nodes stop (blobs already downloading finish).
-    Cancel { job: String },
+    Cancel {
+        /// The job id.
+        job: String,
+    },
     /// List the scheduler's jobs, newest first.
     List,
 }
