@@ -295,3 +295,66 @@ fn prewarm_cancel_stops_the_job() {
         Ok(())
     });
 }
+
+/// A Nydus image (an index → manifest with data blobs and a bootstrap layer): without `--full`
+/// every node holds the bootstrap layer and no data blob; with `--full` every data blob too, and
+/// the origin served the image about once over both jobs.
+#[test]
+fn prewarm_nydus_image_bootstrap_then_full() {
+    run("prewarm_nydus_image_bootstrap_then_full", NEEDS, |t| {
+        let registry = Registry::start(t)?;
+        let work = t.subdir("nydus-build")?;
+        let nydus = shoal_e2e::nydus::build_and_push(
+            &registry,
+            &shoal_e2e::paths::debian_python_layout(),
+            skopeo::FIXTURE_REF,
+            "test/nydus",
+            "1",
+            &work,
+        )?;
+        let image = setup::fixture_image()?;
+        let c = Cluster::start_with(t, registry, image, &[])?;
+        let reference = format!("{}/test/nydus:1", c.registry.addr());
+        let mark = c.registry.log()?.requests.len();
+
+        let out = c.prewarm(&[&reference, "--wait", "--json"])?;
+        ensure!(out.status.success(), "{}", text(&out));
+        let job: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let note = job["nodes"][0]["message"].as_str().unwrap_or_default();
+        ensure!(note.contains("bootstrap only"), "job: {job}");
+        let (boot, boot_size) = &nydus.bootstrap_layer;
+        for (i, node) in c.nodes.iter().enumerate() {
+            let status = node.status()?;
+            ensure!(
+                status.blob(boot).is_some_and(|b| b.complete),
+                "node {i} lacks the bootstrap layer"
+            );
+            for (d, _) in &nydus.blobs {
+                ensure!(status.blob(d).is_none(), "node {i} fetched data blob {d}");
+            }
+        }
+
+        let out = c.prewarm(&[&reference, "--full", "--wait"])?;
+        ensure!(out.status.success(), "{}", text(&out));
+        for (i, node) in c.nodes.iter().enumerate() {
+            let status = node.status()?;
+            for (d, _) in &nydus.blobs {
+                ensure!(
+                    status.blob(d).is_some_and(|b| b.complete),
+                    "node {i} lacks data blob {d} after --full"
+                );
+            }
+        }
+        let origin = c.registry.log()?.since(mark).blob_bytes_written();
+        // Config bytes are small; bound by data + bootstrap + 5% (the config is within it).
+        let image_bytes = nydus.data_bytes() + boot_size;
+        ensure!(
+            origin as f64 <= 1.05 * image_bytes as f64,
+            "origin served {origin} bytes for a {image_bytes}-byte Nydus image"
+        );
+        eprintln!(
+            "nydus prewarm: origin served {origin} bytes for {image_bytes} image bytes on {NODES} nodes"
+        );
+        Ok(())
+    });
+}
