@@ -15,6 +15,7 @@ pub mod ctx;
 pub mod fixture;
 pub mod hostile;
 pub mod http;
+pub mod loopback;
 pub mod metrics;
 pub mod netns;
 pub mod node;

@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod mount;
 pub mod node;
+pub mod prewarm;
 pub mod rafs;
 pub mod scheduler;
 pub mod status;
@@ -32,6 +33,8 @@ pub enum Command {
     Umount(mount::UmountArgs),
     /// List the node's lazy mounts and their numbers.
     Mounts(mount::MountsArgs),
+    // Help text: `prewarm::PrewarmArgs`.
+    Prewarm(prewarm::PrewarmArgs),
     /// Run a scheduler: piece availability, parent ranking, origin leases.
     Scheduler(scheduler::SchedulerArgs),
     /// Convert an OCI/Docker image into a Nydus image, registry to registry.

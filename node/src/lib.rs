@@ -13,6 +13,7 @@ pub mod mount;
 pub mod node;
 pub mod p2p;
 pub mod peering;
+pub mod prewarm;
 pub mod store;
 pub use shoal_proto::units;
 pub mod upstream;

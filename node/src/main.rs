@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Umount(a) => cli::mount::run_umount(a),
         Command::Mounts(a) => cli::mount::run_mounts(a),
         Command::Convert(a) => cli::convert::run(a),
+        Command::Prewarm(a) => cli::prewarm::run(a),
     };
     match result {
         Ok(code) => code,

@@ -25,6 +25,7 @@ use crate::mirror::{self, MirrorState};
 use crate::mount::{MountDeps, Mounts};
 use crate::p2p::Identity;
 use crate::peering::Peering;
+use crate::prewarm::Prewarm;
 use crate::store::{Backend, Store, StoreConfig};
 use crate::upstream::Upstreams;
 
@@ -107,6 +108,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tracker.clone(),
         work.clone(),
     );
+    if let Some(p) = &peering {
+        // Prewarm jobs come from the schedulers; they run like downloads
+        // (cancelled with them at shutdown).
+        p.attach_prewarm(Prewarm::new(
+            store.clone(),
+            upstreams.clone(),
+            downloads.clone(),
+            Some(p.clone()),
+            tracker.clone(),
+            work.clone(),
+        ));
+    }
     let mounts = Mounts::start(MountDeps {
         data_dir: cfg.data_dir.clone(),
         store: store.clone(),

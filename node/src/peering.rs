@@ -14,7 +14,9 @@
 //! - **DHT provider records** for complete blobs (the fallback when no
 //!   scheduler answers), withdrawn when the store drops a blob;
 //! - **queries** for the download path: [`Peering::parents`],
-//!   [`Peering::providers`], [`Peering::blame`].
+//!   [`Peering::providers`], [`Peering::blame`];
+//! - the link to the **prewarm job runner** ([`crate::prewarm`]): jobs in
+//!   the answers go to it, its progress goes into the announcements.
 //!
 //! Invariants: nothing here trusts a peer for content — it only says whom
 //! to ask. Scheduler or DHT trouble never fails a download: every query
@@ -22,7 +24,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -42,6 +44,7 @@ use crate::config::P2p;
 use crate::metrics::{KindLabels, Metrics, Totals};
 use crate::p2p::dht::{self, Dht, DhtConfig, Provider};
 use crate::p2p::{self, Identity, P2pConfig, P2pHandle};
+use crate::prewarm::Prewarm;
 use crate::store::pieces::piece_range;
 use crate::store::{BlobRecord, Removal, Store};
 
@@ -70,6 +73,8 @@ struct Inner {
     fetch_window: usize,
     stall_timeout: Duration,
     state: Mutex<State>,
+    /// Set once the download path exists (it needs this handle first).
+    prewarm: OnceLock<Prewarm>,
     wake: Notify,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -191,6 +196,7 @@ impl Peering {
                 errors: vec![None; n],
                 ..State::default()
             }),
+            prewarm: OnceLock::new(),
             wake: Notify::new(),
             cancel,
             tracker: TaskTracker::new(),
@@ -360,6 +366,16 @@ impl Peering {
             let r = client.report_failure(&blob, &report).await;
             me.observe("failure", started, r.is_ok());
         });
+    }
+
+    /// Hand prewarm jobs from the schedulers to `runner` (once).
+    pub fn attach_prewarm(&self, runner: Prewarm) {
+        let _ = self.inner.prewarm.set(runner);
+    }
+
+    /// Announce soon (debounced) rather than at the next heartbeat.
+    pub fn announce_soon(&self) {
+        self.inner.wake.notify_one();
     }
 
     /// A download committed bytes of `blob` (or finished it): announce soon.
@@ -571,6 +587,7 @@ impl Peering {
         let any_full = needs_full.iter().any(|f| *f);
         let node = self.node_announcement();
         let traffic = self.traffic();
+        let job_progress = self.inner.prewarm.get().map(Prewarm::reports);
         let built = tokio::task::spawn_blocking(move || {
             let delta: Vec<BlobAnnouncement> = dirty
                 .iter()
@@ -605,6 +622,7 @@ impl Peering {
                     removed.clone()
                 },
                 traffic,
+                job_progress: job_progress.clone().unwrap_or_default(),
             };
             async move {
                 let started = Instant::now();
@@ -660,6 +678,9 @@ impl Peering {
         }
         if resp.resync {
             self.inner.wake.notify_one();
+        } else if let Some(p) = self.inner.prewarm.get() {
+            // A resync answer lists no jobs: it must not cancel any.
+            p.apply(i, resp.jobs);
         }
     }
 

@@ -8,6 +8,7 @@
 //! | `POST /api/v1/blobs/{blob}/parents` | [`ParentsRequest`] | [`ParentsResponse`] |
 //! | `POST /api/v1/blobs/{blob}/failure` | [`FailureReport`] | [`FailureAck`] |
 //! | `GET /api/v1/status` | — | [`StatusResponse`] |
+//! | `POST /api/v1/jobs`, `GET /api/v1/jobs[/{id}]`, `DELETE /api/v1/jobs/{id}` | see [`jobs`] | prewarm jobs |
 //!
 //! Errors are [`ErrorBody`] with a 4xx/5xx status. A request whose
 //! [`PROTOCOL_HEADER`] names another major version gets 400 with
@@ -29,6 +30,13 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::Digest as _;
 
 use crate::{BlobId, NodeId};
+
+pub mod jobs;
+
+pub use jobs::{
+    JobAssignment, JobId, JobIdError, JobList, JobNodeStatus, JobProgress, JobRequest, JobState,
+    JobStatus, NodeJobState, NodeSelector, NodeSelectorError,
+};
 
 /// The protocol's major version. A peer speaking another major is refused.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -287,6 +295,10 @@ pub struct AnnounceRequest {
     pub removed: Vec<BlobId>,
     #[serde(default)]
     pub traffic: Traffic,
+    /// Where the node stands in every prewarm job it knows of (newer nodes
+    /// only; a scheduler ignores jobs it did not create).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub job_progress: Vec<JobProgress>,
 }
 
 /// Who the node is and how to reach it.
@@ -372,6 +384,10 @@ pub struct AnnounceResponse {
     /// `piece_sha256` for them in the next announcement.
     #[serde(default)]
     pub piece_sha256_wanted: Vec<BlobId>,
+    /// Every prewarm job of this scheduler the node should run (or keep
+    /// reporting): a job not listed any more is cancelled or forgotten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobAssignment>,
 }
 
 // ---------------------------------------------------------------------------
@@ -506,6 +522,10 @@ pub enum ErrorCode {
     BadRequest,
     WrongScheduler,
     Unavailable,
+    /// No such job (or path).
+    NotFound,
+    /// A prewarm job selects no live node.
+    NoNodes,
     #[serde(other)]
     Other,
 }
@@ -521,6 +541,9 @@ pub struct StatusResponse {
     pub blobs: Vec<BlobStatus>,
     /// Sum of the live nodes' traffic counters.
     pub totals: Traffic,
+    /// Prewarm jobs this scheduler knows, newest first.
+    #[serde(default)]
+    pub jobs: Vec<JobStatus>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -700,6 +723,7 @@ mod tests {
             }],
             removed: vec![blob(2)],
             traffic: Traffic::default(),
+            job_progress: Vec::new(),
         };
         let json = serde_json::to_string(&req).unwrap();
         assert!(json.contains("\"have\":\"3:all\""), "{json}");

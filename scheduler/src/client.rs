@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::sched::{
     check_version, pick_scheduler, AnnounceRequest, AnnounceResponse, ErrorBody, ErrorCode,
-    FailureAck, FailureReport, ParentsRequest, ParentsResponse, StatusResponse, VersionError,
-    API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION,
+    FailureAck, FailureReport, JobId, JobList, JobRequest, JobStatus, ParentsRequest,
+    ParentsResponse, StatusResponse, VersionError, API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION,
 };
 use shoal_proto::BlobId;
 
@@ -167,9 +167,59 @@ impl SchedulerClient {
 
     /// Nodes, blobs and traffic as the scheduler sees them.
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        self.get("/status").await
+    }
+
+    /// Start a prewarm job (what `shoal prewarm` does).
+    pub async fn create_job(&self, req: &JobRequest) -> Result<JobStatus, ClientError> {
+        self.post("/jobs", req).await
+    }
+
+    /// Every prewarm job the scheduler knows, newest first.
+    pub async fn jobs(&self) -> Result<JobList, ClientError> {
+        self.get("/jobs").await
+    }
+
+    /// One job, with each node's progress.
+    pub async fn job(&self, id: JobId) -> Result<JobStatus, ClientError> {
+        self.get(&format!("/jobs/{id}")).await
+    }
+
+    /// Cancel a job: its nodes stop (downloads already running finish).
+    pub async fn cancel_job(&self, id: JobId) -> Result<JobStatus, ClientError> {
+        let full_path = format!("{API_PREFIX}/jobs/{id}");
         let req = self
             .http
-            .get(format!("{}{API_PREFIX}/status", self.base))
+            .delete(format!("{}{full_path}", self.base))
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string());
+        let req = self.sign(req, "DELETE", &full_path, b"");
+        self.send(req).await
+    }
+
+    /// Adds the signature header when this client has a key.
+    fn sign(
+        &self,
+        req: reqwest::RequestBuilder,
+        method: &str,
+        full_path: &str,
+        body: &[u8],
+    ) -> reqwest::RequestBuilder {
+        let Some(key) = &self.auth_key else {
+            return req;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        req.header(
+            shoal_proto::auth::AUTH_HEADER,
+            shoal_proto::auth::sign(key, method, full_path, now_ms, body),
+        )
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let req = self
+            .http
+            .get(format!("{}{API_PREFIX}{path}", self.base))
             .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string());
         self.send(req).await
     }
@@ -184,20 +234,12 @@ impl SchedulerClient {
             message: format!("encoding the request: {e}"),
         })?;
         let full_path = format!("{API_PREFIX}{path}");
-        let mut req = self
+        let req = self
             .http
             .post(format!("{}{full_path}", self.base))
             .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
             .header("content-type", "application/json");
-        if let Some(key) = &self.auth_key {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            req = req.header(
-                shoal_proto::auth::AUTH_HEADER,
-                shoal_proto::auth::sign(key, "POST", &full_path, now_ms, &body),
-            );
-        }
+        let req = self.sign(req, "POST", &full_path, &body);
         self.send(req.body(body)).await
     }
 

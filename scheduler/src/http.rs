@@ -19,12 +19,13 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use shoal_proto::auth::{self, AuthError, AUTH_HEADER};
 use shoal_proto::sched::{
-    check_version, ErrorBody, ErrorCode, VersionError, PROTOCOL_HEADER, PROTOCOL_VERSION,
+    check_version, ErrorBody, ErrorCode, JobId, JobList, VersionError, PROTOCOL_HEADER,
+    PROTOCOL_VERSION,
 };
 use shoal_proto::BlobId;
 
 use crate::service::{Closed, SchedulerHandle};
-use crate::state::WrongScheduler;
+use crate::state::{JobError, WrongScheduler};
 
 /// Largest request body: a full announcement of a node holding many blobs,
 /// with piece hash lists.
@@ -35,14 +36,17 @@ pub fn router(handle: SchedulerHandle) -> Router {
     router_with_auth(handle, None)
 }
 
-/// All routes of a scheduler; with `auth_key`, POST requests must be signed
-/// with it (`shoal_proto::auth`), GETs stay open.
+/// All routes of a scheduler; with `auth_key`, requests that change state
+/// (POST, DELETE) must be signed with it (`shoal_proto::auth`), reads stay
+/// open.
 pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> Router {
     Router::new()
         .route("/api/v1/announce", post(announce))
         .route("/api/v1/blobs/{blob}/parents", post(parents))
         .route("/api/v1/blobs/{blob}/failure", post(failure))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/jobs", post(create_job).get(list_jobs))
+        .route("/api/v1/jobs/{id}", get(job).delete(cancel_job))
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -67,6 +71,8 @@ pub enum ApiError {
     WrongScheduler(#[from] WrongScheduler),
     #[error(transparent)]
     Closed(#[from] Closed),
+    #[error(transparent)]
+    Job(#[from] JobError),
     #[error("no such path")]
     NotFound,
     #[error(transparent)]
@@ -112,6 +118,21 @@ impl IntoResponse for ApiError {
                 body.code = ErrorCode::Other;
                 StatusCode::UNAUTHORIZED
             }
+            Self::Job(JobError::NotFound(_)) => {
+                body.code = ErrorCode::NotFound;
+                StatusCode::NOT_FOUND
+            }
+            Self::Job(JobError::NoNodes { .. } | JobError::TooFewNodes { .. }) => {
+                body.code = ErrorCode::NoNodes;
+                StatusCode::CONFLICT
+            }
+            Self::Job(JobError::TooMany) => {
+                body.code = ErrorCode::Unavailable;
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            Self::Job(JobError::BadImage { .. } | JobError::Duplicate(_)) => {
+                StatusCode::BAD_REQUEST
+            }
         };
         if status.is_server_error() {
             tracing::warn!(error = %body.error, "request failed");
@@ -138,13 +159,13 @@ async fn protocol_version(req: Request, next: Next) -> Response {
     resp
 }
 
-/// With a key, a POST must carry a valid signature over its method, path
-/// and body.
+/// With a key, every request but a read (GET, HEAD) must carry a valid
+/// signature over its method, path and body.
 async fn authenticate(key: Option<[u8; 32]>, req: Request, next: Next) -> Response {
     let Some(key) = key else {
         return next.run(req).await;
     };
-    if req.method() != Method::POST {
+    if req.method() == Method::GET || req.method() == Method::HEAD {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
@@ -209,6 +230,41 @@ async fn failure(
 
 async fn status(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(h.status().await?))
+}
+
+fn job_id(raw: &str) -> Result<JobId, ApiError> {
+    raw.parse()
+        .map_err(|e| ApiError::BadRequest(format!("bad job id: {e}")))
+}
+
+#[tracing::instrument(level = "debug", skip_all)]
+async fn create_job(
+    State(h): State<SchedulerHandle>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let status = h.create_job(json(&body)?).await??;
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+async fn list_jobs(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(JobList {
+        jobs: h.jobs().await?,
+    }))
+}
+
+async fn job(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.job(job_id(&raw)?).await??))
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(job = %raw))]
+async fn cancel_job(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(h.cancel_job(job_id(&raw)?).await??))
 }
 
 async fn status_page(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub nodes: Gauge,
     pub blobs: Gauge,
     pub leases: Gauge,
+    pub jobs_created: Counter,
+    /// Prewarm jobs kept (running and recently finished).
+    pub jobs: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,6 +120,14 @@ impl Metrics {
         registry.register("blobs", "Blobs with holders or leases", blobs.clone());
         let leases = Gauge::default();
         registry.register("leases", "Origin leases held now", leases.clone());
+        let jobs_created = Counter::default();
+        registry.register("jobs_created", "Prewarm jobs created", jobs_created.clone());
+        let jobs = Gauge::default();
+        registry.register(
+            "jobs",
+            "Prewarm jobs kept (running and recently finished)",
+            jobs.clone(),
+        );
         Self {
             registry,
             announcements,
@@ -130,6 +141,8 @@ impl Metrics {
             nodes,
             blobs,
             leases,
+            jobs_created,
+            jobs,
         }
     }
 

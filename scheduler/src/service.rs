@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::sched::{
-    AnnounceRequest, AnnounceResponse, FailureAck, FailureReport, ParentsRequest, ParentsResponse,
-    SchedulerInfo, StatusResponse, PROTOCOL_VERSION,
+    AnnounceRequest, AnnounceResponse, FailureAck, FailureReport, JobId, JobRequest, JobStatus,
+    ParentsRequest, ParentsResponse, SchedulerInfo, StatusResponse, PROTOCOL_VERSION,
 };
 use shoal_proto::BlobId;
 use tokio::sync::{mpsc, oneshot};
@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::metrics::{KindLabels, Metrics, ReasonLabels};
-use crate::state::{Event, State, StateConfig, WrongScheduler};
+use crate::state::{Event, JobError, State, StateConfig, WrongScheduler};
 
 /// Requests waiting for the actor; beyond this, callers wait (backpressure).
 const QUEUE: usize = 1024;
@@ -59,6 +59,21 @@ enum Command {
     },
     Status {
         reply: oneshot::Sender<StatusResponse>,
+    },
+    CreateJob {
+        req: JobRequest,
+        reply: oneshot::Sender<Result<JobStatus, JobError>>,
+    },
+    Job {
+        id: JobId,
+        reply: oneshot::Sender<Result<JobStatus, JobError>>,
+    },
+    Jobs {
+        reply: oneshot::Sender<Vec<JobStatus>>,
+    },
+    CancelJob {
+        id: JobId,
+        reply: oneshot::Sender<Result<JobStatus, JobError>>,
     },
 }
 
@@ -118,6 +133,26 @@ impl SchedulerHandle {
 
     pub async fn status(&self) -> Result<StatusResponse, Closed> {
         self.call("status", |reply| Command::Status { reply }).await
+    }
+
+    /// Start a prewarm job on the live nodes `req` selects.
+    pub async fn create_job(&self, req: JobRequest) -> Result<Result<JobStatus, JobError>, Closed> {
+        self.call("create_job", |reply| Command::CreateJob { req, reply })
+            .await
+    }
+
+    pub async fn job(&self, id: JobId) -> Result<Result<JobStatus, JobError>, Closed> {
+        self.call("job", |reply| Command::Job { id, reply }).await
+    }
+
+    /// Every prewarm job, newest first.
+    pub async fn jobs(&self) -> Result<Vec<JobStatus>, Closed> {
+        self.call("jobs", |reply| Command::Jobs { reply }).await
+    }
+
+    pub async fn cancel_job(&self, id: JobId) -> Result<Result<JobStatus, JobError>, Closed> {
+        self.call("cancel_job", |reply| Command::CancelJob { id, reply })
+            .await
     }
 
     async fn call<T>(
@@ -195,6 +230,18 @@ impl Actor {
             Command::Status { reply } => {
                 let _ = reply.send(self.status(now));
             }
+            Command::CreateJob { req, reply } => {
+                let _ = reply.send(self.state.create_job(new_job_id(), req, now));
+            }
+            Command::Job { id, reply } => {
+                let _ = reply.send(self.state.job(id, now));
+            }
+            Command::Jobs { reply } => {
+                let _ = reply.send(self.state.jobs(now));
+            }
+            Command::CancelJob { id, reply } => {
+                let _ = reply.send(self.state.cancel_job(id, now));
+            }
         }
     }
 
@@ -215,6 +262,7 @@ impl Actor {
             nodes,
             blobs,
             totals,
+            jobs: self.state.jobs(now),
         }
     }
 
@@ -262,12 +310,36 @@ impl Actor {
                         .inc();
                     tracing::info!(node = %node.short(), reporter = %reporter.short(), reason, "failure reported");
                 }
+                Event::JobCreated { job, nodes } => {
+                    m.jobs_created.inc();
+                    tracing::info!(%job, nodes, "prewarm job created");
+                }
+                Event::JobCancelled { job } => {
+                    tracing::info!(%job, "prewarm job cancelled");
+                }
             }
         }
+        m.jobs.set(self.state.job_count() as i64);
         m.nodes.set(self.state.node_count() as i64);
         m.blobs.set(self.state.blob_count() as i64);
         m.leases.set(self.state.lease_count() as i64);
     }
+}
+
+/// 64 random bits: SipHash under the process's random keys (a fresh
+/// `RandomState` per call) of a counter and the wall clock, so that jobs of
+/// several schedulers, or of a restarted one, do not collide.
+fn new_job_id() -> JobId {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::hash::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.write_u128(nanos);
+    JobId(h.finish())
 }
 
 fn parents_outcome(resp: &Result<ParentsResponse, WrongScheduler>) -> &'static str {
@@ -303,6 +375,7 @@ mod tests {
             blobs: Vec::new(),
             removed: Vec::new(),
             traffic: Traffic::default(),
+            job_progress: Vec::new(),
         }
     }
 

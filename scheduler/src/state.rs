@@ -26,11 +26,15 @@
 //! - **Piece hashes** are taken from the lease holder (filling in) and from
 //!   complete holders (authoritative, since they verified the whole blob).
 //! - **Blame** from failure reports decays with half-life `blame_half_life_ms`.
+//! - **Prewarm jobs** (see [`jobs`]): handed to the selected nodes in their
+//!   announce answers, progress taken from their announcements; a node that
+//!   expires fails its unfinished jobs.
 //!
 //! Everything noteworthy is recorded as an [`Event`] for the caller to log
 //! and count ([`State::take_events`]).
 
 mod blobs;
+pub mod jobs;
 mod leases;
 mod nodes;
 pub mod ranking;
@@ -39,12 +43,13 @@ use std::collections::{HashMap, HashSet};
 
 use shoal_proto::sched::{
     pick_scheduler, AnnounceRequest, AnnounceResponse, BlobAnnouncement, BlobStatus, FailureAck,
-    FailureReason, FailureReport, Holder, NodeStatus, ParentsRequest, ParentsResponse, PieceBits,
-    Traffic,
+    FailureReason, FailureReport, Holder, JobId, JobRequest, JobStatus, NodeStatus, ParentsRequest,
+    ParentsResponse, PieceBits, Traffic,
 };
 use shoal_proto::{BlobId, NodeId};
 
 pub use blobs::BlobRejection;
+pub use jobs::JobError;
 pub use leases::LeaseEnd;
 
 use blobs::{BlobRecord, HolderRecord};
@@ -157,6 +162,13 @@ pub enum Event {
         reporter: NodeId,
         reason: FailureReason,
     },
+    JobCreated {
+        job: JobId,
+        nodes: usize,
+    },
+    JobCancelled {
+        job: JobId,
+    },
 }
 
 /// A parents request for a blob another scheduler owns.
@@ -176,6 +188,7 @@ pub struct State {
     blobs: HashMap<BlobId, BlobRecord>,
     /// (blob, node) → when that node's lease was revoked for stalling.
     cooldown: HashMap<(BlobId, NodeId), u64>,
+    jobs: jobs::Jobs,
     events: Vec<Event>,
 }
 
@@ -187,6 +200,7 @@ impl State {
             nodes: HashMap::new(),
             blobs: HashMap::new(),
             cooldown: HashMap::new(),
+            jobs: jobs::Jobs::default(),
             events: Vec::new(),
         }
     }
@@ -263,6 +277,8 @@ impl State {
         for b in req.blobs {
             self.apply_blob(id, b, now_ms);
         }
+        self.jobs.progress(id, &req.job_progress, now_ms);
+        resp.jobs = self.jobs.assignments(id);
         resp.piece_sha256_wanted = self.hashes_wanted(id);
         if let Some(n) = self.nodes.get_mut(&id) {
             resp.leases_revoked = std::mem::take(&mut n.revoked).into_iter().collect();
@@ -357,8 +373,10 @@ impl State {
             .collect();
         for id in dead {
             self.forget_node(id, LeaseEnd::Expired);
+            self.jobs.node_lost(id, now_ms);
             self.events.push(Event::NodeExpired { node: id });
         }
+        self.jobs.expire(now_ms);
         let leased: Vec<BlobId> = self
             .blobs
             .iter()
@@ -372,6 +390,48 @@ impl State {
         let stall = self.cfg.lease_stall_ms;
         self.cooldown
             .retain(|_, at| now_ms.saturating_sub(*at) <= stall);
+    }
+
+    /// Start prewarm job `id` (chosen by the caller, random) among the
+    /// live nodes.
+    pub fn create_job(
+        &mut self,
+        id: JobId,
+        req: JobRequest,
+        now_ms: u64,
+    ) -> Result<JobStatus, JobError> {
+        let ttl = self.cfg.node_ttl_ms;
+        let live = jobs::live_nodes(
+            self.nodes
+                .iter()
+                .filter(|(_, n)| n.alive(now_ms, ttl))
+                .map(|(id, n)| (*id, n.info.zone.as_deref())),
+        );
+        let status = self.jobs.create(id, req, &live, now_ms)?;
+        self.events.push(Event::JobCreated {
+            job: id,
+            nodes: status.nodes.len(),
+        });
+        Ok(status)
+    }
+
+    pub fn job(&self, id: JobId, now_ms: u64) -> Result<JobStatus, JobError> {
+        self.jobs.status(id, now_ms)
+    }
+
+    /// Every prewarm job, newest first.
+    pub fn jobs(&self, now_ms: u64) -> Vec<JobStatus> {
+        self.jobs.list(now_ms)
+    }
+
+    pub fn cancel_job(&mut self, id: JobId, now_ms: u64) -> Result<JobStatus, JobError> {
+        let status = self.jobs.cancel(id, now_ms)?;
+        self.events.push(Event::JobCancelled { job: id });
+        Ok(status)
+    }
+
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
     }
 
     /// Nodes (by id), blobs (by id) and the sum of live nodes' traffic.

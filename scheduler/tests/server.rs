@@ -123,6 +123,7 @@ impl FakeNode {
                 from_peers: 10,
                 ..Traffic::default()
             },
+            job_progress: Vec::new(),
         }
     }
 
@@ -496,6 +497,7 @@ async fn several_schedulers_split_blobs() {
             blobs,
             removed: Vec::new(),
             traffic: Traffic::default(),
+            job_progress: Vec::new(),
         };
         for c in set.all() {
             c.announce(&req).await.unwrap();
@@ -688,5 +690,94 @@ async fn join_secret_admits_only_signed_requests() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401, "a signature from long ago is refused");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn prewarm_jobs_over_http() {
+    use shoal_proto::sched::{JobProgress, JobRequest, JobState, NodeJobState, NodeSelector};
+    let s = Running::start(FAST).await;
+    let a = FakeNode::new(1, s.addr);
+    let b = FakeNode::new(2, s.addr);
+    a.announce(true, vec![]).await;
+    b.announce(true, vec![]).await;
+    let req = JobRequest {
+        image: "reg:5000/app:1".into(),
+        nodes: NodeSelector::All,
+        full: false,
+    };
+    let job = a.client.create_job(&req).await.unwrap();
+    assert_eq!(job.nodes.len(), 2);
+    assert_eq!(job.state, JobState::Running);
+    // The nodes get it in their next answers, and report back in announcements.
+    let resp = a.announce(false, vec![]).await;
+    assert_eq!(resp.jobs.len(), 1);
+    assert_eq!(resp.jobs[0].image, "reg:5000/app:1");
+    for node in [&a, &b] {
+        let mut r = node.request(false, vec![]);
+        r.job_progress = vec![JobProgress {
+            job: job.id,
+            state: NodeJobState::Done,
+            bytes_done: 10,
+            bytes_total: 10,
+            blobs_done: 1,
+            blobs_total: 1,
+            message: None,
+        }];
+        let resp = node.client.announce(&r).await.unwrap();
+        assert!(resp.jobs.is_empty(), "done: no longer assigned");
+    }
+    let done = a.client.job(job.id).await.unwrap();
+    assert_eq!(done.state, JobState::Done);
+    assert_eq!(done.bytes_done, 20);
+    assert_eq!(a.client.jobs().await.unwrap().jobs.len(), 1);
+    let status = a.client.status().await.unwrap();
+    assert_eq!(status.jobs.len(), 1);
+    let html = reqwest::get(s.url("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(html.contains(&job.id.to_string()), "{html}");
+
+    // Refusals: status codes and error codes a CLI can act on.
+    let too_many = JobRequest {
+        nodes: NodeSelector::Count(3),
+        ..req.clone()
+    };
+    match a.client.create_job(&too_many).await {
+        Err(ClientError::Rejected { status, code, .. }) => {
+            assert_eq!((status, code), (409, ErrorCode::NoNodes));
+        }
+        other => panic!("{other:?}"),
+    }
+    let unknown = "0123456789abcdef".parse().unwrap();
+    match a.client.job(unknown).await {
+        Err(ClientError::Rejected { status, code, .. }) => {
+            assert_eq!((status, code), (404, ErrorCode::NotFound));
+        }
+        other => panic!("{other:?}"),
+    }
+    let resp = reqwest::Client::new()
+        .get(s.url("/api/v1/jobs/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = reqwest::Client::new()
+        .post(s.url("/api/v1/jobs"))
+        .header(PROTOCOL_HEADER, "1")
+        .body(r#"{"image":"a/b:1","nodes":"zero"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // Cancel: the running job is no longer assigned.
+    let job = a.client.create_job(&req).await.unwrap();
+    let cancelled = a.client.cancel_job(job.id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert!(a.announce(false, vec![]).await.jobs.is_empty());
     s.stop().await;
 }

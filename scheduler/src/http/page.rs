@@ -45,6 +45,7 @@ pub fn render(s: &StatusResponse) -> String {
         bytes(t.served_local),
     );
     nodes_table(&mut out, s);
+    jobs_table(&mut out, s);
     blobs_table(&mut out, s);
     out.push_str("<p><a href=\"/api/v1/status\">JSON</a> · <a href=\"/metrics\">metrics</a></p></body></html>");
     out
@@ -83,6 +84,54 @@ fn nodes_table(out: &mut String, s: &StatusResponse) {
             bytes(n.traffic.to_peers),
             n.blame,
             id = n.id,
+        );
+    }
+    out.push_str("</table>");
+}
+
+fn jobs_table(out: &mut String, s: &StatusResponse) {
+    if s.jobs.is_empty() {
+        return;
+    }
+    let _ = write!(
+        out,
+        "<h2>Prewarm jobs ({})</h2><table><tr><th>job</th><th>image</th><th>nodes</th><th>state</th>\
+         <th>progress</th><th>age</th><th>took</th><th>per node</th></tr>",
+        s.jobs.len()
+    );
+    for j in &s.jobs {
+        let per_node = j
+            .nodes
+            .iter()
+            .map(|n| {
+                let msg = n
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {}", esc(m)))
+                    .unwrap_or_default();
+                format!(
+                    "{} {} {}/{}{msg}",
+                    n.node.short(),
+                    n.state.as_str(),
+                    bytes(n.bytes_done),
+                    bytes(n.bytes_total)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("<br>");
+        let _ = write!(
+            out,
+            "<tr><td class=\"l\">{}</td><td class=\"l\">{}{}</td><td>{}</td><td>{}</td>\
+             <td>{} / {}</td><td>{}</td><td>{}</td><td class=\"l\">{per_node}</td></tr>",
+            j.id,
+            esc(&j.image),
+            if j.full { " (full)" } else { "" },
+            esc(&j.nodes_selector.to_string()),
+            j.state.as_str(),
+            bytes(j.bytes_done),
+            bytes(j.bytes_total),
+            ms(j.created_ms_ago),
+            ms(j.elapsed_ms),
         );
     }
     out.push_str("</table>");
@@ -188,7 +237,10 @@ fn share(part: u64, total: u64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use shoal_proto::sched::{NodeStatus, SchedulerInfo, Traffic};
+    use shoal_proto::sched::{
+        JobId, JobNodeStatus, JobState, JobStatus, NodeJobState, NodeSelector, NodeStatus,
+        SchedulerInfo, Traffic,
+    };
     use shoal_proto::NodeId;
 
     #[test]
@@ -224,6 +276,28 @@ mod tests {
                 from_peers: 1 << 20,
                 ..Traffic::default()
             },
+            jobs: vec![JobStatus {
+                id: JobId(7),
+                image: "reg/<img>:1".into(),
+                nodes_selector: NodeSelector::All,
+                full: false,
+                state: JobState::Running,
+                created_ms_ago: 1_000,
+                elapsed_ms: 1_000,
+                bytes_done: 1 << 20,
+                bytes_total: 2 << 20,
+                nodes: vec![JobNodeStatus {
+                    node: NodeId::from_bytes([1; 32]),
+                    zone: None,
+                    state: NodeJobState::Failed,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    blobs_done: 0,
+                    blobs_total: 0,
+                    message: Some("manifest <unknown>".into()),
+                    finished_after_ms: Some(900),
+                }],
+            }],
         };
         let html = render(&s);
         assert!(!html.contains("<script>"));
@@ -232,5 +306,7 @@ mod tests {
         assert!(html.contains("3.0 MiB"));
         assert!(html.contains("25.0%"));
         assert!(html.contains("65.0s"));
+        assert!(html.contains("0000000000000007") && html.contains("reg/&lt;img&gt;:1"));
+        assert!(html.contains("failed") && html.contains("manifest &lt;unknown&gt;"));
     }
 }

@@ -62,6 +62,7 @@ fn announce(full: bool, n: u8, blobs: Vec<BlobAnnouncement>) -> AnnounceRequest 
         blobs,
         removed: Vec::new(),
         traffic: Traffic::default(),
+        job_progress: Vec::new(),
     }
 }
 
@@ -719,3 +720,5 @@ proptest! {
         }
     }
 }
+
+mod jobs;
