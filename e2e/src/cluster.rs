@@ -393,6 +393,46 @@ impl Cluster {
         self.nodes[i].node.metrics()
     }
 
+    /// A command that runs `program` inside node `i`'s network *and mount* namespaces.
+    ///
+    /// `ip netns exec` gives each node a mount namespace of its own (`/` made a recursive slave),
+    /// so a FUSE mount the node makes exists there only: this process cannot see or read it, and
+    /// whatever uses the mount (a chroot, `umount`) has to run in the node's namespace.
+    pub fn in_node_mounts(&self, i: usize, program: &str) -> Result<Command> {
+        let pid = self.node_pid(i)?;
+        let mut c = Command::new("nsenter");
+        c.args([
+            "--target",
+            &pid.to_string(),
+            "--mount",
+            "--net",
+            "--",
+            program,
+        ]);
+        Ok(c)
+    }
+
+    /// Node `i`'s process id: the process in its host's namespace whose command line names its
+    /// data dir.
+    pub fn node_pid(&self, i: usize) -> Result<u32> {
+        let ns = &self.nodes[i].host.ns;
+        let out = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .output()
+            .context("running ip netns pids")?;
+        let data_dir = self.nodes[i].node.data_dir().to_string_lossy().into_owned();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                    let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+                    args.get(1) == Some(&&b"node"[..]) && args.contains(&data_dir.as_bytes())
+                })
+            })
+            .with_context(|| format!("no running node process in {ns} (data dir {data_dir})"))
+    }
+
     /// Where the origin's log stands now: pass it to [`Cluster::origin_blob_bytes_since`].
     pub fn origin_mark(&self) -> Result<usize> {
         Ok(self.origin.log()?.requests.len())

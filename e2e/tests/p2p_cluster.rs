@@ -5,10 +5,12 @@
 //! origin traffic is read from the origin's own access log, never from what nodes report.
 //!
 //! Needs root, iproute2 (`ip`, `tc`), `docker-registry`, `skopeo` and the `shoal` binary
-//! (`cargo build -p shoal-node`, or SHOAL_BIN). The tests in this file run one at a time (a lock):
+//! (`cargo build -p shoal-node`, or SHOAL_BIN); the lazy-mount test also needs /dev/fuse,
+//! `chroot` and `nsenter`. The tests in this file run one at a time (a lock):
 //! each starts up to ten hosts, and "mid-transfer" means something only when the machine is not
 //! also busy with another cluster.
 
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use shoal_e2e::cluster::{
     self, mb, metric, node_report, pull_together, verify_all, Cluster, ClusterOptions, NodeBytes,
     NodeSpec, PullSet,
 };
-use shoal_e2e::netns;
+use shoal_e2e::{netns, nydus, paths, skopeo};
 use shoal_e2e::{run, Need, TestCtx};
 
 const NEEDS: &[Need] = &[
@@ -41,6 +43,11 @@ static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Runs `body` as test `name`, skipping (with the reason) where test hosts cannot be made.
 fn cluster_test(name: &str, body: impl FnOnce(&TestCtx) -> Result<()>) {
+    cluster_test_needing(name, &[], body);
+}
+
+/// [`cluster_test`] for a test that also needs `more`.
+fn cluster_test_needing(name: &str, more: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>) {
     if let Some(why) = netns::unavailable() {
         eprintln!("SKIP {name}: {why}");
         return;
@@ -48,7 +55,7 @@ fn cluster_test(name: &str, body: impl FnOnce(&TestCtx) -> Result<()>) {
     let _one = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    run(name, NEEDS, body);
+    run(name, &[NEEDS, more].concat(), body);
 }
 
 // ---------------------------------------------------------------- the harness's own baseline
@@ -382,7 +389,203 @@ fn a_node_without_the_join_secret_gets_nothing_from_peers() {
     });
 }
 
+// ---------------------------------------------------------------- a lazy mount reads from a peer
+
+/// Node A pulls a Nydus image through its mirror, so it holds every blob; node B then mounts the
+/// image lazily and runs python3 in a chroot of the mount: every chunk of the data blobs B reads
+/// comes from A (each digest-checked), so does the bootstrap layer, and the origin's log shows no
+/// blob byte sent (only the manifests).
+#[test]
+fn lazy_mount_reads_data_blob_chunks_from_a_peer_not_the_origin() {
+    const NAME: &str = "lazy_mount_reads_data_blob_chunks_from_a_peer";
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        eprintln!("SKIP {NAME}: lazy mounts need FUSE: cannot open /dev/fuse: {e}");
+        return;
+    }
+    let more = [Need::Bin("chroot"), Need::Bin("nsenter")];
+    cluster_test_needing(NAME, &more, |t| {
+        const A: usize = 0;
+        const B: usize = 1;
+        const REPO: &str = "test/py";
+        const TAG: &str = "nydus";
+        let cluster = Cluster::start(t, &ClusterOptions::members(2))?;
+        let image = nydus::build_and_push(
+            cluster.origin(),
+            &paths::debian_python_layout(),
+            "python",
+            REPO,
+            TAG,
+            &t.subdir("nydus-build")?,
+        )?;
+        let boot = image.bootstrap_layer.0.clone();
+        let blobs: Vec<String> = image.blobs.iter().map(|(d, _)| d.clone()).collect();
+
+        // A pulls the whole image through its mirror and so holds every blob.
+        let dest = t.subdir("pull-nydus-node0")?;
+        let a_mirror = cluster.node(A).listen_addr();
+        let reference = format!("{REPO}:{TAG}");
+        let copy = skopeo::copy_command(
+            t,
+            Some(&cluster.host(A).ns),
+            &a_mirror,
+            &reference,
+            None,
+            &dest,
+        )?;
+        let out = skopeo::run_command(copy)?;
+        ensure!(
+            out.success,
+            "skopeo copy through node {A}: {}",
+            out.stderr.trim()
+        );
+        let every_blob = [blobs.clone(), vec![boot.clone()]].concat();
+        wait_complete_holders_of(&cluster, &every_blob, 1)?;
+
+        // B mounts the image (as the origin names it) and runs python3 in it.
+        let mark = cluster.origin_mark()?;
+        let mnt = t.subdir("mnt")?;
+        let _unmount = Unmount {
+            pid: cluster.node_pid(B)?,
+            dir: mnt.clone(),
+        };
+        let shoal = paths::shoal_bin()?;
+        let admin = cluster.node(B).admin_addr();
+        let image_ref = format!("{}/{reference}", cluster.origin().addr());
+        let out = cluster
+            .net()
+            .command(cluster.host(B), &shoal.to_string_lossy())
+            .args(["mount", &image_ref])
+            .arg(&mnt)
+            .args(["--node", &admin])
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "shoal mount on node {B}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let python = cluster
+            .in_node_mounts(B, "chroot")?
+            .arg(&mnt)
+            .args([PYTHON, "-c", "import json; print(42)"])
+            .output()?;
+        let printed = String::from_utf8_lossy(&python.stdout).trim().to_owned();
+
+        let log = cluster.origin().log()?.since(mark);
+        let fetched = |digest: &str| -> u64 {
+            log.blob_requests(digest)
+                .iter()
+                .filter(|r| r.is_blob_fetch())
+                .map(|r| r.written)
+                .sum()
+        };
+        let data_from_origin: u64 = blobs.iter().map(|d| fetched(d)).sum();
+        let boot_from_origin = fetched(&boot);
+        let origin_requests: Vec<String> = log
+            .requests
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {} -> {} ({} bytes)",
+                    r.method, r.uri, r.status, r.written
+                )
+            })
+            .collect();
+        let mounts = shoal_json(&shoal, &["mounts", "--json", "--node", &admin])?;
+        let source = &mounts["mounts"][0]["stats"]["source"];
+        let n = |k: &str| source[k].as_u64().unwrap_or(0);
+        eprintln!(
+            "{NAME}: chroot python3 printed {printed:?}; node {B}'s mount: {} bytes read, \
+             peers {} bytes ({} chunks), origin {} bytes ({} chunks), local store {} bytes; \
+             origin log since the mark: {data_from_origin} of {} data-blob bytes, {boot_from_origin} \
+             of {} bootstrap-layer bytes; requests:\n  {}\n{}",
+            mounts["mounts"][0]["stats"]["read_bytes"],
+            n("peer_bytes"),
+            n("peer_chunks"),
+            n("origin_bytes"),
+            n("origin_chunks"),
+            n("local_bytes"),
+            image.data_bytes(),
+            image.bootstrap_layer.1,
+            origin_requests.join("\n  "),
+            node_report(&cluster)
+        );
+        ensure!(
+            python.status.success() && printed == "42",
+            "chroot {PYTHON} in node {B}'s mount: {} stdout {printed:?} stderr {}",
+            python.status,
+            String::from_utf8_lossy(&python.stderr).trim()
+        );
+        ensure!(
+            data_from_origin == 0,
+            "node {A} held every data blob, yet the origin sent {data_from_origin} data-blob bytes \
+             for node {B}'s mount"
+        );
+        // The bootstrap layer is fetched by B's download path, which asks the scheduler, which
+        // knows A holds it: it comes from A too, and so does every other blob.
+        ensure!(
+            boot_from_origin == 0,
+            "node {A} held the bootstrap layer, yet the origin sent {boot_from_origin} bytes of it \
+             for node {B}'s mount"
+        );
+        let any_blob = log.blob_bytes_written();
+        ensure!(
+            any_blob == 0,
+            "the origin sent {any_blob} blob bytes for node {B}'s mount"
+        );
+        ensure!(
+            n("peer_bytes") > 0,
+            "node {B}'s mount counts no bytes from peers: {source}"
+        );
+        Ok(())
+    });
+}
+
 // ---------------------------------------------------------------- helpers
+
+/// The fixture's python binary (a path inside the image).
+const PYTHON: &str = "/usr/bin/python3.11";
+
+/// Lazily detaches whatever is mounted at `dir` in the mount namespace of process `pid` (a node:
+/// see [`Cluster::in_node_mounts`]) when the test ends, also when it fails.
+struct Unmount {
+    pid: u32,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("nsenter")
+            .args([
+                "--target",
+                &self.pid.to_string(),
+                "--mount",
+                "--",
+                "umount",
+                "-l",
+            ])
+            .arg(&self.dir)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Runs `shoal ARGS` (from this host: admin ports are reachable over the bridge) and parses its
+/// stdout as JSON.
+fn shoal_json(shoal: &std::path::Path, args: &[&str]) -> Result<serde_json::Value> {
+    let out = Command::new(shoal).args(args).output()?;
+    ensure!(
+        out.status.success(),
+        "shoal {args:?}: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    serde_json::from_slice(&out.stdout).with_context(|| format!("shoal {args:?}: not JSON"))
+}
 
 /// Polls the scheduler until every layer has at least `holders` complete holders.
 fn wait_complete_holders(cluster: &Cluster, holders: u32) -> Result<()> {
@@ -392,12 +595,17 @@ fn wait_complete_holders(cluster: &Cluster, holders: u32) -> Result<()> {
         .iter()
         .map(|d| d.digest.clone())
         .collect();
+    wait_complete_holders_of(cluster, &layers, holders)
+}
+
+/// Polls the scheduler until every blob of `blobs` has at least `holders` complete holders.
+fn wait_complete_holders_of(cluster: &Cluster, blobs: &[String], holders: u32) -> Result<()> {
     shoal_e2e::wait::poll(
-        "the scheduler to know a complete holder of every layer",
+        "the scheduler to know a complete holder of every blob",
         Duration::from_secs(30),
         || {
             let status = cluster.scheduler_status()?;
-            let done = layers.iter().all(|d| {
+            let done = blobs.iter().all(|d| {
                 status
                     .blobs
                     .iter()
