@@ -757,13 +757,14 @@ fn bootstrap_ips(hosts: &[Host], options: &ClusterOptions) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Writes a fresh join secret (hex of 32 random bytes, mode 0600) into the test's dir.
+/// Writes a fresh join secret (hex of 32 random bytes, mode 0600) into a fresh subdir of the
+/// test's dir (a test may start one cluster after another).
 fn write_secret(t: &TestCtx, name: &str) -> Result<PathBuf> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading /dev/urandom")?;
-    let path = secret_path(t.dir(), name);
+    let path = secret_path(&t.subdir("secrets")?, name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
