@@ -42,6 +42,9 @@ pub fn run(name: &str, needs: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>
         Err(err) => panic!("{name}: setup failed: {err:#}"),
     };
     let outcome = body(&ctx);
+    // Whatever the test left mounted in its directory (an EROFS mount's blob
+    // filesystem outlives a killed node) goes, passed or failed.
+    detach_mounts_under(ctx.dir.path());
     if let Err(err) = outcome {
         ctx.dump_logs();
         let kept = ctx.keep();
@@ -50,6 +53,26 @@ pub fn run(name: &str, needs: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>
     if std::env::var_os("SHOAL_E2E_KEEP").is_some() {
         let kept = ctx.keep();
         eprintln!("{name}: kept {kept}");
+    }
+}
+
+/// Lazily unmounts every mount point under `root`, deepest first.
+pub fn detach_mounts_under(root: &std::path::Path) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut points: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for p in points {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&p)
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 

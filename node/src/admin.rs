@@ -49,28 +49,7 @@ pub struct Status {
     pub blobs: Vec<BlobStatus>,
 }
 
-/// The cluster side of `shoal status`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct P2pStatus {
-    pub node_id: String,
-    pub p2p_addr: String,
-    pub zone: Option<String>,
-    pub schedulers: Vec<SchedulerStatus>,
-    pub dht_addr: Option<String>,
-    pub dht_peers: Option<usize>,
-    pub upload_slots_free: usize,
-    pub leases: usize,
-    pub uploaded_bytes: u64,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SchedulerStatus {
-    pub addr: String,
-    pub reachable: bool,
-    /// Why the last announcement failed.
-    #[serde(default)]
-    pub error: Option<String>,
-}
+pub use crate::peering::{PeeringStatus as P2pStatus, SchedulerStatus};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StoreStatus {
@@ -148,28 +127,7 @@ async fn status(State(st): State<AdminState>) -> Response {
         },
         downloads_in_flight: st.downloads.active(),
         p2p: match &st.peering {
-            Some(p) => {
-                let s = p.status().await;
-                Some(P2pStatus {
-                    node_id: s.node_id,
-                    p2p_addr: s.p2p_addr,
-                    zone: s.zone,
-                    schedulers: s
-                        .schedulers
-                        .into_iter()
-                        .map(|x| SchedulerStatus {
-                            addr: x.addr,
-                            reachable: x.reachable,
-                            error: x.error,
-                        })
-                        .collect(),
-                    dht_addr: s.dht_addr,
-                    dht_peers: s.dht_peers,
-                    upload_slots_free: s.upload_slots_free,
-                    leases: s.leases,
-                    uploaded_bytes: st.metrics.p2p.uploaded_total(),
-                })
-            }
+            Some(p) => Some(p.status().await),
             None => None,
         },
         blobs: blobs

@@ -158,6 +158,8 @@ pub struct MountDeps {
     pub metrics: Arc<Metrics>,
     /// The cluster, if the node is in one: chunks come from peers first.
     pub peering: Option<crate::peering::Peering>,
+    /// How long cached tag answers are used (`mirror.tag_ttl`).
+    pub tag_ttl: std::time::Duration,
     /// Cancelled after the mounts are gone (shutdown step "cancel work").
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
@@ -486,7 +488,11 @@ async fn unmount_live(live: Live) {
 /// Resolve the image, fetch its bootstrap, and mount it.
 async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountError> {
     let image = ImageRef::parse(&rec.image)?;
-    let resolved = resolve::resolve(&deps.upstreams, &image, &rec.platform).await?;
+    let cache = resolve::Cache {
+        store: &deps.store,
+        tag_ttl: deps.tag_ttl,
+    };
+    let resolved = resolve::resolve(&deps.upstreams, &cache, &image, &rec.platform).await?;
     let boot = resolve::bootstrap(&deps.store, &deps.downloads, &resolved).await?;
     let mut pins = vec![deps.store.pin(&resolved.layers.bootstrap.digest)];
     let mut blobs = Vec::new();

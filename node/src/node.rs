@@ -127,6 +127,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         downloads: downloads.clone(),
         metrics: metrics.clone(),
         peering: peering.clone(),
+        tag_ttl: cfg.mirror.tag_ttl.0,
         cancel: work.clone(),
         tracker: tracker.clone(),
     });

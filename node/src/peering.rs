@@ -27,7 +27,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_proto::auth::SCHEDULER_LABEL;
 use shoal_proto::sched::{
     AnnounceRequest, AnnounceResponse, BlobAnnouncement, FailureReason, FailureReport,
@@ -102,8 +102,9 @@ struct State {
     errors: Vec<Option<String>>,
 }
 
-/// What `shoal status` shows about the cluster side.
-#[derive(Clone, Debug, Serialize)]
+/// What `shoal status` shows about the cluster side (the `p2p` object of
+/// the admin API's status).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PeeringStatus {
     pub node_id: String,
     pub p2p_addr: String,
@@ -113,12 +114,16 @@ pub struct PeeringStatus {
     pub dht_peers: Option<usize>,
     pub upload_slots_free: usize,
     pub leases: usize,
+    /// Range bytes sent to peers since the node started.
+    pub uploaded_bytes: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SchedulerStatus {
     pub addr: String,
     pub reachable: bool,
+    /// Why the last announcement failed.
+    #[serde(default)]
     pub error: Option<String>,
 }
 
@@ -476,6 +481,7 @@ impl Peering {
             dht_peers,
             upload_slots_free: self.inner.p2p.free_upload_slots(),
             leases: st.leases.len(),
+            uploaded_bytes: self.inner.metrics.p2p.uploaded_total(),
         }
     }
 

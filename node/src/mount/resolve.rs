@@ -1,5 +1,7 @@
 //! From an image reference to a verified, opened bootstrap: tag → manifest (→ index → platform
-//! manifest) through the node's origin code with the node's credentials, then the bootstrap
+//! manifest) from the node's manifest/tag cache (what the mirror and prewarm keep; tags within
+//! `mirror.tag_ttl`, stale ones when the origin is down), else through the node's origin code with
+//! the node's credentials, then the bootstrap
 //! layer through the node's single-flight download path (so it lands verified in the store),
 //! then `image/image.boot` out of its tar.gz.
 //!
@@ -37,21 +39,31 @@ pub struct Resolved {
     pub layers: NydusLayers,
 }
 
+/// Where manifests come from: the node's manifest and tag cache (what the
+/// mirror and prewarm keep), then the origin.
+pub struct Cache<'a> {
+    pub store: &'a Store,
+    /// How long a cached tag answer is used without asking the origin
+    /// (`mirror.tag_ttl`); a stale one is used when the origin is down.
+    pub tag_ttl: std::time::Duration,
+}
+
 /// Resolve `image` for `platform` (`os/arch[/variant]`) on the node's origins.
 pub async fn resolve(
     upstreams: &Upstreams,
+    cache: &Cache<'_>,
     image: &ImageRef,
     platform: &str,
 ) -> Result<Resolved, MountError> {
     let origin = upstreams.select(image.host.as_deref(), None)?;
     let repo = image.repo.clone();
-    let (mut digest, mut bytes) = fetch_manifest(&origin, &repo, &image.reference).await?;
+    let (mut digest, mut bytes) = manifest(cache, &origin, &repo, &image.reference).await?;
     for _ in 0..2 {
         let Manifest::Index(entries) = Manifest::parse(&digest.to_string(), &bytes)? else {
             break;
         };
         let d = pick_platform(&entries, &digest, platform)?.digest.clone();
-        (digest, bytes) = fetch_manifest(&origin, &repo, &Reference::Digest(d)).await?;
+        (digest, bytes) = manifest(cache, &origin, &repo, &Reference::Digest(d)).await?;
     }
     let Manifest::Image { layers } = Manifest::parse(&digest.to_string(), &bytes)? else {
         return Err(MountError::Fetch {
@@ -66,6 +78,63 @@ pub async fn resolve(
         manifest_digest: digest,
         layers,
     })
+}
+
+/// A manifest from the node's cache when it holds it for this repository
+/// (by digest; by tag within `tag_ttl`), else from the origin; a stale tag
+/// answer when the origin cannot be asked.
+async fn manifest(
+    cache: &Cache<'_>,
+    origin: &Origin,
+    repo: &RepoName,
+    reference: &Reference,
+) -> Result<(Digest, Vec<u8>), MountError> {
+    let key = crate::store::RepoKey {
+        upstream: origin.host.clone(),
+        repo: repo.clone(),
+    };
+    let stored = |d: &Digest| -> Option<Vec<u8>> {
+        let rec = cache.store.get_manifest(d).ok().flatten()?;
+        (rec.public || rec.repos.contains(&key)).then_some(rec.bytes)
+    };
+    match reference {
+        Reference::Digest(d) => {
+            if let Some(bytes) = stored(d) {
+                return Ok((d.clone(), bytes));
+            }
+            fetch_manifest(origin, repo, reference).await
+        }
+        Reference::Tag(tag) => {
+            let cached = cache.store.get_tag(&origin.host, repo, tag).ok().flatten();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let ttl = cache.tag_ttl.as_millis() as u64;
+            if let Some(t) = cached
+                .as_ref()
+                .filter(|t| now.saturating_sub(t.fetched_at_ms) < ttl)
+            {
+                if let Some(bytes) = stored(&t.digest) {
+                    return Ok((t.digest.clone(), bytes));
+                }
+            }
+            match fetch_manifest(origin, repo, reference).await {
+                Ok(found) => Ok(found),
+                // Origin down (or failing): a stale answer beats none. A
+                // refusal (401, 404) is the origin's answer and stands.
+                Err(e @ (MountError::Origin(_) | MountError::Fetch { .. }))
+                | Err(e @ MountError::Status { status: 500.., .. }) => {
+                    let Some((t, bytes)) = cached.and_then(|t| stored(&t.digest).map(|b| (t, b)))
+                    else {
+                        return Err(e);
+                    };
+                    tracing::warn!(error = %e, %repo, %tag, "origin unavailable; using the cached tag");
+                    Ok((t.digest, bytes))
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
 }
 
 async fn fetch_manifest(
