@@ -200,26 +200,31 @@ impl RafsFs {
     }
 }
 
-/// Answer one read (on a worker, or inline when the queue is full).
+/// Answer one read (on a worker, or inline when the queue is full). The
+/// counters are updated before the reply, so a reader that got its answer
+/// always finds its read counted.
 fn serve(reader: &Reader, job: ReadJob) {
     let stats = reader.stats();
-    match reader.read(job.ino, job.offset, job.size) {
+    let result = reader.read(job.ino, job.offset, job.size);
+    match &result {
         Ok(data) => {
             FuseStats::add(&stats.reads, 1);
             FuseStats::add(&stats.read_bytes, data.len() as u64);
-            job.reply.data(&data);
         }
         Err(e) => {
             FuseStats::add(&stats.read_errors, 1);
-            if errno::is_data_failure(&e) {
+            if errno::is_data_failure(e) {
                 warn!(inode = job.ino, offset = job.offset, size = job.size, error = %e, "FUSE read failed");
             } else {
                 debug!(inode = job.ino, error = %e, "FUSE read refused");
             }
-            job.reply.error(errno::read(&e));
         }
     }
     stats.read_latency.record(job.arrived.elapsed());
+    match result {
+        Ok(data) => job.reply.data(&data),
+        Err(e) => job.reply.error(errno::read(&e)),
+    }
 }
 
 /// Reply with `data`, its size (when the caller asked with size 0), or ERANGE.
