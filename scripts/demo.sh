@@ -61,3 +61,47 @@ done
 echo "   every pulled blob is byte-identical to the source image"
 echo "== shoal status"
 "$SHOAL" status --node "127.0.0.1:$ADMIN_PORT"
+
+# Act two: a cluster. A scheduler and three more nodes (each on its own
+# loopback address), sharing a join secret, all pull the image at the same
+# moment: one of them fetches it from the origin, the others from it and
+# from each other, every piece checked.
+echo
+echo "== a cluster: scheduler + 3 nodes on 127.0.0.2-4, one join secret"
+python3 -c 'import secrets; print(secrets.token_hex(32))' > "$WORK/secret"
+SCHED_PORT=$(free_port)
+"$SHOAL" scheduler --listen "127.0.0.1:$SCHED_PORT" --join-secret-file "$WORK/secret" \
+  >"$WORK/scheduler.log" 2>&1 & pids+=($!)
+wait_http "http://127.0.0.1:$SCHED_PORT/api/v1/status"
+for i in 2 3 4; do
+  "$SHOAL" node --data-dir "$WORK/node$i" --listen "127.0.0.$i:5050" --admin "127.0.0.$i:5051" \
+    --upstream "http://127.0.0.1:$ORIGIN_PORT" --p2p "127.0.0.$i:5052" --join-secret-file "$WORK/secret" \
+    --scheduler "127.0.0.1:$SCHED_PORT" --peer 127.0.0.2:5053 >"$WORK/node$i.log" 2>&1 & pids+=($!)
+done
+for i in 2 3 4; do wait_http "http://127.0.0.$i:5051/healthz"; done
+# The scheduler hands out origin leases once it has heard from the nodes.
+for _ in $(seq 1 50); do
+  [ "$(curl -fsS "http://127.0.0.1:$SCHED_PORT/api/v1/status" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["nodes"]))')" = 3 ] && break
+  sleep 0.2
+done
+copies=()
+for i in 2 3 4; do
+  skopeo copy -q --src-tls-verify=false "docker://127.0.0.$i:5050/demo/python:1" "oci:$WORK/out$i:python" &
+  copies+=($!)
+done
+for p in "${copies[@]}"; do wait "$p"; done
+total=0
+for i in 2 3 4; do
+  line=$(curl -fsS "http://127.0.0.$i:5051/api/v1/status" | python3 -c "
+import json, sys
+t = json.load(sys.stdin)['traffic']
+print(t['origin_bytes'], '   node 127.0.0.$i: %.1f MB to its client, %.1f MB from the origin, %.1f MB from peers'
+      % (t['served_bytes'] / 1e6, t['origin_bytes'] / 1e6, t['peer_bytes'] / 1e6))")
+  total=$((total + ${line%% *})); echo "${line#* }"
+  for b in "$FIXTURE"/blobs/sha256/*; do
+    f="$WORK/out$i/blobs/sha256/$(basename "$b")"
+    [ ! -e "$f" ] || cmp -s "$b" "$f" || { echo "MISMATCH node $i $(basename "$b")"; exit 1; }
+  done
+done
+printf "   3 pulls at once: %.1f MB from the origin in all, for one %.1f MB image; every copy byte-identical\n" \
+  "$(python3 -c "print($total/1e6)")" "$(python3 -c "import os,glob; print(sum(os.path.getsize(f) for f in glob.glob('$FIXTURE/blobs/sha256/*'))/1e6)")"
