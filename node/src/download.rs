@@ -398,10 +398,10 @@ pub(crate) struct Fill {
     from_peers: bool,
     /// Readers were shown bytes from peers (verified per piece only).
     peer_exposed: bool,
-    /// Bytes past this offset are not shown to readers until the whole blob is
-    /// verified (bytes from DHT providers, which come with no trusted piece
-    /// hashes).
-    hidden_from: Option<u64>,
+    /// New bytes are neither committed nor shown to readers until the whole
+    /// blob is verified (bytes from DHT providers, which come with no trusted
+    /// piece hashes).
+    held_back: bool,
 }
 
 impl Fill {
@@ -412,13 +412,13 @@ impl Fill {
             size,
             from_peers: false,
             peer_exposed: false,
-            hidden_from: None,
+            held_back: false,
         }
     }
 
     /// Readers may see `[0, pos)` now (unless bytes are held back).
     fn expose(&mut self, d: &Download) {
-        if self.hidden_from.is_none() {
+        if !self.held_back {
             let pos = self.pos;
             self.peer_exposed |= self.from_peers;
             d.progress.send_modify(|p| p.written = pos);
@@ -573,7 +573,7 @@ pub(crate) async fn ensure_sink(
     *d.raw.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(sink.writer.raw_reader()?));
     fill.sink = Some(sink);
     fill.size = Some(size);
-    let exposed = if fill.hidden_from.is_some() { 0 } else { start };
+    let exposed = if fill.held_back { 0 } else { start };
     d.progress.send_modify(|p| {
         p.size = Some(size);
         p.written = p.written.max(exposed);
@@ -678,7 +678,7 @@ async fn origin_fill(
             Ok(c) => c,
             Err(e) => {
                 // Keep what arrived intact: a later download resumes there.
-                let commit = fill.hidden_from.is_none();
+                let commit = !fill.held_back;
                 let _ = write(fill, std::mem::take(&mut batch), commit).await;
                 return Err(e);
             }
@@ -702,8 +702,7 @@ async fn origin_fill(
         if batch.len() >= WRITE_BATCH {
             // Bytes held back (from a DHT provider) are committed only
             // once the whole blob is verified.
-            let commit = fill.hidden_from.is_none()
-                && uncommitted(fill) + batch.len() as u64 >= commit_every;
+            let commit = !fill.held_back && uncommitted(fill) + batch.len() as u64 >= commit_every;
             let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
             write(fill, data, commit).await?;
             fill.expose(d);
@@ -717,7 +716,7 @@ async fn origin_fill(
             }
         }
     }
-    let commit = fill.hidden_from.is_none();
+    let commit = !fill.held_back;
     write(fill, batch, commit).await?;
     if fill.pos != size {
         return Err(DownloadError::Length {

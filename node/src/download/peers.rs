@@ -356,8 +356,8 @@ async fn dht_fill(
                 break;
             }
             ensure_sink(inner, d, f, size).await?;
-            if f.hidden_from.is_none() {
-                f.hidden_from = Some(f.pos);
+            if !f.held_back {
+                f.held_back = true;
                 tracing::info!(peer = %p.node.short(), size, complete = map.complete, "fetching from a DHT provider (held back until verified)");
             }
             // What the provider holds contiguously from our position.
