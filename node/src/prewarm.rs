@@ -26,8 +26,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, CONTENT_TYPE};
-use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use shoal_proto::sched::{JobAssignment, JobId, JobProgress, NodeJobState};
 use shoal_proto::{BlobId, Digest, Reference, RepoName};
@@ -42,13 +40,10 @@ use crate::mount::image::{
 };
 use crate::peering::Peering;
 use crate::store::{ManifestRecord, RepoKey, Store, StoreError, TagRecord};
-use crate::upstream::{AuthMode, Origin, OriginError, Upstreams};
+use crate::upstream::{AuthMode, ManifestError, Origin, OriginError, Upstreams};
 
 /// Blobs of one job fetched at once.
 pub const PARALLEL_BLOBS: usize = 4;
-/// Largest manifest or index accepted.
-const MAX_MANIFEST: usize = 4 << 20;
-
 /// Why a job failed on this node.
 #[derive(Debug, thiserror::Error)]
 pub enum PrewarmError {
@@ -443,86 +438,38 @@ async fn fetch_manifest(
     image: &str,
 ) -> Result<(Digest, Vec<u8>, String), PrewarmError> {
     let what = format!("manifest {repo}:{reference}");
-    let unreachable = |reason: String| PrewarmError::Unreachable {
-        image: image.into(),
-        what: what.clone(),
-        reason,
-    };
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        ACCEPT,
-        HeaderValue::from_static(crate::mirror::MANIFEST_ACCEPT),
-    );
-    let path = format!("/v2/{repo}/manifests/{reference}");
-    let mut resp = origin
-        .send(
-            Method::GET,
-            &path,
-            &headers,
-            &AuthMode::Node,
-            Some(repo),
-            "manifest",
-        )
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    match resp.status() {
-        StatusCode::OK => {}
-        StatusCode::NOT_FOUND => {
-            return Err(PrewarmError::NotFound {
-                image: image.into(),
+    let image = image.to_owned();
+    match origin.get_manifest(repo, reference).await {
+        Ok(m) => Ok((
+            m.digest,
+            m.bytes,
+            m.media_type
+                .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned()),
+        )),
+        Err(ManifestError::Unreachable(reason)) => Err(PrewarmError::Unreachable {
+            image,
+            what,
+            reason,
+        }),
+        Err(ManifestError::Status(404)) => Err(PrewarmError::NotFound { image, what }),
+        Err(ManifestError::Status(status @ (401 | 403))) => Err(PrewarmError::Denied {
+            image,
+            what,
+            status,
+        }),
+        Err(ManifestError::Status(status)) => Err(PrewarmError::Status {
+            image,
+            what,
+            status,
+        }),
+        Err(e @ (ManifestError::TooLarge | ManifestError::DigestMismatch)) => {
+            Err(PrewarmError::NotImage {
+                image,
                 what,
-            })
-        }
-        s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-            return Err(PrewarmError::Denied {
-                image: image.into(),
-                what,
-                status: s.as_u16(),
-            })
-        }
-        s => {
-            return Err(PrewarmError::Status {
-                image: image.into(),
-                what,
-                status: s.as_u16(),
+                reason: e.to_string(),
             })
         }
     }
-    let ctype = resp
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| unreachable(e.to_string()))? {
-        if body.len() + chunk.len() > MAX_MANIFEST {
-            return Err(PrewarmError::NotImage {
-                image: image.into(),
-                what,
-                reason: format!("larger than {MAX_MANIFEST} bytes"),
-            });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let digest = match reference {
-        Reference::Digest(d) => {
-            if Digest::of(d.algorithm(), &body) != *d {
-                return Err(PrewarmError::NotImage {
-                    image: image.into(),
-                    what,
-                    reason: "content does not match its digest".into(),
-                });
-            }
-            d.clone()
-        }
-        Reference::Tag(_) => Digest::sha256(&body),
-    };
-    let media_type = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("mediaType")?.as_str().map(str::to_owned))
-        .or(ctype)
-        .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
-    Ok((digest, body, media_type))
 }
 
 /// Fetch one blob through the node's download path, adding its bytes to the

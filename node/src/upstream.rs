@@ -454,3 +454,96 @@ mod tests {
         assert!(BearerChallenge::parse(r#"Bearer service="x""#).is_none());
     }
 }
+
+/// Largest manifest or index fetched for the node's own use (mounts,
+/// prewarm).
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// A manifest (or index) fetched with the node's credentials.
+#[derive(Debug)]
+pub struct FetchedManifest {
+    /// Its digest: the one asked for (checked), or the sha256 of the bytes.
+    pub digest: shoal_proto::Digest,
+    pub bytes: Vec<u8>,
+    /// Its `mediaType` field, else the response's `Content-Type`.
+    pub media_type: Option<String>,
+}
+
+/// Why [`Origin::get_manifest`] has no manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("origin unreachable: {0}")]
+    Unreachable(String),
+    #[error("origin answered {0}")]
+    Status(u16),
+    #[error("larger than {MAX_MANIFEST} bytes")]
+    TooLarge,
+    #[error("content does not match its digest")]
+    DigestMismatch,
+}
+
+impl Origin {
+    /// GET `repo`'s manifest `reference` as the node (its credentials),
+    /// bounded by [`MAX_MANIFEST`]; a manifest asked for by digest must hash
+    /// to it.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &shoal_proto::Reference,
+    ) -> Result<FetchedManifest, ManifestError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            reqwest::header::ACCEPT,
+            HeaderValue::from_static(crate::mirror::MANIFEST_ACCEPT),
+        );
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let mut resp = self
+            .send(
+                Method::GET,
+                &path,
+                &headers,
+                &AuthMode::Node,
+                Some(repo),
+                "manifest",
+            )
+            .await
+            .map_err(|e| ManifestError::Unreachable(e.to_string()))?;
+        if resp.status() != StatusCode::OK {
+            return Err(ManifestError::Status(resp.status().as_u16()));
+        }
+        let ctype = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned());
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| ManifestError::Unreachable(e.to_string()))?
+        {
+            if bytes.len() + chunk.len() > MAX_MANIFEST {
+                return Err(ManifestError::TooLarge);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let digest = match reference {
+            shoal_proto::Reference::Digest(d) => {
+                if shoal_proto::Digest::of(d.algorithm(), &bytes) != *d {
+                    return Err(ManifestError::DigestMismatch);
+                }
+                d.clone()
+            }
+            shoal_proto::Reference::Tag(_) => shoal_proto::Digest::sha256(&bytes),
+        };
+        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("mediaType")?.as_str().map(str::to_owned))
+            .or(ctype);
+        Ok(FetchedManifest {
+            digest,
+            bytes,
+            media_type,
+        })
+    }
+}

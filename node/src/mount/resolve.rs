@@ -12,8 +12,6 @@
 use std::io::Read;
 use std::sync::Arc;
 
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT};
-use reqwest::Method;
 use shoal_proto::{Digest, Reference, RepoName};
 use shoal_rafs::{Bootstrap, MAX_BOOTSTRAP_SIZE};
 
@@ -23,10 +21,8 @@ use super::image::{
 use super::MountError;
 use crate::download::{Downloads, Join, Source, State};
 use crate::store::Store;
-use crate::upstream::{AuthMode, Origin, Upstreams};
+use crate::upstream::{AuthMode, ManifestError, Origin, Upstreams};
 
-/// Largest manifest or index accepted.
-const MAX_MANIFEST: usize = 4 << 20;
 /// Largest bootstrap layer (tar.gz) accepted.
 const MAX_BOOTSTRAP_LAYER: u64 = 1 << 30;
 
@@ -143,54 +139,14 @@ async fn fetch_manifest(
     reference: &Reference,
 ) -> Result<(Digest, Vec<u8>), MountError> {
     let what = format!("manifest {repo}:{reference}");
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        ACCEPT,
-        HeaderValue::from_static(crate::mirror::MANIFEST_ACCEPT),
-    );
-    let path = format!("/v2/{repo}/manifests/{reference}");
-    let mut resp = origin
-        .send(
-            Method::GET,
-            &path,
-            &headers,
-            &AuthMode::Node,
-            Some(repo),
-            "manifest",
-        )
-        .await?;
-    if !resp.status().is_success() {
-        return Err(MountError::Status {
+    match origin.get_manifest(repo, reference).await {
+        Ok(m) => Ok((m.digest, m.bytes)),
+        Err(ManifestError::Status(status)) => Err(MountError::Status { what, status }),
+        Err(e) => Err(MountError::Fetch {
             what,
-            status: resp.status().as_u16(),
-        });
+            reason: e.to_string(),
+        }),
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| MountError::Fetch {
-        what: what.clone(),
-        reason: e.to_string(),
-    })? {
-        if body.len() + chunk.len() > MAX_MANIFEST {
-            return Err(MountError::Fetch {
-                what,
-                reason: format!("larger than {MAX_MANIFEST} bytes"),
-            });
-        }
-        body.extend_from_slice(&chunk);
-    }
-    let digest = match reference {
-        Reference::Digest(d) => {
-            if Digest::of(d.algorithm(), &body) != *d {
-                return Err(MountError::Fetch {
-                    what,
-                    reason: "content does not match its digest".into(),
-                });
-            }
-            d.clone()
-        }
-        Reference::Tag(_) => Digest::sha256(&body),
-    };
-    Ok((digest, body))
 }
 
 /// Fetch the bootstrap layer through the download path and open its `image/image.boot`.
