@@ -77,9 +77,7 @@ fn round(nodes: usize) -> Result<Round> {
     let (registry, image) = setup::anonymous_origin(&t)?;
     let c = LoopbackCluster::start_with(&t, registry, image, nodes, &[])?;
     poll("the scheduler's warm-up", Duration::from_secs(30), || {
-        let up = c.scheduler.status()?["scheduler"]["uptime_ms"]
-            .as_u64()
-            .unwrap_or(0);
+        let up = c.scheduler.status()?.scheduler.uptime_ms;
         Ok((up >= SCHEDULER_WARMUP_MS).then_some(()))
     })?;
     let mark = c.registry.log()?.requests.len();
