@@ -313,18 +313,16 @@ impl Peering {
             );
         }
         for (peer, addr) in candidates.into_iter().take(3) {
-            let mut buf = vec![0u8; usize::try_from(len).ok()?];
             match self
                 .inner
                 .p2p
-                .fetch_range_into(peer, addr, blob, range.start, &mut buf)
+                .fetch_exact(peer, addr, blob, range.start, len)
                 .await
             {
-                Ok(n) if n == buf.len() => {
+                Ok(buf) => {
                     self.inner.metrics.from_peers("chunk", len);
                     return Some((peer, buf));
                 }
-                Ok(_) => continue,
                 Err(e) => {
                     tracing::debug!(peer = %peer.short(), error = %e, "range from peer failed");
                 }

@@ -280,7 +280,7 @@ async fn fetch_piece(
     hash: PieceSha256,
 ) -> Fetched {
     let len = range.end - range.start;
-    let bytes = read_range(&p2p, peer, addr, &blob, range.start, len).await;
+    let bytes = p2p.fetch_exact(peer, addr, &blob, range.start, len).await;
     Fetched {
         index,
         peer,
@@ -288,31 +288,6 @@ async fn fetch_piece(
         hash,
         bytes,
     }
-}
-
-/// Exactly `len` bytes of `blob` at `offset` from `peer`.
-async fn read_range(
-    p2p: &P2pHandle,
-    peer: NodeId,
-    addr: SocketAddr,
-    blob: &BlobId,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<u8>, FetchError> {
-    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-    let n = p2p
-        .fetch_range_into(peer, addr, blob, offset, &mut buf)
-        .await?;
-    if n as u64 != len {
-        return Err(FetchError::NotPresent {
-            peer,
-            blob: blob.clone(),
-            offset: offset + n as u64,
-            size: 0,
-            available: Vec::new(),
-        });
-    }
-    Ok(buf)
 }
 
 /// No scheduler answered: holders from the DHT (complete ones, and nodes
@@ -374,7 +349,7 @@ async fn dht_fill(
             while f.pos < held_to {
                 let len = (held_to - f.pos).min(DHT_REQUEST);
                 let got = tokio::select! {
-                    g = read_range(&p2p, p.node, p.quic_addr, id, f.pos, len) => g,
+                    g = p2p.fetch_exact(p.node, p.quic_addr, id, f.pos, len) => g,
                     _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
                 };
                 match got {

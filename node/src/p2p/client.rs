@@ -220,6 +220,32 @@ impl P2pHandle {
         }
     }
 
+    /// Exactly `len` bytes of `blob` at `offset` from `peer`; a peer that
+    /// holds fewer is `NotPresent`.
+    pub async fn fetch_exact(
+        &self,
+        peer: NodeId,
+        addr: SocketAddr,
+        blob: &BlobId,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, FetchError> {
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        let n = self
+            .fetch_range_into(peer, addr, blob, offset, &mut buf)
+            .await?;
+        if n as u64 != len {
+            return Err(FetchError::NotPresent {
+                peer,
+                blob: blob.clone(),
+                offset: offset + n as u64,
+                size: 0,
+                available: Vec::new(),
+            });
+        }
+        Ok(buf)
+    }
+
     /// Which pieces of `blob` `peer` holds completely; `None` if none.
     pub async fn have(
         &self,
