@@ -34,7 +34,7 @@ pub struct TestCtx {
 /// runs `body` and, if it fails, prints the tails of the registered logs and panics with the error.
 pub fn run(name: &str, needs: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>) {
     if let Some(why) = missing(needs) {
-        eprintln!("SKIP {name}: {why}");
+        skip(name, &why);
         return;
     }
     let ctx = match TestCtx::new(name, needs) {
@@ -54,6 +54,21 @@ pub fn run(name: &str, needs: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>
         let kept = ctx.keep();
         eprintln!("{name}: kept {kept}");
     }
+}
+
+/// Reports that test `name` cannot run here because of `why`: prints `SKIP name: why` and returns,
+/// or, when the `CI` environment variable is set (CI has root, FUSE, EROFS and netns), fails the
+/// test with the reason, so a missing prerequisite can never turn a suite green by vanishing.
+pub fn skip(name: &str, why: &str) {
+    if in_ci() {
+        panic!("{name}: prerequisite missing under CI: {why}");
+    }
+    eprintln!("SKIP {name}: {why}");
+}
+
+/// Whether this run is CI's (`CI` set to anything but empty, `0` or `false`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
 /// Lazily unmounts every mount point under `root`, deepest first.

@@ -2,7 +2,8 @@
 //! real clients (skopeo, containerd's `ctr`), each in its own temp dir on free loopback ports.
 //!
 //! A test is written as `shoal_e2e::run("name", &[Need::…], |t| { … })`: `run` checks what the test needs
-//! (skipping with `SKIP name: why` when a privilege or tool is missing), gives it a [`TestCtx`] whose
+//! (skipping with `SKIP name: why` when a privilege or tool is missing, and failing instead when
+//! `CI` is set), gives it a [`TestCtx`] whose
 //! temp dir outlives every process the test started, and on failure prints the tail of each
 //! registered log before panicking. Every process is killed when its handle is dropped.
 //!
@@ -29,4 +30,4 @@ pub mod setup;
 pub mod skopeo;
 pub mod wait;
 
-pub use ctx::{run, Need, TestCtx};
+pub use ctx::{run, skip, Need, TestCtx};

@@ -150,7 +150,7 @@ fn converts_the_fixture_mounts_it_and_a_rerun_skips_every_blob() {
 /// `shoal mount` the converted image through a node and run python3 in a chroot of it.
 fn mount_and_run_python(t: &TestCtx, registry: &Registry, image: &str, name: &str) -> Result<()> {
     if let Some(why) = mount_missing() {
-        println!("{name}: SKIP the mount part: {why}");
+        shoal_e2e::skip(&format!("{name} (the mount part)"), &why);
         return Ok(());
     }
     let node = Node::start(t, &registry.url())?;
@@ -284,7 +284,7 @@ fn mount_and_check_derived(
     name: &str,
 ) -> Result<()> {
     if let Some(why) = mount_missing() {
-        println!("{name}: SKIP the mount part: {why}");
+        shoal_e2e::skip(&format!("{name} (the mount part)"), &why);
         return Ok(());
     }
     let node = Node::start(t, &registry.url())?;

@@ -236,7 +236,7 @@ fn erofs_mount_runs_python_and_equals_the_oci_unpack() {
 
 fn runs_python_and_equals_the_oci_unpack(name: &str, mode: Mode) {
     if let Some(why) = missing(mode) {
-        eprintln!("SKIP {name}: {why}");
+        shoal_e2e::skip(name, &why);
         return;
     }
     let needs = [NEEDS, &[Need::Bin("umoci"), Need::Bin("python3")]].concat();
@@ -349,7 +349,7 @@ fn erofs_killed_node_fails_reads_and_restart_restores_the_mount() {
 
 fn killed_node_fails_reads_and_restart_restores(name: &str, mode: Mode) {
     if let Some(why) = missing(mode) {
-        eprintln!("SKIP {name}: {why}");
+        shoal_e2e::skip(name, &why);
         return;
     }
     run(name, NEEDS, |t| {
@@ -423,7 +423,7 @@ fn erofs_corrupted_origin_chunk_gives_eio_and_is_not_cached() {
 
 fn corrupted_origin_chunk_gives_eio(name: &str, mode: Mode) {
     if let Some(why) = missing(mode) {
-        eprintln!("SKIP {name}: {why}");
+        shoal_e2e::skip(name, &why);
         return;
     }
     run(name, NEEDS, |t| {
@@ -526,7 +526,7 @@ fn erofs_learned_access_list_prefetches_what_the_first_run_read() {
 /// fetches (almost) nothing on demand.
 fn learned_access_list_prefetches(name: &str, mode: Mode) {
     if let Some(why) = missing(mode) {
-        eprintln!("SKIP {name}: {why}");
+        shoal_e2e::skip(name, &why);
         return;
     }
     run(name, NEEDS, |t| {

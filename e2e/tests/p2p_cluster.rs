@@ -49,7 +49,7 @@ fn cluster_test(name: &str, body: impl FnOnce(&TestCtx) -> Result<()>) {
 /// [`cluster_test`] for a test that also needs `more`.
 fn cluster_test_needing(name: &str, more: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>) {
     if let Some(why) = netns::unavailable() {
-        eprintln!("SKIP {name}: {why}");
+        shoal_e2e::skip(name, &why);
         return;
     }
     let _one = ONE_CLUSTER_AT_A_TIME
@@ -403,7 +403,7 @@ fn lazy_mount_reads_data_blob_chunks_from_a_peer_not_the_origin() {
         .write(true)
         .open("/dev/fuse")
     {
-        eprintln!("SKIP {NAME}: lazy mounts need FUSE: cannot open /dev/fuse: {e}");
+        shoal_e2e::skip(NAME, &format!("lazy mounts need FUSE: cannot open /dev/fuse: {e}"));
         return;
     }
     let more = [Need::Bin("chroot"), Need::Bin("nsenter")];

@@ -59,7 +59,7 @@ static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// Runs `body` as test `name`, skipping (with the reason) where test hosts cannot be made.
 fn cluster_test(name: &str, needs: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>) {
     if let Some(why) = netns::unavailable() {
-        eprintln!("SKIP {name}: {why}");
+        shoal_e2e::skip(name, &why);
         return;
     }
     let _one = ONE_CLUSTER_AT_A_TIME
@@ -136,7 +136,7 @@ fn prewarm_full_nydus_on_eight_hosts_then_a_mount_reads_nothing_from_the_origin(
         .write(true)
         .open("/dev/fuse")
     {
-        eprintln!("SKIP {name}: cannot open /dev/fuse: {e}");
+        shoal_e2e::skip(name, &format!("cannot open /dev/fuse: {e}"));
         return;
     }
     cluster_test(name, MOUNT_NEEDS, |t| {

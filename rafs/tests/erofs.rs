@@ -20,7 +20,7 @@ use shoal_rafs::{BlobInfo, Bootstrap, ChunkRef, ChunkSource, Error, LocalBlobDir
 
 fn ready(test: &str) -> bool {
     if !is_root() {
-        eprintln!("SKIP {test}: needs root (CAP_SYS_ADMIN for mount(2))");
+        skip(test, "needs root (CAP_SYS_ADMIN for mount(2))");
         return false;
     }
     if let Err(e) = std::fs::OpenOptions::new()
@@ -28,7 +28,7 @@ fn ready(test: &str) -> bool {
         .write(true)
         .open("/dev/fuse")
     {
-        eprintln!("SKIP {test}: cannot open /dev/fuse: {e}");
+        skip(test, &format!("cannot open /dev/fuse: {e}"));
         return false;
     }
     true
@@ -88,7 +88,7 @@ fn mount_fixture(
     ) {
         Ok(m) => Some((m, src)),
         Err(e @ ErofsError::Unsupported { .. }) => {
-            eprintln!("SKIP {test}: {e}");
+            skip(test, &e.to_string());
             None
         }
         Err(e) => panic!("{test}: {e}"),

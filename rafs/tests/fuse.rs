@@ -99,7 +99,7 @@ const NONE_64K: &Case = &CASES[2];
 /// Whether FUSE tests can run here; prints the reason when not.
 fn fuse_ready(test: &str) -> bool {
     if !is_root() {
-        eprintln!("SKIP {test}: needs root (owners, device nodes, allow_other)");
+        skip(test, "needs root (owners, device nodes, allow_other)");
         return false;
     }
     if let Err(e) = std::fs::OpenOptions::new()
@@ -107,7 +107,7 @@ fn fuse_ready(test: &str) -> bool {
         .write(true)
         .open("/dev/fuse")
     {
-        eprintln!("SKIP {test}: cannot open /dev/fuse: {e}");
+        skip(test, &format!("cannot open /dev/fuse: {e}"));
         return false;
     }
     true

@@ -21,6 +21,21 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// Whether this run is CI's (`CI` set to anything but empty, `0` or `false`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// Reports that `test` (or part of it) cannot run here because of `why`: prints `SKIP test: why`,
+/// or fails when `CI` is set — CI has root, FUSE and EROFS, so there a missing prerequisite is a
+/// broken machine, not a reason to pass.
+pub fn skip(test: &str, why: &str) {
+    if in_ci() {
+        panic!("{test}: prerequisite missing under CI: {why}");
+    }
+    eprintln!("SKIP {test}: {why}");
+}
+
 /// The listing of `top` in the format of `source/listing.py`, one JSON object per path, sorted.
 pub fn listing(top: &Path) -> Vec<Value> {
     let mut out = Vec::new();
@@ -290,12 +305,12 @@ pub fn kernel_listing(
     _work: &Path,
 ) -> Option<Vec<serde_json::Value>> {
     if !is_root() {
-        eprintln!("skipping kernel EROFS mount: needs root (CAP_SYS_ADMIN)");
+        skip("kernel EROFS mount", "needs root (CAP_SYS_ADMIN)");
         return None;
     }
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !fs.contains("erofs") {
-        eprintln!("skipping kernel EROFS mount: the kernel has no erofs filesystem");
+        skip("kernel EROFS mount", "the kernel has no erofs filesystem");
         return None;
     }
     // File-backed EROFS needs files whose filesystem has read_folio (tmpfs has not): the
