@@ -211,11 +211,13 @@ impl Cluster {
         let origin = Registry::start_on_host(t, &origin_host, ORIGIN_PORT)?;
         skopeo::push_fixture(t, &origin, IMAGE).context("pushing the fixture into the origin")?;
         let image = setup::fixture_image()?;
+        let member_secret = write_secret(t, "cluster")?;
         let scheduler = match &scheduler_host {
-            Some(h) => Some(Scheduler::start(
+            Some(h) => Some(Scheduler::start_with_secret(
                 t,
                 Some(&h.ns),
                 SocketAddr::from((h.ip, SCHEDULER_PORT)),
+                Some(&member_secret),
             )?),
             None => None,
         };
@@ -223,7 +225,7 @@ impl Cluster {
         let plan = Plan {
             upstream: origin.url(),
             scheduler: scheduler.as_ref().map(Scheduler::addr),
-            member_secret: write_secret(t, "cluster")?,
+            member_secret,
             outsider_secret: write_secret(t, "outsider")?,
             bootstrap: bootstrap_ips(&hosts, options),
         };

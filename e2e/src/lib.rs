@@ -16,6 +16,7 @@ pub mod ctx;
 pub mod fixture;
 pub mod hostile;
 pub mod http;
+pub mod liar;
 pub mod loopback;
 pub mod metrics;
 pub mod netns;
@@ -28,6 +29,7 @@ pub mod registry_log;
 pub mod scheduler;
 pub mod setup;
 pub mod skopeo;
+pub mod token;
 pub mod wait;
 
 pub use ctx::{run, skip, Need, TestCtx};

@@ -38,9 +38,9 @@ impl LoopbackCluster {
         extra_hosts: &[(String, String)],
     ) -> Result<Self> {
         let listen = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let scheduler = Scheduler::start(t, None, listen)?;
         let secret = t.dir().join("join-secret");
         std::fs::write(&secret, "7".repeat(64))?;
+        let scheduler = Scheduler::start_with_secret(t, None, listen, Some(&secret))?;
         let mut started = Vec::new();
         for _ in 0..nodes {
             let mut opts = NodeOptions::upstream(&registry.url());

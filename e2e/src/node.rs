@@ -188,6 +188,11 @@ impl Node {
         &self.data_dir
     }
 
+    /// The control socket (`--control`), next to the data dir.
+    pub fn control_path(&self) -> PathBuf {
+        self.data_dir.with_file_name("control.sock")
+    }
+
     /// Where the node keeps the content of blob `digest`.
     pub fn blob_file(&self, digest: &str) -> Result<PathBuf> {
         let (alg, hex) = digest.split_once(':').context("digest without algorithm")?;
@@ -308,6 +313,8 @@ impl Node {
                 "--admin",
                 &self.admin_addr(),
             ])
+            .arg("--control")
+            .arg(self.control_path())
             .args(["--upstream", &self.options.upstream]);
         for (host, url) in &self.options.host_upstreams {
             cmd.arg("--upstream").arg(format!("{host}={url}"));

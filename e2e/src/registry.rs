@@ -67,6 +67,33 @@ impl Registry {
         Self::start_with(t, None, Ipv4Addr::LOCALHOST, free_port()?, None)
     }
 
+    /// Starts a registry that authorizes every request with tokens from `tokens` (per-repository
+    /// access, see [`crate::token`]); `pusher` are credentials the token service lets push (used
+    /// by skopeo to push fixtures).
+    pub fn start_token(
+        t: &TestCtx,
+        tokens: &crate::token::TokenServer,
+        pusher: Creds,
+    ) -> Result<Self> {
+        let dir = t.subdir("token")?;
+        let root = tokens.write_root_cert(&dir)?;
+        let auth = format!(
+            "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            tokens.realm(),
+            crate::token::SERVICE,
+            crate::token::ISSUER,
+            root.display()
+        );
+        Self::start_configured(
+            t,
+            Some(pusher),
+            Ipv4Addr::LOCALHOST,
+            free_port()?,
+            None,
+            auth,
+        )
+    }
+
     /// Starts a registry that requires `user`/`pass` (htpasswd, bcrypt) for everything.
     pub fn start_htpasswd(t: &TestCtx, user: &str, pass: &str) -> Result<Self> {
         Self::start_with(
@@ -92,10 +119,9 @@ impl Registry {
         port: u16,
         netns: Option<String>,
     ) -> Result<Self> {
-        let dir = t.subdir("registry")?;
         let auth = match &creds {
             Some(c) => {
-                let htpasswd = dir.join("htpasswd");
+                let htpasswd = t.subdir("htpasswd")?.join("htpasswd");
                 write_htpasswd(&htpasswd, c)?;
                 format!(
                     "auth:\n  htpasswd:\n    realm: shoal-e2e\n    path: {}\n",
@@ -104,6 +130,18 @@ impl Registry {
             }
             None => String::new(),
         };
+        Self::start_configured(t, creds, ip, port, netns, auth)
+    }
+
+    fn start_configured(
+        t: &TestCtx,
+        creds: Option<Creds>,
+        ip: Ipv4Addr,
+        port: u16,
+        netns: Option<String>,
+        auth: String,
+    ) -> Result<Self> {
+        let dir = t.subdir("registry")?;
         let config = dir.join("config.yml");
         let yaml = format!(
             "version: 0.1\n\

@@ -156,11 +156,12 @@ fn mount_and_run_python(t: &TestCtx, registry: &Registry, image: &str, name: &st
     let node = Node::start(t, &registry.url())?;
     let mnt = t.subdir("mnt")?;
     let _guard = Unmount(mnt.clone());
-    let admin = node.admin_addr();
+    let control = node.control_path();
     let out = Command::new(paths::shoal_bin()?)
         .args(["mount", image])
         .arg(&mnt)
-        .args(["--node", &admin])
+        .arg("--control")
+        .arg(&control)
         .output()?;
     ensure!(
         out.status.success(),
@@ -182,7 +183,8 @@ fn mount_and_run_python(t: &TestCtx, registry: &Registry, image: &str, name: &st
     let out = Command::new(paths::shoal_bin()?)
         .arg("umount")
         .arg(&mnt)
-        .args(["--node", &admin])
+        .arg("--control")
+        .arg(&control)
         .output()?;
     ensure!(out.status.success(), "shoal umount failed");
     Ok(())
@@ -293,7 +295,8 @@ fn mount_and_check_derived(
     let out = Command::new(paths::shoal_bin()?)
         .args(["mount", image])
         .arg(&mnt)
-        .args(["--node", &node.admin_addr()])
+        .arg("--control")
+        .arg(node.control_path())
         .output()?;
     ensure!(
         out.status.success(),

@@ -146,15 +146,16 @@ fn shoal_ok(args: &[&str]) -> Result<String> {
 
 fn mount(s: &Scene, mode: Mode) -> Result<()> {
     let mnt = s.mnt.to_string_lossy();
-    let admin = s.node.admin_addr();
+    let control = s.node.control_path();
+    let control = control.to_string_lossy();
     shoal_ok(&[
         "mount",
         &s.reference,
         &mnt,
         "--mode",
         mode.arg(),
-        "--node",
-        &admin,
+        "--control",
+        &control,
     ])?;
     ensure!(is_shoal_mount(&s.mnt), "no {} mount at {mnt}", mode.arg());
     Ok(())
@@ -183,9 +184,12 @@ fn data_bytes_from_origin(s: &Scene, since: usize) -> Result<u64> {
 }
 
 fn mounts_json(s: &Scene) -> Result<serde_json::Value> {
-    let admin = s.node.admin_addr();
+    let control = s.node.control_path();
     Ok(serde_json::from_str(&shoal_ok(&[
-        "mounts", "--json", "--node", &admin,
+        "mounts",
+        "--json",
+        "--control",
+        &control.to_string_lossy(),
     ])?)?)
 }
 
@@ -279,7 +283,11 @@ fn runs_python_and_equals_the_oci_unpack(name: &str, mode: Mode) {
         );
         println!(
             "{name}: shoal mounts: {}",
-            shoal_ok(&["mounts", "--node", &s.node.admin_addr()])?
+            shoal_ok(&[
+                "mounts",
+                "--control",
+                &s.node.control_path().to_string_lossy()
+            ])?
         );
         let metrics = shoal_e2e::http::client()?
             .get(format!("http://{}/metrics", s.node.admin_addr()))
@@ -319,7 +327,12 @@ fn runs_python_and_equals_the_oci_unpack(name: &str, mode: Mode) {
         );
 
         let mnt = s.mnt.to_string_lossy();
-        shoal_ok(&["umount", &mnt, "--node", &s.node.admin_addr()])?;
+        shoal_ok(&[
+            "umount",
+            &mnt,
+            "--control",
+            &s.node.control_path().to_string_lossy(),
+        ])?;
         ensure!(!is_shoal_mount(&s.mnt), "still mounted after umount");
         ensure!(
             mounts_json(&s)?["mounts"]
@@ -478,7 +491,14 @@ fn plain_oci_image_is_refused_with_how_to_convert() {
         shoal_e2e::skopeo::push_fixture(t, &s.registry, setup::IMAGE)?;
         let reference = format!("{}/{}", s.registry.addr(), setup::IMAGE);
         let mnt = s.mnt.to_string_lossy();
-        let out = shoal(&["mount", &reference, &mnt, "--node", &s.node.admin_addr()])?;
+        let control = s.node.control_path();
+        let out = shoal(&[
+            "mount",
+            &reference,
+            &mnt,
+            "--control",
+            &control.to_string_lossy(),
+        ])?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(
             out.status.code() == Some(1) && stderr.contains("shoal convert"),
@@ -541,7 +561,12 @@ fn learned_access_list_prefetches(name: &str, mode: Mode) {
             m["mounts"][0]["stats"]["prefetch"]["recording"] == true,
             "first mount does not record: {m}"
         );
-        shoal_ok(&["umount", &mnt, "--node", &s.node.admin_addr()])?;
+        shoal_ok(&[
+            "umount",
+            &mnt,
+            "--control",
+            &s.node.control_path().to_string_lossy(),
+        ])?;
         let access = s.node.data_dir().join("access");
         let list = poll("the access list", Duration::from_secs(30), || {
             let Ok(dir) = std::fs::read_dir(&access) else {

@@ -403,7 +403,10 @@ fn lazy_mount_reads_data_blob_chunks_from_a_peer_not_the_origin() {
         .write(true)
         .open("/dev/fuse")
     {
-        shoal_e2e::skip(NAME, &format!("lazy mounts need FUSE: cannot open /dev/fuse: {e}"));
+        shoal_e2e::skip(
+            NAME,
+            &format!("lazy mounts need FUSE: cannot open /dev/fuse: {e}"),
+        );
         return;
     }
     let more = [Need::Bin("chroot"), Need::Bin("nsenter")];
@@ -453,14 +456,15 @@ fn lazy_mount_reads_data_blob_chunks_from_a_peer_not_the_origin() {
             dir: mnt.clone(),
         };
         let shoal = paths::shoal_bin()?;
-        let admin = cluster.node(B).admin_addr();
+        let control = cluster.node(B).control_path();
         let image_ref = format!("{}/{reference}", cluster.origin().addr());
         let out = cluster
             .net()
             .command(cluster.host(B), &shoal.to_string_lossy())
             .args(["mount", &image_ref])
             .arg(&mnt)
-            .args(["--node", &admin])
+            .arg("--control")
+            .arg(&control)
             .output()?;
         ensure!(
             out.status.success(),
@@ -495,7 +499,10 @@ fn lazy_mount_reads_data_blob_chunks_from_a_peer_not_the_origin() {
                 )
             })
             .collect();
-        let mounts = shoal_json(&shoal, &["mounts", "--json", "--node", &admin])?;
+        let mounts = shoal_json(
+            &shoal,
+            &["mounts", "--json", "--control", &control.to_string_lossy()],
+        )?;
         let source = &mounts["mounts"][0]["stats"]["source"];
         let n = |k: &str| source[k].as_u64().unwrap_or(0);
         eprintln!(

@@ -178,15 +178,16 @@ fn prewarm_full_nydus_on_eight_hosts_then_a_mount_reads_nothing_from_the_origin(
 
         let mark = cluster.origin_mark()?;
         let mnt = t.subdir("mnt")?;
-        let admin = cluster.node(MOUNT_NODE).admin_addr();
+        let control = cluster.node(MOUNT_NODE).control_path();
+        let control = control.to_string_lossy();
         shoal_ok(&[
             "mount",
             &reference,
             &mnt.to_string_lossy(),
             "--mode",
             "fuse",
-            "--node",
-            &admin,
+            "--control",
+            &control,
         ])?;
         // The node mounts inside its own mount namespace (`ip netns exec` made one): run there.
         let ran = in_node_mounts(&cluster, MOUNT_NODE)?
@@ -194,7 +195,7 @@ fn prewarm_full_nydus_on_eight_hosts_then_a_mount_reads_nothing_from_the_origin(
             .arg(&mnt)
             .args(["python3", "-c", "import json; print(42)"])
             .output()?;
-        let unmounted = shoal_ok(&["umount", &mnt.to_string_lossy(), "--node", &admin]);
+        let unmounted = shoal_ok(&["umount", &mnt.to_string_lossy(), "--control", &control]);
         ensure!(
             ran.status.success() && String::from_utf8_lossy(&ran.stdout).trim() == "42",
             "python3 in a chroot of the mount on node {MOUNT_NODE}: {}",

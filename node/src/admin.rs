@@ -1,11 +1,17 @@
-//! The local admin API: health, Prometheus metrics, and the status the
-//! `shoal status` command prints. Bound to loopback by default: it tells
-//! what is cached, so it is not for the network.
+//! The read-only admin listener: health, Prometheus metrics, and the status
+//! the `shoal status` command prints. Nothing here changes the node (that is
+//! the control socket's job, `control`): it answers `GET`/`HEAD` only, so a
+//! Prometheus server or a kubelet probe can reach it without reaching
+//! anything that mutates. A request whose `Host` header names something other
+//! than an IP literal, `localhost` or one of `admin_hosts` is refused, so a
+//! web page cannot read it through DNS rebinding. Bound to loopback by
+//! default: the status tells what is cached.
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -21,8 +27,9 @@ pub struct AdminState {
     pub downloads: Downloads,
     pub metrics: Arc<Metrics>,
     pub info: Arc<NodeInfo>,
-    pub mounts: crate::mount::Mounts,
     pub peering: Option<crate::peering::Peering>,
+    /// Host names accepted besides IP literals and `localhost` (`admin_hosts`).
+    pub hosts: Arc<Vec<String>>,
 }
 
 /// Static facts about the running node.
@@ -32,6 +39,9 @@ pub struct NodeInfo {
     pub data_dir: String,
     pub listen: String,
     pub admin: String,
+    /// The control socket (state-changing calls).
+    #[serde(default)]
+    pub control: String,
     pub upstreams: Vec<String>,
     pub started_at_ms: u64,
 }
@@ -56,7 +66,17 @@ pub struct StoreStatus {
     pub bytes: u64,
     pub blobs: usize,
     pub complete: usize,
+    /// The byte quota, or the filesystem's size under a filesystem quota; 0: unlimited.
     pub quota_bytes: u64,
+    /// Bytes written and not committed yet.
+    #[serde(default)]
+    pub inflight_bytes: u64,
+    /// Eviction starts above this (0: never).
+    #[serde(default)]
+    pub high_watermark_bytes: u64,
+    /// What is measured against it: content bytes, or the filesystem's used bytes.
+    #[serde(default)]
+    pub measured_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,18 +96,66 @@ pub struct BlobStatus {
     pub size: u64,
     pub complete: bool,
     pub present_bytes: u64,
-    pub public: bool,
+    /// Where it was fetched or confirmed: `upstream/repo`, with ` (open)` where any client of
+    /// that upstream and repository may read it.
     pub repos: Vec<String>,
 }
 
 pub fn router(state: AdminState) -> Router {
-    let mounts = crate::mount::api::router(state.mounts.clone());
+    let hosts = state.hosts.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .with_state(state)
-        .merge(mounts)
+        .layer(middleware::from_fn(move |req, next| {
+            guard(hosts.clone(), req, next)
+        }))
+}
+
+/// Read-only, and only for requests that name this host by address, `localhost` or a configured
+/// name.
+async fn guard(hosts: Arc<Vec<String>>, req: Request, next: Next) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+            "the admin listener is read-only; state-changing calls go to the control socket (--control)\n",
+        )
+            .into_response();
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(host) = host {
+        if !host_allowed(host, &hosts) {
+            tracing::info!(host, "admin request refused: unknown Host (DNS rebinding?)");
+            return (
+                StatusCode::MISDIRECTED_REQUEST,
+                "this Host is not one the admin listener answers to (admin_hosts)\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether a `Host` value (`name[:port]`, `[v6][:port]`) is an IP literal, `localhost` or one of
+/// `names`.
+fn host_allowed(host: &str, names: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((v6, _)) => return v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
 async fn metrics(State(st): State<AdminState>) -> Response {
@@ -117,6 +185,9 @@ async fn status(State(st): State<AdminState>) -> Response {
             blobs: usage.blobs,
             complete: usage.complete,
             quota_bytes: usage.quota_bytes,
+            inflight_bytes: usage.inflight_bytes,
+            high_watermark_bytes: usage.high_watermark_bytes,
+            measured_bytes: usage.measured_bytes,
         },
         traffic: Traffic {
             served_bytes: Totals::get(&t.served_bytes),
@@ -137,14 +208,44 @@ async fn status(State(st): State<AdminState>) -> Response {
                 size: b.size,
                 complete: b.complete,
                 present_bytes: b.present.len(),
-                public: b.public,
                 repos: b
                     .repos
                     .iter()
-                    .map(|r| format!("{}/{}", r.upstream, r.repo))
+                    .map(|(r, open)| {
+                        let open = if open { " (open)" } else { "" };
+                        format!("{}/{}{open}", r.upstream, r.repo)
+                    })
                     .collect(),
             })
             .collect(),
     };
     Json(status).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        let names = vec!["node-1.example".to_owned()];
+        for ok in [
+            "127.0.0.1:5051",
+            "10.1.2.3",
+            "[::1]:5051",
+            "localhost:5051",
+            "LOCALHOST",
+            "node-1.example:5051",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok}");
+        }
+        for bad in [
+            "evil.example:5051",
+            "127.0.0.1.nip.io",
+            "[::1",
+            "node-2.example",
+        ] {
+            assert!(!host_allowed(bad, &names), "{bad}");
+        }
+    }
 }

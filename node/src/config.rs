@@ -25,8 +25,23 @@ pub struct FileConfig {
     /// Registry mirror / HTTP proxy address containerd, Docker, CRI-O and
     /// nydusd talk to. Default `127.0.0.1:5050`.
     pub listen: SocketAddr,
-    /// Local admin API (status, metrics, mounts). Default `127.0.0.1:5051`.
+    /// The read-only admin listener: health (`/healthz`), metrics
+    /// (`/metrics`), status JSON (`/api/v1/status`). Nothing on it changes
+    /// the node. Default `127.0.0.1:5051`.
     pub admin: SocketAddr,
+    /// Host names (besides IP literals and `localhost`) the admin listener
+    /// answers to: a request whose `Host` is another name is refused, so a
+    /// web page cannot read it by DNS rebinding. Default none.
+    pub admin_hosts: Vec<String>,
+    /// The Unix socket for state-changing calls (mounts, snapshots, jobs):
+    /// owned by the node's user, mode 0600 (0660 with `control_group`), and
+    /// each caller's credentials are checked. Default
+    /// `/run/shoal/control.sock` as root, else `$XDG_RUNTIME_DIR/shoal/control.sock`
+    /// (or `control.sock` in the data dir).
+    pub control: Option<PathBuf>,
+    /// A group whose members may use the control socket too (mode 0660).
+    /// Default none: only the node's own user (and root).
+    pub control_group: Option<String>,
     pub log: LogConfig,
     pub store: StoreSection,
     pub mirror: MirrorSection,
@@ -43,6 +58,9 @@ impl Default for FileConfig {
             data_dir: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 5050)),
             admin: SocketAddr::from(([127, 0, 0, 1], 5051)),
+            admin_hosts: Vec::new(),
+            control: None,
+            control_group: None,
             log: LogConfig::default(),
             store: StoreSection::default(),
             mirror: MirrorSection::default(),
@@ -78,25 +96,32 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreSection {
-    /// Disk quota for cached content; `0` means unlimited. Default `0`.
-    pub quota: ByteSize,
-    /// Eviction starts above this fraction of the quota. Default `0.9`.
-    pub high_watermark: f64,
-    /// Eviction stops at this fraction of the quota. Default `0.8`.
-    pub low_watermark: f64,
+    /// Disk quota for cached content (committed bytes plus bytes being
+    /// written). Unset (the default): keep the data dir's *filesystem*
+    /// below the watermarks, so the node never fills a disk it shares with
+    /// the host. `"0"`: unlimited (not recommended).
+    pub quota: Option<ByteSize>,
+    /// Eviction starts above this fraction of the quota (of the filesystem
+    /// when `quota` is unset). Default `0.9` with a quota, `0.85` without.
+    pub high_watermark: Option<f64>,
+    /// Eviction stops at this fraction. Default `0.8` with a quota, `0.75`
+    /// without.
+    pub low_watermark: Option<f64>,
 }
 
-impl Default for StoreSection {
-    fn default() -> Self {
-        Self {
-            quota: ByteSize(0),
-            high_watermark: 0.9,
-            low_watermark: 0.8,
-        }
-    }
+
+/// How much disk the store may use, validated.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StoreLimits {
+    /// Bytes; 0 with `filesystem` or unlimited.
+    pub quota_bytes: u64,
+    /// Watermarks are fractions of the data dir's filesystem.
+    pub filesystem: bool,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -114,8 +139,29 @@ pub struct MirrorSection {
     pub upstream_timeout: HumanDuration,
     /// Accept requests for registries that are not configured (containerd's
     /// `?ns=`, the `X-Shoal-Registry` header, proxy requests), reaching them
-    /// over HTTPS. Default `true`.
+    /// over HTTPS. Their answers are not trusted: cached content is served
+    /// for them only after a proof of possession. Default `true`.
     pub allow_unlisted_upstreams: bool,
+    /// Let unlisted registries be on this host (loopback, link-local, the
+    /// host's own addresses). Default `false`: a request cannot make the
+    /// node talk to its own listeners or local services.
+    pub allow_local_upstreams: bool,
+    /// Random ranges an unlisted registry must return correctly before a
+    /// cached blob is served for it (proof of possession). Default `32`.
+    pub possession_samples: u64,
+    /// Hosts the forward proxy may carry non-registry requests and
+    /// `CONNECT` tunnels to, besides the configured registries and the token
+    /// realms and blob-storage hosts they send clients to: `host`,
+    /// `host:port`, `*.suffix`. Default none.
+    pub proxy_allow: Vec<String>,
+    /// Allow `CONNECT` tunnels (to the hosts above only). Default `true`.
+    pub proxy_connect: bool,
+    /// Open `CONNECT` tunnels at most. Default `256`.
+    pub max_tunnels: usize,
+    /// A tunnel with no bytes either way for this long is closed. Default `2m`.
+    pub tunnel_idle_timeout: HumanDuration,
+    /// Blob downloads from origins at once; more wait their turn. Default `32`.
+    pub max_origin_downloads: usize,
 }
 
 impl Default for MirrorSection {
@@ -126,6 +172,13 @@ impl Default for MirrorSection {
             max_manifest_size: ByteSize::mib(4),
             upstream_timeout: HumanDuration(Duration::from_secs(30)),
             allow_unlisted_upstreams: true,
+            allow_local_upstreams: false,
+            possession_samples: 32,
+            proxy_allow: Vec::new(),
+            proxy_connect: true,
+            max_tunnels: 256,
+            tunnel_idle_timeout: HumanDuration(Duration::from_secs(120)),
+            max_origin_downloads: 32,
         }
     }
 }
@@ -213,8 +266,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
+    pub admin_hosts: Vec<String>,
+    pub control: PathBuf,
+    /// The group (name, gid) that may use the control socket besides the node's user.
+    pub control_group: Option<(String, u32)>,
     pub log: LogConfig,
-    pub store: StoreSection,
+    pub store: StoreLimits,
     pub mirror: MirrorSection,
     pub upstreams: Vec<Upstream>,
     /// `None`: standalone (no join secret).
@@ -309,16 +366,51 @@ impl FileConfig {
 
     /// Check every field and build the runtime config.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let s = &self.store;
-        if !(0.0..=1.0).contains(&s.high_watermark) {
-            return Err(invalid("store.high_watermark", "must be between 0 and 1"));
-        }
-        if !(0.0..=1.0).contains(&s.low_watermark) || s.low_watermark > s.high_watermark {
+        let store = validate_store(&self.store)?;
+        let m = &self.mirror;
+        if m.possession_samples == 0 || m.possession_samples > 1024 {
             return Err(invalid(
-                "store.low_watermark",
-                "must be between 0 and store.high_watermark",
+                "mirror.possession_samples",
+                "must be between 1 and 1024",
             ));
         }
+        if m.max_tunnels == 0 {
+            return Err(invalid("mirror.max_tunnels", "must be at least 1"));
+        }
+        if m.max_origin_downloads == 0 {
+            return Err(invalid("mirror.max_origin_downloads", "must be at least 1"));
+        }
+        if m.tunnel_idle_timeout.0.is_zero() {
+            return Err(invalid(
+                "mirror.tunnel_idle_timeout",
+                "must be more than 0s",
+            ));
+        }
+        for (i, p) in m.proxy_allow.iter().enumerate() {
+            if !crate::upstream::valid_pattern(p) {
+                return Err(invalid(
+                    format!("mirror.proxy_allow[{i}]"),
+                    "must be host, host:port or *.suffix[:port]",
+                ));
+            }
+        }
+        for (i, h) in self.admin_hosts.iter().enumerate() {
+            if h.is_empty() || h.contains(['/', ' ', ':']) {
+                return Err(invalid(format!("admin_hosts[{i}]"), "must be a host name"));
+            }
+        }
+        let control_group = match &self.control_group {
+            None => None,
+            Some(name) => Some((
+                name.clone(),
+                group_id(name).ok_or_else(|| {
+                    invalid(
+                        "control_group",
+                        format!("no group named {name:?} in /etc/group"),
+                    )
+                })?,
+            )),
+        };
         if self.mirror.max_manifest_size.0 == 0 {
             return Err(invalid("mirror.max_manifest_size", "must be more than 0"));
         }
@@ -344,17 +436,72 @@ impl FileConfig {
             }
         }
         let data_dir = self.data_dir.unwrap_or_else(default_data_dir);
+        let control = match self.control {
+            Some(p) if p.as_os_str().is_empty() || p.is_relative() => {
+                return Err(invalid("control", "must be an absolute path"))
+            }
+            Some(p) => p,
+            None => default_control(&data_dir),
+        };
         let p2p = validate_p2p(self.p2p)?;
         Ok(Config {
             data_dir,
             listen: self.listen,
             admin: self.admin,
+            admin_hosts: self.admin_hosts,
+            control,
+            control_group,
             log: self.log,
-            store: self.store,
+            store,
             mirror: self.mirror,
             upstreams,
             p2p,
         })
+    }
+}
+
+fn validate_store(s: &StoreSection) -> Result<StoreLimits, ConfigError> {
+    let (quota_bytes, filesystem) = match s.quota {
+        None => (0, true),
+        Some(q) => (q.0, false),
+    };
+    let (hi, lo) = if filesystem { (0.85, 0.75) } else { (0.9, 0.8) };
+    let high = s.high_watermark.unwrap_or(hi);
+    let low = s.low_watermark.unwrap_or(lo);
+    if !(high > 0.0 && high <= 1.0) {
+        return Err(invalid("store.high_watermark", "must be in (0, 1]"));
+    }
+    if !(low > 0.0 && low <= high) {
+        return Err(invalid(
+            "store.low_watermark",
+            "must be in (0, store.high_watermark]",
+        ));
+    }
+    Ok(StoreLimits {
+        quota_bytes,
+        filesystem,
+        high_watermark: high,
+        low_watermark: low,
+    })
+}
+
+/// The gid of group `name`, from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
+}
+
+/// `/run/shoal/control.sock` as root; else under `$XDG_RUNTIME_DIR`, or the data dir.
+fn default_control(data_dir: &Path) -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/run/shoal/control.sock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("shoal/control.sock"),
+        _ => data_dir.join("control.sock"),
     }
 }
 
@@ -502,7 +649,7 @@ fn default_data_dir() -> PathBuf {
     }
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // The owner of /proc/self is our effective uid; avoids unsafe libc calls.
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)

@@ -41,6 +41,7 @@ use bytes::Bytes;
 use futures::Stream;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, RANGE, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
+use sha2::Digest as _;
 use shoal_proto::{BlobId, RepoName};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -90,6 +91,8 @@ pub enum DownloadError {
     WriterBusy,
     #[error("node is shutting down")]
     Shutdown,
+    #[error("the download stopped without a result")]
+    Aborted,
 }
 
 impl From<StoreError> for DownloadError {
@@ -119,6 +122,8 @@ pub struct Progress {
 #[derive(Debug)]
 pub struct Download {
     pub id: BlobId,
+    /// `Some` for an isolated download: whose it is.
+    isolation: Option<Isolation>,
     progress: watch::Sender<Progress>,
     /// The content file being written (replaced if the download restarts).
     raw: Mutex<Option<Arc<RawReader>>>,
@@ -129,6 +134,10 @@ pub enum Join {
     /// The store holds the complete, verified blob: serve it from there.
     Complete,
     Download(Arc<Download>),
+    /// Neither the store nor a running download may serve this source (an isolated source
+    /// meeting others' bytes, or the other way round): fetch from the origin for this request
+    /// alone, without the store.
+    Elsewhere,
 }
 
 /// What a new download fetches from.
@@ -137,8 +146,37 @@ pub struct Source {
     pub origin: Arc<Origin>,
     pub repo: RepoName,
     pub auth: AuthMode,
-    /// Whether anyone may read it (recorded with the blob).
-    pub public: bool,
+    /// Whether any client may read it through this origin and repository (recorded in the
+    /// blob's provenance).
+    pub open: bool,
+    /// An isolated download, for a requester whose access to stored bytes is not proven (an
+    /// origin it chose; see `access`): it never uses peers or an origin lease, never starts over
+    /// bytes the store already holds, is joined only by requests for the same origin, repository
+    /// and credentials, shows its readers only bytes it fetched itself, and commits nothing until
+    /// the whole blob matched its digest (a failure discards it).
+    pub isolated: bool,
+}
+
+impl Source {
+    /// Who may share an isolated download: same origin, repository and credentials.
+    fn isolation(&self) -> Option<Isolation> {
+        self.isolated.then(|| Isolation {
+            upstream: self.origin.host.clone(),
+            repo: self.repo.clone(),
+            cred: match &self.auth {
+                AuthMode::Client(v) => sha2::Sha256::digest(v.as_bytes()).into(),
+                AuthMode::Node => [0; 32],
+            },
+        })
+    }
+}
+
+/// The requester an isolated download belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Isolation {
+    upstream: String,
+    repo: RepoName,
+    cred: [u8; 32],
 }
 
 /// The node's download manager. Cheap to clone.
@@ -155,6 +193,8 @@ pub(crate) struct Inner {
     active: Mutex<HashMap<BlobId, Arc<Download>>>,
     /// Blobs to fetch from the origin only, until the instant.
     no_peers: Mutex<HashMap<BlobId, Instant>>,
+    /// Origin fetches allowed at once (`mirror.max_origin_downloads`).
+    origin_slots: Arc<tokio::sync::Semaphore>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -177,13 +217,14 @@ impl Inner {
 
 impl Downloads {
     /// `peering`: the cluster to fetch from before the origin (`None`: a
-    /// standalone node).
+    /// standalone node); `origin_limit`: origin fetches at once (more queue).
     pub fn new(
         store: Store,
         metrics: Arc<Metrics>,
         peering: Option<Peering>,
         tracker: TaskTracker,
         cancel: CancellationToken,
+        origin_limit: usize,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -192,6 +233,7 @@ impl Downloads {
                 peering,
                 active: Mutex::new(HashMap::new()),
                 no_peers: Mutex::new(HashMap::new()),
+                origin_slots: Arc::new(tokio::sync::Semaphore::new(origin_limit.max(1))),
                 tracker,
                 cancel,
             }),
@@ -200,13 +242,25 @@ impl Downloads {
 
     /// Join or start the download of `id`.
     pub fn join(&self, id: &BlobId, source: Source) -> Result<Join, StoreError> {
+        let isolation = source.isolation();
         let mut active = self.inner.active.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = active.get(id) {
-            return Ok(Join::Download(d.clone()));
+            // Bytes flow only within one trust domain: shared downloads among requesters whose
+            // access is proven, an isolated one only to its own requester.
+            if d.isolation == isolation {
+                return Ok(Join::Download(d.clone()));
+            }
+            return Ok(Join::Elsewhere);
         }
         // Checked under the lock: a download removes itself only after the
         // store says complete, so this cannot miss one finishing.
-        if self.inner.store.blob(id)?.is_some_and(|r| r.complete) {
+        let record = self.inner.store.blob(id)?;
+        if isolation.is_some() {
+            if record.is_some() {
+                // The store holds (some of) it, from a source this requester has not proven.
+                return Ok(Join::Elsewhere);
+            }
+        } else if record.is_some_and(|r| r.complete) {
             return Ok(Join::Complete);
         }
         let (tx, _) = watch::channel(Progress {
@@ -216,6 +270,7 @@ impl Downloads {
         });
         let d = Arc::new(Download {
             id: id.clone(),
+            isolation,
             progress: tx,
             raw: Mutex::new(None),
         });
@@ -223,12 +278,14 @@ impl Downloads {
         drop(active);
         let inner = self.inner.clone();
         let task_d = d.clone();
-        let span = tracing::info_span!("download", blob = %id, origin = %source.origin.host, repo = %source.repo);
+        let span = tracing::info_span!("download", blob = %id, origin = %source.origin.host, repo = %source.repo, isolated = source.isolated);
         self.inner.tracker.spawn(
             async move {
+                // Whatever happens to this task (a panic included), the guard takes the download
+                // out of the active map and gives its followers a verdict.
+                let mut guard = Finished::new(inner.clone(), task_d.clone());
                 inner.metrics.downloads_in_flight.inc();
                 let result = run(&inner, &task_d, &source).await;
-                inner.metrics.downloads_in_flight.dec();
                 let state = match result {
                     Ok(()) => {
                         tracing::info!("download complete");
@@ -250,19 +307,45 @@ impl Downloads {
                         State::Failed(e)
                     }
                 };
-                let mut active = inner.active.lock().unwrap_or_else(|e| e.into_inner());
-                if active
-                    .get(&task_d.id)
-                    .is_some_and(|x| Arc::ptr_eq(x, &task_d))
-                {
-                    active.remove(&task_d.id);
-                }
-                drop(active);
-                task_d.progress.send_modify(|p| p.state = state);
+                guard.finish(state);
             }
             .instrument(span),
         );
         Ok(Join::Download(d))
+    }
+
+    /// [`Downloads::join`] for a source that must use the store (a mount, a prewarm): while a
+    /// download it may not share holds the blob (an isolated one, for an unproven requester),
+    /// wait for that one to end and try again.
+    pub async fn join_shared(&self, id: &BlobId, source: Source) -> Result<Join, StoreError> {
+        loop {
+            match self.join(id, source.clone())? {
+                Join::Elsewhere => {
+                    let running = {
+                        let active = self.inner.active.lock().unwrap_or_else(|e| e.into_inner());
+                        active.get(id).cloned()
+                    };
+                    match running {
+                        Some(d) => {
+                            let mut rx = d.subscribe();
+                            while matches!(rx.borrow_and_update().state, State::Running) {
+                                if rx.changed().await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                    if self.inner.cancel.is_cancelled() {
+                        return Err(StoreError::Io {
+                            path: Default::default(),
+                            source: std::io::Error::other("shutting down"),
+                        });
+                    }
+                }
+                other => return Ok(other),
+            }
+        }
     }
 
     /// Number of downloads running now.
@@ -380,6 +463,53 @@ impl Download {
     }
 }
 
+/// Ends a download whichever way its task ends: removes it from the active map and publishes its
+/// final state — `Failed` when the task panicked or was dropped before saying, so that followers
+/// get an error instead of waiting forever and a later request starts afresh.
+struct Finished {
+    inner: Arc<Inner>,
+    d: Arc<Download>,
+    state: Option<State>,
+}
+
+impl Finished {
+    fn new(inner: Arc<Inner>, d: Arc<Download>) -> Self {
+        Self {
+            inner,
+            d,
+            state: None,
+        }
+    }
+
+    fn finish(&mut self, state: State) {
+        self.state = Some(state);
+    }
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.inner.metrics.downloads_in_flight.dec();
+        let state = self.state.take().unwrap_or_else(|| {
+            tracing::error!(blob = %self.d.id, "download task ended without a result (panicked?)");
+            self.inner
+                .metrics
+                .downloads_failed
+                .get_or_create(&crate::metrics::KindLabels { kind: "panic" })
+                .inc();
+            State::Failed(DownloadError::Aborted)
+        });
+        let mut active = self.inner.active.lock().unwrap_or_else(|e| e.into_inner());
+        if active
+            .get(&self.d.id)
+            .is_some_and(|x| Arc::ptr_eq(x, &self.d))
+        {
+            active.remove(&self.d.id);
+        }
+        drop(active);
+        self.d.progress.send_modify(|p| p.state = state);
+    }
+}
+
 /// The writer and the running hash travel together between the async task
 /// and the blocking pool.
 pub(crate) struct Sink {
@@ -402,6 +532,9 @@ pub(crate) struct Fill {
     /// blob is verified (bytes from DHT providers, which come with no trusted
     /// piece hashes).
     held_back: bool,
+    /// New bytes are shown to readers (the download's own requester) but not committed until
+    /// the whole blob is verified (an isolated download).
+    defer_commit: bool,
 }
 
 impl Fill {
@@ -413,7 +546,14 @@ impl Fill {
             from_peers: false,
             peer_exposed: false,
             held_back: false,
+            defer_commit: false,
         }
+    }
+
+    /// Whether written bytes may be committed (made present in the store) before the whole blob
+    /// is verified.
+    fn may_commit(&self) -> bool {
+        !self.held_back && !self.defer_commit
     }
 
     /// Readers may see `[0, pos)` now (unless bytes are held back).
@@ -462,9 +602,17 @@ async fn run(inner: &Inner, d: &Download, src: &Source) -> Result<(), DownloadEr
         tracing::info!(from = resume_from, size = rec.size, "resuming partial blob");
     }
     let mut fill = Fill::new(resume_from, partial.map(|r| r.size));
-    let mut use_peers = inner.peering.is_some() && !inner.no_peers(&id);
+    fill.defer_commit = src.isolated;
+    let mut use_peers = inner.peering.is_some() && !inner.no_peers(&id) && !src.isolated;
     loop {
         let result = attempt(inner, d, src, &mut fill, use_peers).await;
+        if result.is_err() && src.isolated {
+            // Nothing of an isolated download stays: its bytes were never verified.
+            if let Some(sink) = fill.sink.take() {
+                let _ = blocking(move || sink.writer.discard()).await;
+            }
+            return result;
+        }
         match result {
             Err(DownloadError::DigestMismatch(_)) if fill.from_peers => {
                 // Some holder (or the lease holder's piece list) was wrong.
@@ -619,6 +767,13 @@ async fn origin_fill(
     if fill.size.is_some_and(|s| fill.pos >= s) && fill.sink.is_some() {
         return Ok(OriginEnd::Done);
     }
+    // At most `mirror.max_origin_downloads` origin fetches at once; the rest queue here.
+    let _slot = tokio::select! {
+        p = inner.origin_slots.clone().acquire_owned() => p.map_err(|_| DownloadError::Shutdown)?,
+        _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
+    };
+    #[cfg(feature = "fault-injection")]
+    crate::faults::maybe_panic_download(&id);
     let resume_from = fill.pos;
     let path = format!("/v2/{}/blobs/{}", src.repo, id);
     let mut headers = HeaderMap::new();
@@ -639,8 +794,19 @@ async fn origin_fill(
         )
         .await
         .map_err(|e| DownloadError::Origin(e.to_string()))?;
+    // Body bytes to drop before writing: an origin that ignores `Range` sends the blob from
+    // its start, and the kept prefix is already written and hashed.
+    let mut skip = 0u64;
     let size = match resp.status() {
         StatusCode::OK if resume_from == 0 => {
+            resp.content_length().ok_or(DownloadError::NoLength)?
+        }
+        StatusCode::OK => {
+            tracing::info!(
+                from = resume_from,
+                "origin ignored Range; reading the blob from its start"
+            );
+            skip = resume_from;
             resp.content_length().ok_or(DownloadError::NoLength)?
         }
         StatusCode::PARTIAL_CONTENT if resume_from > 0 => resp
@@ -650,11 +816,6 @@ async fn origin_fill(
             .and_then(|v| v.rsplit('/').next())
             .and_then(|t| t.parse::<u64>().ok())
             .ok_or(DownloadError::NoLength)?,
-        StatusCode::OK => {
-            return Err(DownloadError::Origin(
-                "origin ignored the Range of a resumed download".into(),
-            ))
-        }
         status => {
             return Err(DownloadError::Status {
                 status,
@@ -678,13 +839,21 @@ async fn origin_fill(
             Ok(c) => c,
             Err(e) => {
                 // Keep what arrived intact: a later download resumes there.
-                let commit = !fill.held_back;
+                let commit = fill.may_commit();
                 let _ = write(fill, std::mem::take(&mut batch), commit).await;
                 return Err(e);
             }
         };
-        let Some(chunk) = chunk else { break };
+        let Some(mut chunk) = chunk else { break };
         inner.metrics.from_origin("blob", chunk.len() as u64);
+        if skip > 0 {
+            let n = skip.min(chunk.len() as u64);
+            skip -= n;
+            chunk = chunk.slice(n as usize..);
+            if chunk.is_empty() {
+                continue;
+            }
+        }
         if let Some(p) = peering {
             p.origin_progress(&id, chunk.len() as u64);
         }
@@ -700,9 +869,10 @@ async fn origin_fill(
         }
         batch.extend_from_slice(&chunk);
         if batch.len() >= WRITE_BATCH {
-            // Bytes held back (from a DHT provider) are committed only
-            // once the whole blob is verified.
-            let commit = !fill.held_back && uncommitted(fill) + batch.len() as u64 >= commit_every;
+            // Bytes held back (from a DHT provider) or deferred (an isolated
+            // download) are committed only once the whole blob is verified.
+            let commit =
+                fill.may_commit() && uncommitted(fill) + batch.len() as u64 >= commit_every;
             let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
             write(fill, data, commit).await?;
             fill.expose(d);
@@ -716,7 +886,7 @@ async fn origin_fill(
             }
         }
     }
-    let commit = !fill.held_back;
+    let commit = fill.may_commit();
     write(fill, batch, commit).await?;
     if fill.pos != size {
         return Err(DownloadError::Length {
@@ -750,7 +920,7 @@ async fn finish(
         upstream: src.origin.host.clone(),
         repo: src.repo.clone(),
     };
-    let public = src.public;
+    let open = src.open;
     let store = inner.store.clone();
     let end = fill.pos;
     blocking(move || -> Result<(), DownloadError> {
@@ -768,7 +938,7 @@ async fn finish(
                     writer.commit(committed..end)?;
                 }
                 writer.complete(verified)?;
-                store.add_repo(&id, key, public)?;
+                store.add_repo(&id, key, open)?;
                 Ok(())
             }
             Err(_) => {

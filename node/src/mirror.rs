@@ -4,8 +4,15 @@
 //! repository names contain slashes: `/v2/<name>/manifests/<ref>`,
 //! `/v2/<name>/blobs/<digest>`, `/v2/<name>/tags/list`, `/v2/`. A request in
 //! absolute form (`GET http://host/v2/...`, as an HTTP proxy receives it)
-//! goes through the same handlers with the URL's host as the origin; other
-//! absolute-form requests are passed through untouched (`proxy`).
+//! goes through the same handlers with the URL's host as the origin (an
+//! unlisted host is an untrusted origin: see `access`). Other absolute-form
+//! requests and `CONNECT` are carried only to registry-related hosts
+//! (`proxy`): the proxy is not an open relay.
+//!
+//! Every origin request the node makes carries [`HOP_HEADER`] with this
+//! process's token; a request arriving with it is the node talking to itself
+//! (through some chain of proxies and unlisted origins) and is refused with
+//! 508 before it can loop.
 //!
 //! Every path component is validated (`RepoName`, `Digest`, `Reference`)
 //! before anything else happens, so no request can name a file.
@@ -15,6 +22,9 @@ pub mod error;
 mod manifests;
 mod proxy;
 pub mod range;
+mod relay;
+
+pub use proxy::{OwnListeners, Tunnels};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -47,6 +57,8 @@ application/vnd.docker.distribution.manifest.v1+json;q=0.5";
 /// Header a client can use to name the registry when it cannot use `?ns=`.
 pub const REGISTRY_HEADER: &str = "x-shoal-registry";
 
+pub use crate::upstream::{hop_token, HOP_HEADER};
+
 /// What the mirror handlers share.
 #[derive(Clone)]
 pub struct MirrorState {
@@ -57,6 +69,10 @@ pub struct MirrorState {
     pub metrics: Arc<Metrics>,
     pub cfg: Arc<MirrorSection>,
     pub passthrough: reqwest::Client,
+    /// Open `CONNECT` tunnels (bounded, idle-timed-out, closed at shutdown).
+    pub tunnels: Tunnels,
+    /// The node's own listeners, which proxy requests may never reach.
+    pub own: OwnListeners,
 }
 
 /// The mirror/proxy router. Tests call this directly.
@@ -149,8 +165,29 @@ async fn dispatch(State(st): State<MirrorState>, req: Request) -> Response {
 }
 
 async fn route(st: &MirrorState, req: Request) -> Result<Response, MirrorError> {
+    if req
+        .headers()
+        .get(HOP_HEADER)
+        .is_some_and(|v| v.as_bytes() == hop_token().as_bytes())
+    {
+        return Err(MirrorError::Loop);
+    }
     let uri = req.uri().clone();
     let is_proxy = uri.authority().is_some();
+    if is_proxy {
+        if let Some(a) = uri.authority() {
+            let port = a.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            if st.own.is_own(a.host(), port) {
+                return Err(MirrorError::ProxyRefused {
+                    target: a.to_string(),
+                    why: "one of this node's own listeners",
+                });
+            }
+        }
+    }
     let Some(rest) = uri.path().strip_prefix("/v2") else {
         return if is_proxy {
             proxy::pass_through(st, req).await

@@ -99,6 +99,9 @@ pub struct MountRequest {
     /// Prefetch rate in origin bytes per second (default [`prefetch::DEFAULT_RATE`]; 0: off).
     #[serde(default)]
     pub prefetch_rate: Option<u64>,
+    /// Mount over a non-empty or system directory (see [`check_mount_point`]).
+    #[serde(default)]
+    pub force: bool,
 }
 
 fn default_mode() -> MountMode {
@@ -169,6 +172,8 @@ pub struct MountDeps {
 #[derive(Clone)]
 pub struct Mounts {
     tx: mpsc::Sender<Cmd>,
+    /// The node's data directory, which no mount may cover.
+    data_dir: Arc<PathBuf>,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, MountError>>;
@@ -208,13 +213,24 @@ impl Mounts {
                 .run(rx, records)
                 .instrument(tracing::info_span!("mounts")),
         );
-        Mounts { tx }
+        Mounts {
+            tx,
+            data_dir: Arc::new(deps.data_dir.clone()),
+        }
     }
 
-    /// Mount `req.image` at `req.dir` (which must exist; made canonical here).
+    /// Mount `req.image` at `req.dir` (which must exist; made canonical here; see
+    /// [`check_mount_point`]).
     pub async fn mount(&self, req: MountRequest) -> Result<MountInfo, MountError> {
         ImageRef::parse(&req.image)?;
         let dir = canonical(&req.dir).await?;
+        let (d, data_dir, force) = (dir.clone(), self.data_dir.clone(), req.force);
+        tokio::task::spawn_blocking(move || check_mount_point(&d, &data_dir, force))
+            .await
+            .map_err(|e| MountError::Dir {
+                dir: dir.clone(),
+                reason: e.to_string(),
+            })??;
         let record = MountRecord {
             image: req.image,
             dir,
@@ -250,6 +266,52 @@ impl Mounts {
             .map_err(|_| MountError::ShuttingDown)?;
         rx.await.map_err(|_| MountError::ShuttingDown)
     }
+}
+
+/// Directories a mount never covers without `force`: the root, the system's own trees, and
+/// everything below the ones whose contents the system runs on.
+const SYSTEM_DIRS: [&str; 22] = [
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media",
+    "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+];
+const SYSTEM_TREES: [&str; 12] = [
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin",
+    "/sys", "/usr",
+];
+
+/// A mount point (canonical) must be a directory, not a system directory, not inside the
+/// node's data directory, and empty — the last two rules waived by `force` except for the
+/// data directory, which is never covered.
+pub fn check_mount_point(dir: &Path, data_dir: &Path, force: bool) -> Result<(), MountError> {
+    let refuse = |reason: &str| MountError::Dir {
+        dir: dir.to_path_buf(),
+        reason: reason.to_owned(),
+    };
+    let meta = std::fs::metadata(dir).map_err(|e| refuse(&e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(refuse("not a directory"));
+    }
+    let data = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    if dir.starts_with(&data) || data.starts_with(dir) {
+        return Err(refuse("covers or is inside the node's data directory"));
+    }
+    if force {
+        return Ok(());
+    }
+    let system = SYSTEM_DIRS.iter().any(|s| dir == Path::new(s))
+        || SYSTEM_TREES.iter().any(|s| dir.starts_with(s));
+    if system {
+        return Err(refuse(
+            "is a system directory (pass --force to mount over it anyway)",
+        ));
+    }
+    let mut entries = std::fs::read_dir(dir).map_err(|e| refuse(&e.to_string()))?;
+    if entries.next().is_some() {
+        return Err(refuse(
+            "is not empty (pass --force to hide its contents under the mount)",
+        ));
+    }
+    Ok(())
 }
 
 async fn canonical(dir: &Path) -> Result<PathBuf, MountError> {

@@ -1,11 +1,15 @@
 //! A running node: wires the store, origins, access checks, downloads, the
 //! mirror and the admin API together, and shuts them down in order.
 //!
-//! Shutdown order: stop accepting connections and give in-flight responses
-//! a grace period → unmount the lazy mounts (kept in the mount table for the
-//! next start) → cancel downloads (each commits what it has) → wait for
-//! every task → stop the cluster side (announcements, DHT, uploads) → flush
-//! the store.
+//! Listeners: the mirror/proxy (`listen`, TCP), the read-only admin listener
+//! (`admin`, TCP: health, metrics, status) and the control socket (`control`,
+//! a root-only Unix socket: every state-changing call).
+//!
+//! Shutdown order: stop accepting connections (closing proxy tunnels) and
+//! give in-flight responses a grace period → unmount the lazy mounts (kept in
+//! the mount table for the next start) → cancel downloads (each commits what
+//! it has) → wait for every task → stop the cluster side (announcements, DHT,
+//! uploads) → flush the store.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::Access;
 use crate::admin::{self, AdminState, NodeInfo};
 use crate::config::Config;
+use crate::control::{self, ControlListener, Policy};
 use crate::download::Downloads;
 use crate::metrics::Metrics;
 use crate::mirror::{self, MirrorState};
@@ -34,14 +39,19 @@ const GRACE: Duration = Duration::from_secs(10);
 
 /// Run a node until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    crate::faults::check_env()?;
     let metrics = Arc::new(Metrics::new());
     let store_cfg = StoreConfig {
         dir: cfg.data_dir.clone(),
         backend: Backend::RocksDb,
-        quota_bytes: cfg.store.quota.0,
+        quota_bytes: cfg.store.quota_bytes,
+        filesystem_quota: cfg.store.filesystem,
         high_watermark: cfg.store.high_watermark,
         low_watermark: cfg.store.low_watermark,
     };
+    if cfg.store.quota_bytes == 0 && !cfg.store.filesystem {
+        tracing::warn!("store.quota = 0: the cache may fill its disk (unset it to keep the filesystem below 85 %)");
+    }
     let store = tokio::task::spawn_blocking(move || Store::open(store_cfg))
         .await?
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
@@ -51,7 +61,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let work = CancellationToken::new();
     let tracker = TaskTracker::new();
     let upstreams = Arc::new(Upstreams::new(&cfg, metrics.clone())?);
-    let access = Arc::new(Access::new(cfg.mirror.access_ttl.0, metrics.clone()));
+    let access = Arc::new(Access::new(
+        cfg.mirror.access_ttl.0,
+        cfg.mirror.possession_samples,
+        store.clone(),
+        metrics.clone(),
+    ));
     // The cluster side: data plane, DHT, announcements. Stopped after the
     // downloads (which use it) and before the store is flushed.
     let peer_cancel = CancellationToken::new();
@@ -107,6 +122,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         peering.clone(),
         tracker.clone(),
         work.clone(),
+        cfg.mirror.max_origin_downloads,
     );
     if let Some(p) = &peering {
         // Prewarm jobs come from the schedulers; they run like downloads
@@ -136,6 +152,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(cfg.mirror.upstream_timeout.0)
         .build()?;
+    let stop_accepting = CancellationToken::new();
     let mirror_state = MirrorState {
         store: store.clone(),
         upstreams,
@@ -144,12 +161,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         metrics: metrics.clone(),
         cfg: Arc::new(cfg.mirror.clone()),
         passthrough,
+        tunnels: mirror::Tunnels::new(
+            cfg.mirror.max_tunnels,
+            cfg.mirror.tunnel_idle_timeout.0,
+            stop_accepting.clone(),
+        ),
+        own: mirror::OwnListeners::new(&cfg),
     };
     let info = NodeInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         data_dir: cfg.data_dir.display().to_string(),
         listen: cfg.listen.to_string(),
         admin: cfg.admin.to_string(),
+        control: cfg.control.display().to_string(),
         upstreams: cfg
             .upstreams
             .iter()
@@ -165,8 +189,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         downloads,
         metrics,
         info: Arc::new(info),
-        mounts: mounts.clone(),
         peering: peering.clone(),
+        hosts: Arc::new(cfg.admin_hosts.clone()),
     };
 
     let mirror_listener = TcpListener::bind(cfg.listen)
@@ -175,9 +199,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let admin_listener = TcpListener::bind(cfg.admin)
         .await
         .with_context(|| format!("binding the admin API to {} (admin)", cfg.admin))?;
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, "node ready");
+    let control_listener = ControlListener::bind(
+        &cfg.control,
+        cfg.control_group.as_ref().map(|(_, gid)| *gid),
+    )
+    .context("the control socket (control)")?;
+    let policy = Policy {
+        uid: rustix::process::geteuid().as_raw(),
+        group: cfg.control_group.as_ref().map(|(_, gid)| *gid),
+    };
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, control = %cfg.control.display(), "node ready");
 
-    let stop_accepting = CancellationToken::new();
     let servers = TaskTracker::new();
     let s = stop_accepting.clone();
     servers.spawn(async move {
@@ -191,6 +223,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         axum::serve(admin_listener, admin::router(admin_state))
             .with_graceful_shutdown(s.cancelled_owned())
             .await
+    });
+    let s = stop_accepting.clone();
+    let control_routes = crate::mount::api::router(mounts.clone());
+    servers.spawn(async move {
+        control::serve(
+            control_listener,
+            control_routes,
+            policy,
+            s.cancelled_owned(),
+        )
+        .await
     });
     servers.close();
 

@@ -94,8 +94,9 @@ pub struct P2pConfig {
     /// version negotiation change it.
     #[doc(hidden)]
     pub protocol_version: u16,
-    /// Fault injection for end-to-end tests (`SHOAL_FAULT_CORRUPT_UPLOADS=1`):
-    /// flip a byte of every range served to peers. Never set otherwise.
+    /// Fault injection for end-to-end tests (`SHOAL_FAULT_CORRUPT_UPLOADS=1`,
+    /// `crate::faults`): flip a byte of every range served to peers.
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub fault_corrupt_uploads: bool,
 }
@@ -116,6 +117,7 @@ impl P2pConfig {
             stream_window: 2 << 20,
             connection_window: 16 << 20,
             protocol_version: PROTOCOL_VERSION,
+            #[cfg(feature = "fault-injection")]
             fault_corrupt_uploads: false,
         }
     }

@@ -142,10 +142,9 @@ impl Peering {
         let mut pcfg = P2pConfig::new(cfg.listen, cfg.join_secret.clone());
         pcfg.upload_slots = cfg.upload_slots;
         pcfg.upload_rate = cfg.upload_rate;
-        pcfg.fault_corrupt_uploads =
-            std::env::var("SHOAL_FAULT_CORRUPT_UPLOADS").is_ok_and(|v| v == "1");
-        if pcfg.fault_corrupt_uploads {
-            tracing::warn!("SHOAL_FAULT_CORRUPT_UPLOADS=1: this node serves corrupted bytes to peers (fault injection for tests)");
+        #[cfg(feature = "fault-injection")]
+        {
+            pcfg.fault_corrupt_uploads = crate::faults::corrupt_uploads();
         }
         let p2p = p2p::start(
             pcfg,

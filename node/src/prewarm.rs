@@ -39,7 +39,7 @@ use crate::mount::image::{
     nydus_layers, pick_platform, platform_or_host, Descriptor, ImageError, ImageRef,
 };
 use crate::peering::Peering;
-use crate::store::{ManifestRecord, RepoKey, Store, StoreError, TagRecord};
+use crate::store::{ManifestRecord, Provenance, RepoKey, Store, StoreError, TagRecord};
 use crate::upstream::{AuthMode, ManifestError, Origin, OriginError, Upstreams};
 
 /// Blobs of one job fetched at once.
@@ -261,8 +261,10 @@ async fn warm(
 ) -> Result<Option<String>, PrewarmError> {
     let image = ImageRef::parse(&a.image)?;
     let origin = inner.upstreams.select(image.host.as_deref(), None)?;
-    let public = !origin.has_node_credentials();
-    let (blobs, note) = resolve(inner, &origin, &image, a.full, public).await?;
+    // Fetched with the node's own credentials (or none) for an operator's job: open in that
+    // upstream and repository, as the mirror would record it.
+    let open = true;
+    let (blobs, note) = resolve(inner, &origin, &image, a.full, open).await?;
     let total: u64 = blobs.iter().map(|d| d.size).sum();
     tx.send_modify(|p| {
         p.bytes_total = total;
@@ -273,7 +275,8 @@ async fn warm(
         origin,
         repo: image.repo.clone(),
         auth: AuthMode::Node,
-        public,
+        open,
+        isolated: false,
     };
     let name = image.to_string();
     let mut fetches = futures::stream::iter(blobs.into_iter().map(|d| {
@@ -296,7 +299,7 @@ async fn resolve(
     origin: &Arc<Origin>,
     image: &ImageRef,
     full: bool,
-    public: bool,
+    open: bool,
 ) -> Result<(Vec<Descriptor>, Option<String>), PrewarmError> {
     let name = image.to_string();
     let (mut digest, mut bytes, mut media_type) =
@@ -324,7 +327,7 @@ async fn resolve(
         });
     };
     keep.push(Kept::Manifest(digest, media_type, bytes));
-    keep_manifests(&inner.store, origin, &image.repo, keep, public).await?;
+    keep_manifests(&inner.store, origin, &image.repo, keep, open).await?;
     Ok(plan(&name, raw.config, layers, full))
 }
 
@@ -368,7 +371,7 @@ async fn keep_manifests(
     origin: &Origin,
     repo: &RepoName,
     keep: Vec<Kept>,
-    public: bool,
+    open: bool,
 ) -> Result<(), PrewarmError> {
     let store = store.clone();
     let host = origin.host.clone();
@@ -388,8 +391,7 @@ async fn keep_manifests(
                         digest,
                         media_type,
                         bytes,
-                        repos: [key.clone()].into_iter().collect(),
-                        public,
+                        repos: Provenance::one(key.clone(), open),
                     })?
                 }
                 Kept::Tag(tag, digest, media_type) => store.put_tag(
@@ -400,7 +402,7 @@ async fn keep_manifests(
                         digest,
                         media_type,
                         fetched_at_ms: now,
-                        public,
+                        public: open,
                     },
                 )?,
             }
@@ -495,11 +497,13 @@ async fn fetch_blob(
             tx.send_modify(|p| p.bytes_done += delta);
         }
     };
-    let d = match downloads.join(&desc.digest, source)? {
+    let d = match downloads.join_shared(&desc.digest, source).await? {
         Join::Complete => {
             count(desc.size);
             return Ok(());
         }
+        // `join_shared` waits out downloads it may not share.
+        Join::Elsewhere => return Err(fail(DownloadError::Aborted)),
         Join::Download(d) => d,
     };
     let mut rx = d.subscribe();

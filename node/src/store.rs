@@ -51,7 +51,7 @@ pub use meta::DbError;
 pub use pieces::piece_size;
 pub use ranges::RangeSet;
 pub use reader::BlobReader;
-pub use records::{BlobRecord, ManifestRecord, RepoKey, TagRecord};
+pub use records::{BlobRecord, ManifestRecord, Provenance, RepoKey, TagRecord};
 pub use recovery::RecoveryReport;
 pub use shared::PinGuard;
 pub use verify::{DigestMismatch, VerifiedDigest, Verifier};
@@ -80,8 +80,13 @@ pub struct StoreConfig {
     /// The data directory (created if missing).
     pub dir: PathBuf,
     pub backend: Backend,
-    /// Disk quota for content bytes; 0 = unlimited.
+    /// Disk quota for content bytes (committed, plus written and not yet
+    /// committed); 0 = no byte quota (see `filesystem_quota`).
     pub quota_bytes: u64,
+    /// Without a byte quota: keep the data directory's *filesystem* below
+    /// the watermarks (its used fraction, whoever uses it), so a node never
+    /// fills the disk it shares with the host. Both off: unlimited.
+    pub filesystem_quota: bool,
     /// Evict when usage exceeds this fraction of the quota (e.g. 0.90).
     pub high_watermark: f64,
     /// ... down to this fraction (e.g. 0.80).
@@ -93,9 +98,19 @@ pub struct StoreConfig {
 pub struct StoreUsage {
     /// Sum of committed (present) bytes over all blobs.
     pub bytes: u64,
+    /// Bytes written to content files and not committed yet (downloads in
+    /// flight, bytes held back until their blob is verified).
+    pub inflight_bytes: u64,
     pub blobs: usize,
     pub complete: usize,
+    /// The byte quota; with a filesystem quota, the filesystem's size; 0:
+    /// unlimited.
     pub quota_bytes: u64,
+    /// Usage above which eviction starts (0: never).
+    pub high_watermark_bytes: u64,
+    /// What eviction measures against the watermark: content bytes (byte
+    /// quota) or the filesystem's used bytes (filesystem quota).
+    pub measured_bytes: u64,
 }
 
 /// Counters since open (for metrics).
@@ -211,9 +226,9 @@ impl Store {
         BlobReader::open(&self.shared, id)
     }
 
-    /// Records that `repo` served `id`, and whether it did so without
-    /// credentials. `public` is sticky: once true it stays true.
-    pub fn add_repo(&self, id: &BlobId, repo: RepoKey, public: bool) -> Result<(), StoreError> {
+    /// Records that `id` was fetched or confirmed in `repo`, and whether it
+    /// was open there (see [`Provenance`]). Open is sticky per repository.
+    pub fn add_repo(&self, id: &BlobId, repo: RepoKey, open: bool) -> Result<(), StoreError> {
         let shared = &self.shared;
         let _gate = shared.gate_shared();
         let _repos = shared
@@ -224,11 +239,9 @@ impl Store {
             return Err(StoreError::NotFound { id: id.clone() });
         };
         let mut stored: StoredRepos = shared.tables().repos(id)?;
-        let added = stored.repos.insert(repo);
-        if !added && (stored.public || !public) {
+        if !stored.repos.record(repo, open) {
             return Ok(());
         }
-        stored.public |= public;
         shared
             .db
             .put(keys::blob_repos(id), to_json(&stored), Durability::Sync)?;
@@ -294,8 +307,7 @@ impl Store {
         self.shared.tables().manifest(digest)
     }
 
-    /// Stores a manifest, merging `repos` with (and keeping a true `public`
-    /// of) an existing record. `Err(ManifestDigest)` if the bytes do not
+    /// Stores a manifest, merging its provenance with an existing record's. `Err(ManifestDigest)` if the bytes do not
     /// hash to `rec.digest`.
     pub fn put_manifest(&self, rec: &ManifestRecord) -> Result<(), StoreError> {
         if Digest::of(rec.digest.algorithm(), &rec.bytes) != rec.digest {
@@ -310,8 +322,7 @@ impl Store {
             .unwrap_or_else(PoisonError::into_inner);
         let mut merged = rec.clone();
         if let Some(old) = shared.tables().manifest(&rec.digest)? {
-            merged.repos.extend(old.repos);
-            merged.public |= old.public;
+            merged.repos.merge(&old.repos);
         }
         shared.db.put(
             keys::manifest(&rec.digest),
@@ -364,7 +375,7 @@ impl std::fmt::Debug for Store {
 
 fn validate(cfg: &StoreConfig) -> Result<(), StoreError> {
     let fraction = |v: f64| v.is_finite() && v > 0.0 && v <= 1.0;
-    if cfg.quota_bytes == 0 {
+    if cfg.quota_bytes == 0 && !cfg.filesystem_quota {
         return Ok(());
     }
     if !fraction(cfg.high_watermark) {

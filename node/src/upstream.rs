@@ -21,6 +21,23 @@ use shoal_proto::RepoName;
 use crate::config::{Config, Upstream};
 use crate::metrics::Metrics;
 
+mod reach;
+
+pub use reach::{is_local, literal_ip, valid_pattern, ProxyTargets};
+
+/// Header on every request the node sends to an origin or through its proxy: this process's
+/// hop token, so that the mirror can refuse a request that is the node reaching itself.
+pub const HOP_HEADER: &str = "x-shoal-hop";
+
+/// This process's hop token (random, fixed for its life).
+pub fn hop_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| format!("{:016x}", rand::random::<u64>()))
+}
+
+/// Unlisted origins remembered at most (least recently used dropped first).
+const LEARNED_CAP: usize = 256;
+
 /// Whose credentials a request to an origin carries.
 #[derive(Clone, Debug)]
 pub enum AuthMode {
@@ -40,6 +57,8 @@ pub enum OriginError {
     NoDefault,
     #[error("registry host {host:?} is not a valid host[:port]")]
     BadHost { host: String },
+    #[error("registry host {host:?} is an address of this host; unlisted registries may not be local (configure it as an upstream, or set mirror.allow_local_upstreams)")]
+    Local { host: String },
     #[error("origin {host} unreachable: {source}")]
     Unreachable {
         host: String,
@@ -56,6 +75,11 @@ pub struct Origin {
     /// The host as clients name it (`docker.io`, `127.0.0.1:5000`).
     pub host: String,
     pub base: Url,
+    /// Configured by the operator (trusted to answer access checks), as opposed to learned from
+    /// a request (see `access`).
+    pub configured: bool,
+    /// Where a configured origin's token realms are recorded for the forward proxy.
+    learn: Option<ProxyTargets>,
     client: reqwest::Client,
     credentials: Option<(String, String)>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
@@ -68,7 +92,10 @@ pub struct Upstreams {
     configured: HashMap<String, Arc<Origin>>,
     default: Option<Arc<Origin>>,
     allow_unlisted: bool,
-    learned: Mutex<HashMap<String, Arc<Origin>>>,
+    allow_local: bool,
+    /// Unlisted origins by host, with when each was last used; at most [`LEARNED_CAP`].
+    learned: Mutex<HashMap<String, (Arc<Origin>, Instant)>>,
+    targets: ProxyTargets,
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -76,10 +103,17 @@ pub struct Upstreams {
 impl Upstreams {
     pub fn new(cfg: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
         let timeout = cfg.mirror.upstream_timeout.0;
+        let targets = ProxyTargets::new(cfg.mirror.proxy_allow.clone());
         let mut configured = HashMap::new();
         let mut default = None;
         for u in &cfg.upstreams {
-            let origin = Arc::new(Origin::new(u, timeout, metrics.clone())?);
+            let origin = Arc::new(Origin::new(
+                u,
+                timeout,
+                metrics.clone(),
+                Some(targets.clone()),
+                true,
+            )?);
             if u.default {
                 default = Some(origin.clone());
             }
@@ -89,10 +123,32 @@ impl Upstreams {
             configured,
             default,
             allow_unlisted: cfg.mirror.allow_unlisted_upstreams,
+            allow_local: cfg.mirror.allow_local_upstreams,
             learned: Mutex::new(HashMap::new()),
+            targets,
             timeout,
             metrics,
         })
+    }
+
+    /// Whether the forward proxy may carry non-registry traffic (or a `CONNECT` tunnel) to
+    /// `host`:`port`: a configured registry, a host one of them sent clients to (token realm,
+    /// blob-storage redirect), or an operator's `mirror.proxy_allow` pattern.
+    pub fn proxy_allows(&self, host: &str, port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let configured = self.configured.values().any(|o| {
+            let base_port = o.base.port_or_known_default();
+            o.base
+                .host_str()
+                .is_some_and(|h| h.eq_ignore_ascii_case(&host))
+                && base_port == Some(port)
+        });
+        configured || self.targets.allows(&host, port)
+    }
+
+    /// Whether unlisted hosts may be local (`mirror.allow_local_upstreams`).
+    pub fn allow_local(&self) -> bool {
+        self.allow_local
     }
 
     /// The origin for a mirror request: containerd's `?ns=` first, then the
@@ -127,6 +183,20 @@ impl Upstreams {
         if !self.allow_unlisted {
             return Err(OriginError::Unlisted { host: host.into() });
         }
+        if !self.allow_local {
+            let bare = host.rsplit_once(':').map_or(host, |(h, p)| {
+                if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) {
+                    h
+                } else {
+                    host
+                }
+            });
+            if literal_ip(bare).is_some_and(is_local) || bare.eq_ignore_ascii_case("localhost") {
+                return Err(OriginError::Local {
+                    host: host.chars().take(100).collect(),
+                });
+            }
+        }
         let valid = !host.is_empty()
             && host.len() <= 255
             && host.bytes().all(|b| {
@@ -141,7 +211,8 @@ impl Upstreams {
             });
         };
         let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(o) = learned.get(host) {
+        if let Some((o, used)) = learned.get_mut(host) {
+            *used = Instant::now();
             return Ok(o.clone());
         }
         let upstream = Upstream {
@@ -151,15 +222,28 @@ impl Upstreams {
             ca_pem: None,
             credentials: None,
         };
-        let origin = Arc::new(
-            Origin::new(&upstream, self.timeout, self.metrics.clone()).map_err(|e| {
-                OriginError::Token {
-                    host: host.into(),
-                    message: e.to_string(),
-                }
-            })?,
-        );
-        learned.insert(host.to_owned(), origin.clone());
+        let mut origin = Origin::new(&upstream, self.timeout, self.metrics.clone(), None, false)
+            .map_err(|e| OriginError::Token {
+                host: host.into(),
+                message: e.to_string(),
+            })?;
+        if !self.allow_local {
+            origin.client = guarded_client(self.timeout).map_err(|e| OriginError::Token {
+                host: host.into(),
+                message: e.to_string(),
+            })?;
+        }
+        let origin = Arc::new(origin);
+        if learned.len() >= LEARNED_CAP {
+            let oldest = learned
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                learned.remove(&k);
+            }
+        }
+        learned.insert(host.to_owned(), (origin.clone(), Instant::now()));
         Ok(origin)
     }
 }
@@ -172,14 +256,36 @@ fn normalize_host(host: &str) -> &str {
     }
 }
 
+/// The HTTP client of an unlisted origin: DNS answers and redirects that lead to this host are
+/// refused (`reach`).
+fn guarded_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    client_builder(timeout)
+        .dns_resolver(Arc::new(reach::GuardedResolver))
+        .redirect(reach::guarded_redirects())
+        .build()
+}
+
+fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .connect_timeout(timeout)
+        .read_timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")))
+}
+
 impl Origin {
-    fn new(u: &Upstream, timeout: Duration, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let mut b = reqwest::Client::builder()
-            .use_rustls_tls()
-            .connect_timeout(timeout)
-            .read_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .user_agent(concat!("shoal/", env!("CARGO_PKG_VERSION")));
+    fn new(
+        u: &Upstream,
+        timeout: Duration,
+        metrics: Arc<Metrics>,
+        learn: Option<ProxyTargets>,
+        configured: bool,
+    ) -> anyhow::Result<Self> {
+        let mut b = client_builder(timeout);
+        if let Some(t) = &learn {
+            b = b.redirect(reach::learning_redirects(t.clone()));
+        }
         if let Some(pem) = &u.ca_pem {
             for cert in reqwest::Certificate::from_pem_bundle(pem)? {
                 b = b.add_root_certificate(cert);
@@ -193,6 +299,8 @@ impl Origin {
         Ok(Self {
             host,
             base: u.url.clone(),
+            configured,
+            learn,
             client: b.build()?,
             credentials: u.credentials.clone(),
             tokens: Mutex::new(HashMap::new()),
@@ -271,7 +379,10 @@ impl Origin {
         kind: &'static str,
     ) -> Result<reqwest::Response, OriginError> {
         self.metrics.origin_request(kind);
-        self.client
+        let mut headers = headers;
+        headers.insert(HOP_HEADER, HeaderValue::from_static(hop_token()));
+        let resp = self
+            .client
             .request(method, self.url(path))
             .headers(headers)
             .send()
@@ -279,7 +390,20 @@ impl Origin {
             .map_err(|source| OriginError::Unreachable {
                 host: self.host.clone(),
                 source,
-            })
+            })?;
+        if let (Some(learn), StatusCode::UNAUTHORIZED) = (&self.learn, resp.status()) {
+            // A configured registry sends its clients to this token realm (through the proxy,
+            // for clients that use one).
+            let realm = resp
+                .headers()
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(BearerChallenge::parse);
+            if let Some(ch) = realm {
+                learn.learn_url(&ch.realm);
+            }
+        }
+        Ok(resp)
     }
 
     fn cached_token(&self, scope: &str) -> Option<String> {

@@ -39,7 +39,7 @@ both_backends!(
     restart_keeps_complete_and_partial_blobs,
     corrupt_file_is_detected_after_reopen,
     recovery_removes_orphans_and_broken_records,
-    repos_are_merged_and_public_is_sticky,
+    repos_are_merged_and_open_is_sticky_per_repository,
 );
 
 fn open(dir: &Path, backend: Backend) -> Store {
@@ -47,6 +47,7 @@ fn open(dir: &Path, backend: Backend) -> Store {
         dir: dir.to_owned(),
         backend,
         quota_bytes: 0,
+        filesystem_quota: false,
         high_watermark: 0.9,
         low_watermark: 0.8,
     })
@@ -504,7 +505,7 @@ fn recovery_removes_orphans_and_broken_records(backend: Backend) {
     assert_eq!(store.usage().blobs, 1);
 }
 
-fn repos_are_merged_and_public_is_sticky(backend: Backend) {
+fn repos_are_merged_and_open_is_sticky_per_repository(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes = data(15, 1000);
     let id = Digest::sha256(&bytes);
@@ -522,7 +523,9 @@ fn repos_are_merged_and_public_is_sticky(backend: Backend) {
         store
             .add_repo(&id, repo("ghcr.io", "org/private"), false)
             .expect("add");
-        assert!(!store.blob(&id).expect("blob").expect("rec").public);
+        let private = repo("ghcr.io", "org/private");
+        let rec = store.blob(&id).expect("blob").expect("rec");
+        assert!(rec.repos.contains(&private) && !rec.repos.is_open(&private));
         store
             .add_repo(&id, repo("docker.io", "library/x"), true)
             .expect("add");
@@ -531,14 +534,21 @@ fn repos_are_merged_and_public_is_sticky(backend: Backend) {
             .expect("add again");
         let r = store.open_reader(&id).expect("reader").expect("present");
         let rec = r.record();
-        assert!(rec.public, "public is sticky");
+        assert!(
+            rec.repos.is_open(&repo("docker.io", "library/x")),
+            "open is sticky per repository"
+        );
+        assert!(
+            !rec.repos.is_open(&private),
+            "open in one repository opens no other"
+        );
         assert_eq!(rec.repos.len(), 2);
     }
     if backend == Backend::RocksDb {
         let store = open(dir.path(), backend);
         let rec = store.blob(&id).expect("blob").expect("rec");
-        assert!(rec.public);
-        assert!(rec.repos.contains(&repo("ghcr.io", "org/private")));
+        assert!(rec.repos.is_open(&repo("docker.io", "library/x")));
+        assert!(!rec.repos.is_open(&repo("ghcr.io", "org/private")));
     }
 }
 

@@ -1,11 +1,10 @@
 //! Manifest and tag cache: round trips, merging, and persistence (RocksDB).
 //! Each test runs on both backends.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use shoal_node::store::{
-    Backend, ManifestRecord, RepoKey, Store, StoreConfig, StoreError, TagRecord,
+    Backend, ManifestRecord, Provenance, RepoKey, Store, StoreConfig, StoreError, TagRecord,
 };
 use shoal_proto::{Digest, RepoName, Tag};
 
@@ -30,6 +29,7 @@ fn open(dir: &Path, backend: Backend) -> Store {
         dir: dir.to_owned(),
         backend,
         quota_bytes: 0,
+        filesystem_quota: false,
         high_watermark: 0.9,
         low_watermark: 0.8,
     })
@@ -47,12 +47,11 @@ fn manifests_round_trip_merge_and_persist(backend: Backend) {
     let dir = tempfile::tempdir().expect("tempdir");
     let bytes = br#"{"schemaVersion":2}"#.to_vec();
     let digest = Digest::sha256(&bytes);
-    let rec = |r: RepoKey, public| ManifestRecord {
+    let rec = |r: RepoKey, open| ManifestRecord {
         digest: digest.clone(),
         media_type: "application/vnd.oci.image.manifest.v1+json".into(),
         bytes: bytes.clone(),
-        repos: BTreeSet::from([r]),
-        public,
+        repos: Provenance::one(r, open),
     };
     {
         let store = open(dir.path(), backend);
@@ -65,7 +64,11 @@ fn manifests_round_trip_merge_and_persist(backend: Backend) {
             .expect("put");
         let got = store.get_manifest(&digest).expect("get").expect("present");
         assert_eq!(got.bytes, bytes);
-        assert!(got.public, "public is sticky");
+        assert!(got.repos.is_open(&repo("docker.io", "library/a")));
+        assert!(
+            !got.repos.is_open(&repo("ghcr.io", "b")),
+            "open per repository"
+        );
         assert_eq!(got.repos.len(), 2);
 
         let mut wrong = rec(repo("ghcr.io", "b"), false);
@@ -81,11 +84,10 @@ fn manifests_round_trip_merge_and_persist(backend: Backend) {
             .get_manifest(&digest)
             .expect("get")
             .expect("persisted");
-        assert_eq!(
-            got.repos,
-            BTreeSet::from([repo("docker.io", "library/a"), repo("ghcr.io", "b")])
-        );
-        assert!(got.public);
+        assert!(got.repos.contains(&repo("docker.io", "library/a")));
+        assert!(got.repos.contains(&repo("ghcr.io", "b")));
+        assert!(got.repos.is_open(&repo("docker.io", "library/a")));
+        assert!(!got.repos.is_open(&repo("ghcr.io", "b")));
     }
 }
 

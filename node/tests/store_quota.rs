@@ -37,6 +37,7 @@ fn open(dir: &Path, backend: Backend, quota_bytes: u64) -> Store {
         dir: dir.to_owned(),
         backend,
         quota_bytes,
+        filesystem_quota: false,
         high_watermark: 0.9,
         low_watermark: 0.5,
     })
@@ -182,6 +183,7 @@ fn bad_watermarks_are_refused(backend: Backend) {
             dir: dir.path().to_owned(),
             backend,
             quota_bytes: QUOTA,
+            filesystem_quota: false,
             high_watermark: high,
             low_watermark: low,
         })

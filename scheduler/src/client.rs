@@ -210,17 +210,29 @@ impl SchedulerClient {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        req.header(
+        // The signature covers the Host the request is sent with: set it explicitly.
+        let host = host_of(&self.base);
+        let signed = shoal_proto::auth::Signed {
+            method,
+            host: &host,
+            path: full_path,
+            body,
+        };
+        req.header(reqwest::header::HOST, host.clone()).header(
             shoal_proto::auth::AUTH_HEADER,
-            shoal_proto::auth::sign(key, method, full_path, now_ms, body),
+            shoal_proto::auth::sign(key, &signed, now_ms),
         )
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let full_path = format!("{API_PREFIX}{path}");
         let req = self
             .http
-            .get(format!("{}{API_PREFIX}{path}", self.base))
+            .get(format!("{}{full_path}", self.base))
             .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string());
+        // Reads are signed too: a scheduler with a join secret shows blobs and nodes to
+        // cluster members only.
+        let req = self.sign(req, "GET", &full_path, b"");
         self.send(req).await
     }
 
@@ -381,6 +393,18 @@ impl SchedulerSet {
     pub fn for_blob(&self, blob: &BlobId) -> Option<&SchedulerClient> {
         let owner = pick_scheduler(blob, &self.addrs)?;
         self.clients.iter().find(|c| &c.addr == owner)
+    }
+}
+
+/// `host[:port]` of a base URL, as sent in the `Host` header (default ports left out).
+fn host_of(base: &str) -> String {
+    match reqwest::Url::parse(base) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => String::new(),
+        },
+        Err(_) => String::new(),
     }
 }
 

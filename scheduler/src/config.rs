@@ -47,11 +47,16 @@ pub struct FileConfig {
     /// This scheduler's entry in `cluster`. Required when `cluster` is set.
     pub advertise: Option<String>,
     /// The cluster's join secret (the nodes' `p2p.join_secret_file`). When
-    /// set, only requests signed with it (by member nodes and the CLI) may
-    /// announce, ask for parents, report failures or submit jobs; reads of
-    /// the status page, status JSON and metrics stay open. Default: none
-    /// (anyone who can reach the port is trusted).
+    /// set, every request but `/healthz` and `/metrics` must be signed with
+    /// it (by member nodes and the CLI), reads of the status page, status
+    /// JSON and jobs too (they name blobs and node addresses), and a signed
+    /// request is accepted once. Default: none (anyone who can reach the
+    /// port is trusted).
     pub join_secret_file: Option<PathBuf>,
+    /// An operator listener: the status page, status JSON, jobs, metrics and
+    /// health, read-only and unsigned, for a browser. Bind it to loopback (or
+    /// put your own access control in front). Default: none.
+    pub status_listen: Option<SocketAddr>,
     pub log: LogConfig,
 }
 
@@ -69,6 +74,7 @@ impl Default for FileConfig {
             cluster: Vec::new(),
             advertise: None,
             join_secret_file: None,
+            status_listen: None,
             log: LogConfig::default(),
         }
     }
@@ -104,6 +110,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The unsigned, read-only operator listener, if any.
+    pub status_listen: Option<SocketAddr>,
     /// Requests must be signed with this key (derived from the join secret).
     pub auth_key: Option<[u8; 32]>,
     pub state: StateConfig,
@@ -196,9 +204,13 @@ impl FileConfig {
                 ))
             }
         };
+        if self.status_listen.is_some_and(|a| a == self.listen) {
+            return Err(invalid("status_listen", "must differ from listen"));
+        }
         Ok(Config {
             auth_key,
             listen: self.listen,
+            status_listen: self.status_listen,
             state: StateConfig {
                 heartbeat_ms: heartbeat,
                 node_ttl_ms: node_ttl,

@@ -9,6 +9,8 @@
 
 mod page;
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -17,7 +19,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use shoal_proto::auth::{self, AuthError, AUTH_HEADER};
+use shoal_proto::auth::{self, AuthError, ReplayGuard, AUTH_HEADER};
 use shoal_proto::sched::{
     check_version, ErrorBody, ErrorCode, JobId, JobList, VersionError, PROTOCOL_HEADER,
     PROTOCOL_VERSION,
@@ -36,11 +38,13 @@ pub fn router(handle: SchedulerHandle) -> Router {
     router_with_auth(handle, None)
 }
 
-/// All routes of a scheduler; with `auth_key`, requests that change state
-/// (POST, DELETE) must be signed with it (`shoal_proto::auth`), reads stay
-/// open.
+/// All routes of a scheduler; with `auth_key`, every request but `/healthz` and `/metrics` must
+/// be signed with it (`shoal_proto::auth`) — reads too, since the status and the job list name
+/// blobs and node addresses — and a signed request is accepted once (no replays).
 pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> Router {
+    let guard = Arc::new(ReplayGuard::default());
     Router::new()
+        .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/announce", post(announce))
         .route("/api/v1/blobs/{blob}/parents", post(parents))
         .route("/api/v1/blobs/{blob}/failure", post(failure))
@@ -52,8 +56,23 @@ pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> 
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(move |req, next| {
-            authenticate(auth_key, req, next)
+            authenticate(auth_key, guard.clone(), req, next)
         }))
+        .layer(middleware::from_fn(protocol_version))
+        .with_state(handle)
+}
+
+/// The operator listener's routes: reads only (status page, status JSON, jobs, metrics,
+/// health), unsigned. Nothing here changes the scheduler.
+pub fn status_router(handle: SchedulerHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/jobs", get(list_jobs))
+        .route("/api/v1/jobs/{id}", get(job))
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
         .layer(middleware::from_fn(protocol_version))
         .with_state(handle)
 }
@@ -159,13 +178,19 @@ async fn protocol_version(req: Request, next: Next) -> Response {
     resp
 }
 
-/// With a key, every request but a read (GET, HEAD) must carry a valid
-/// signature over its method, path and body.
-async fn authenticate(key: Option<[u8; 32]>, req: Request, next: Next) -> Response {
+/// With a key, every request but the health check and metrics (which name nothing) must carry a
+/// valid signature over its method, host, path and body, seen for the first time.
+async fn authenticate(
+    key: Option<[u8; 32]>,
+    guard: Arc<ReplayGuard>,
+    req: Request,
+    next: Next,
+) -> Response {
     let Some(key) = key else {
         return next.run(req).await;
     };
-    if req.method() == Method::GET || req.method() == Method::HEAD {
+    let open = matches!(req.uri().path(), "/healthz" | "/metrics");
+    if open && (req.method() == Method::GET || req.method() == Method::HEAD) {
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
@@ -173,17 +198,23 @@ async fn authenticate(key: Option<[u8; 32]>, req: Request, next: Next) -> Respon
         return ApiError::BadRequest("request body too large or unreadable".into()).into_response();
     };
     let header = parts.headers.get(AUTH_HEADER).and_then(|v| v.to_str().ok());
+    let host = parts
+        .headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    if let Err(e) = auth::verify(
-        &key,
-        header,
-        parts.method.as_str(),
-        parts.uri.path(),
-        &bytes,
-        now_ms,
-    ) {
+    let signed = auth::Signed {
+        method: parts.method.as_str(),
+        host,
+        path: parts.uri.path(),
+        body: &bytes,
+    };
+    let checked =
+        auth::verify(&key, header, &signed, now_ms).and_then(|stamp| guard.admit(&stamp, now_ms));
+    if let Err(e) = checked {
         tracing::info!(error = %e, path = parts.uri.path(), "unauthenticated request refused");
         return ApiError::from(e).into_response();
     }

@@ -40,6 +40,8 @@ pub enum ServerError {
 pub struct Scheduler {
     auth_key: Option<[u8; 32]>,
     listener: TcpListener,
+    /// The read-only operator listener (`status_listen`).
+    status_listener: Option<TcpListener>,
     local_addr: SocketAddr,
     handle: SchedulerHandle,
     tracker: TaskTracker,
@@ -64,12 +66,21 @@ impl Scheduler {
             addr: cfg.listen,
             source,
         })?;
+        let status_listener = match cfg.status_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let tracker = TaskTracker::new();
         let cancel = CancellationToken::new();
         let handle = service::spawn(cfg.state, metrics, &tracker, cancel.clone());
         Ok(Self {
             auth_key: cfg.auth_key,
             listener,
+            status_listener,
             local_addr,
             handle,
             tracker,
@@ -92,6 +103,7 @@ impl Scheduler {
         let Self {
             auth_key,
             listener,
+            status_listener,
             local_addr,
             handle,
             tracker,
@@ -102,6 +114,20 @@ impl Scheduler {
         let stop = stop_accepting.clone();
         if auth_key.is_none() {
             tracing::warn!("no join_secret_file: any client that reaches this port may announce and blame nodes");
+        }
+        if let Some(l) = status_listener {
+            let app = crate::http::status_router(handle.clone());
+            let stop = stop_accepting.clone();
+            let addr = l.local_addr().ok();
+            tracing::info!(listen = ?addr, "operator status listener (read-only, unsigned)");
+            tracker.spawn(async move {
+                if let Err(e) = axum::serve(l, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+                {
+                    tracing::warn!(error = %e, "status listener failed");
+                }
+            });
         }
         let app = crate::http::router_with_auth(handle, auth_key);
         let mut server = tracker.spawn(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use shoal_proto::sched::{
     AnnounceRequest, AnnounceResponse, BlobAnnouncement, ErrorBody, ErrorCode, FailureReason,
     FailureReport, NodeAnnouncement, ParentsRequest, ParentsResponse, PieceBits, PieceSha256,
-    Traffic, PROTOCOL_HEADER,
+    Traffic, PROTOCOL_HEADER, PROTOCOL_VERSION,
 };
 use shoal_proto::{BlobId, Digest, NodeId};
 use shoal_scheduler::{
@@ -664,32 +664,64 @@ async fn join_secret_admits_only_signed_requests() {
             "{err}"
         );
     }
-    // The member is known and unblamed; the others were never registered.
-    let status = outsider.client.status().await.unwrap();
-    let ids: Vec<NodeId> = status.nodes.iter().map(|n| n.id).collect();
-    assert_eq!(ids, vec![member.id]);
+    // Unsigned reads learn nothing: the status names blobs and node addresses.
+    let err = outsider.client.status().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 401, .. }),
+        "{err}"
+    );
+    let err = outsider.client.jobs().await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 401, .. }),
+        "{err}"
+    );
+    let page = reqwest::get(s.url("/")).await.unwrap();
+    assert_eq!(page.status(), 401, "the status page needs a signature too");
+    let health = reqwest::get(s.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200, "health needs none");
     let asker = FakeNode::new(4, s.addr);
     let asker = FakeNode {
         client: asker.client.clone().with_auth(key),
         ..asker
     };
+    // The member is known and unblamed; the others were never registered.
+    let status = asker.client.status().await.unwrap();
+    let ids: Vec<NodeId> = status.nodes.iter().map(|n| n.id).collect();
+    assert_eq!(ids, vec![member.id]);
     asker.announce(true, vec![]).await;
     let parents = asker.parents(1, false).await;
     assert_eq!(holder_ids(&parents), vec![member.id]);
 
-    // A replayed signature does not carry over to another body.
+    // A signature from long ago is refused.
     let http = reqwest::Client::new();
-    let body = b"{}".to_vec();
-    let header = shoal_proto::auth::sign(&key, "POST", "/api/v1/announce", 1, &body);
-    let resp = http
-        .post(s.url("/api/v1/announce"))
-        .header(PROTOCOL_HEADER, "1")
-        .header(shoal_proto::auth::AUTH_HEADER, header)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401, "a signature from long ago is refused");
+    let host = s.addr.to_string();
+    let path = "/api/v1/announce";
+    let body = serde_json::to_vec(&member.request(true, vec![holds(1, PIECES)])).unwrap();
+    let signed = shoal_proto::auth::Signed {
+        method: "POST",
+        host: &host,
+        path,
+        body: &body,
+    };
+    let old = shoal_proto::auth::sign(&key, &signed, 1);
+    let send = |header: String| {
+        http.post(s.url(path))
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header("content-type", "application/json")
+            .header(shoal_proto::auth::AUTH_HEADER, header)
+            .body(body.clone())
+            .send()
+    };
+    assert_eq!(send(old).await.unwrap().status(), 401);
+    // A captured signed announce is accepted once, and refused when replayed.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let captured = shoal_proto::auth::sign(&key, &signed, now);
+    assert_eq!(send(captured.clone()).await.unwrap().status(), 200);
+    let replayed = send(captured).await.unwrap();
+    assert_eq!(replayed.status(), 401, "a replayed announce is refused");
     s.stop().await;
 }
 

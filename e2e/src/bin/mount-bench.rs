@@ -84,6 +84,8 @@ struct Bench<'a> {
 struct NodeProc {
     child: Child,
     admin: String,
+    /// Its control socket (mounts).
+    control: PathBuf,
 }
 
 impl Drop for NodeProc {
@@ -181,13 +183,19 @@ impl<'a> Bench<'a> {
             .arg(data.join("data"))
             .args(["--listen", &format!("{}:5050", self.node_host.ip)])
             .args(["--admin", &admin])
+            .arg("--control")
+            .arg(data.join("control.sock"))
             .args(["--upstream", &format!("http://{}", self.origin_addr())])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        let node = NodeProc { child, admin };
+        let node = NodeProc {
+            child,
+            admin,
+            control: data.join("control.sock"),
+        };
         let client = http::client()?;
         let url = format!("http://{}/healthz", node.admin);
         poll("the node", Duration::from_secs(30), || {
@@ -206,7 +214,8 @@ impl<'a> Bench<'a> {
             .arg("mount")
             .arg(&reference)
             .arg(dir)
-            .args(["--mode", mode, "--node", &node.admin])
+            .args(["--mode", mode, "--control"])
+            .arg(&node.control)
             .output()?;
         ensure!(
             out.status.success(),
@@ -217,11 +226,16 @@ impl<'a> Bench<'a> {
     }
 
     fn origin_bytes(&self, node: &NodeProc) -> Result<u64> {
-        let body = http::client()?
-            .get(format!("http://{}/api/v1/mounts", node.admin))
-            .send()?
-            .text()?;
-        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let out = Command::new(paths::shoal_bin()?)
+            .args(["mounts", "--json", "--control"])
+            .arg(&node.control)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "shoal mounts: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         Ok(v["mounts"]
             .as_array()
             .into_iter()

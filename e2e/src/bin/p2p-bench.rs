@@ -142,6 +142,7 @@ async fn start(dir: std::path::PathBuf, secret: &JoinSecret) -> Result<(Store, N
         dir: dir.clone(),
         backend: Backend::RocksDb,
         quota_bytes: 0,
+        filesystem_quota: false,
         high_watermark: 0.9,
         low_watermark: 0.8,
     })?;

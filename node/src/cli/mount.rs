@@ -1,21 +1,21 @@
-//! `shoal mount IMAGE DIR`, `shoal umount DIR`, `shoal mounts`: ask the local node's admin API
-//! to lazily mount an image, unmount it, or list mounts with their numbers.
+//! `shoal mount IMAGE DIR`, `shoal umount DIR`, `shoal mounts`: ask the local node, over its
+//! control socket (root, the node's user or its control group only), to lazily mount an image,
+//! unmount it, or list mounts with their numbers.
 //!
 //! Exit codes: 0 done; 1 the node refused or failed (its message is printed); 2 the node could
 //! not be reached.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use axum::http::Method;
 use clap::Args;
 
+use crate::control::{self, RequestError};
 use crate::mount::api::{ErrorBody, MountList};
 use crate::mount::{MountInfo, MountMode, MountRequest};
 use crate::units::ByteSize;
-
-const DEFAULT_NODE: &str = "127.0.0.1:5051";
 
 /// Lazily mount a Nydus image through the local node.
 ///
@@ -42,9 +42,12 @@ pub struct MountArgs {
     /// by the node), in that order, always behind the reads programs make.
     #[arg(long, value_parser = ByteSize::parse)]
     pub prefetch_rate: Option<ByteSize>,
-    /// The node's admin address.
-    #[arg(long, default_value = DEFAULT_NODE, env = "SHOAL_ADMIN")]
-    pub node: SocketAddr,
+    /// Mount over a directory that is not empty, or a system directory (`/etc`, `/usr`, …).
+    #[arg(long)]
+    pub force: bool,
+    /// The node's control socket [default: /run/shoal/control.sock as root].
+    #[arg(long, env = "SHOAL_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// Unmount a lazy mount and forget it (it is not restored at the next node start).
@@ -52,18 +55,18 @@ pub struct MountArgs {
 pub struct UmountArgs {
     /// The mount point.
     pub dir: PathBuf,
-    /// The node's admin address.
-    #[arg(long, default_value = DEFAULT_NODE, env = "SHOAL_ADMIN")]
-    pub node: SocketAddr,
+    /// The node's control socket [default: /run/shoal/control.sock as root].
+    #[arg(long, env = "SHOAL_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// List the node's lazy mounts: state, bytes read by programs, bytes fetched (local store,
 /// origin), chunks, read latency.
 #[derive(Args, Debug)]
 pub struct MountsArgs {
-    /// The node's admin address.
-    #[arg(long, default_value = DEFAULT_NODE, env = "SHOAL_ADMIN")]
-    pub node: SocketAddr,
+    /// The node's control socket [default: /run/shoal/control.sock as root].
+    #[arg(long, env = "SHOAL_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Print the admin API's JSON (`GET /api/v1/mounts`).
     #[arg(long)]
     pub json: bool,
@@ -78,19 +81,12 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
         mode: args.mode,
         platform: args.platform,
         prefetch_rate: args.prefetch_rate.map(|b| b.0),
+        force: args.force,
     };
-    let url = format!("http://{}/api/v1/mounts", args.node);
+    let socket = args.control.unwrap_or_else(control::default_path);
     let body = serde_json::to_vec(&req)?;
-    let sent = block_on(async {
-        let r = reqwest::Client::new()
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await?;
-        Ok((r.status(), r.text().await?))
-    })?;
-    let Some((status, body)) = reachable(sent, args.node) else {
+    let sent = call(&socket, Method::POST, "/api/v1/mounts", Some(body))?;
+    let Some((status, body)) = reachable(sent) else {
         return Ok(ExitCode::from(2));
     };
     if !status.is_success() {
@@ -108,16 +104,13 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
 
 pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
     let dir = std::fs::canonicalize(&args.dir).unwrap_or(args.dir);
-    let url = format!("http://{}/api/v1/mounts", args.node);
-    let sent = block_on(async {
-        let r = reqwest::Client::new()
-            .delete(&url)
-            .query(&[("dir", dir.to_string_lossy().as_ref())])
-            .send()
-            .await?;
-        Ok((r.status(), r.text().await?))
-    })?;
-    let Some((status, body)) = reachable(sent, args.node) else {
+    let socket = args.control.unwrap_or_else(control::default_path);
+    let mut uri = reqwest::Url::parse("http://control/api/v1/mounts")?;
+    uri.query_pairs_mut()
+        .append_pair("dir", dir.to_string_lossy().as_ref());
+    let path_and_query = format!("{}?{}", uri.path(), uri.query().unwrap_or(""));
+    let sent = call(&socket, Method::DELETE, &path_and_query, None)?;
+    let Some((status, body)) = reachable(sent) else {
         return Ok(ExitCode::from(2));
     };
     if !status.is_success() {
@@ -128,12 +121,9 @@ pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn run_mounts(args: MountsArgs) -> anyhow::Result<ExitCode> {
-    let url = format!("http://{}/api/v1/mounts", args.node);
-    let sent = block_on(async {
-        let r = reqwest::get(&url).await?;
-        Ok((r.status(), r.text().await?))
-    })?;
-    let Some((status, body)) = reachable(sent, args.node) else {
+    let socket = args.control.unwrap_or_else(control::default_path);
+    let sent = call(&socket, Method::GET, "/api/v1/mounts", None)?;
+    let Some((status, body)) = reachable(sent) else {
         return Ok(ExitCode::from(2));
     };
     if !status.is_success() {
@@ -148,20 +138,26 @@ pub fn run_mounts(args: MountsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn block_on<T>(
-    f: impl std::future::Future<Output = Result<T, reqwest::Error>>,
-) -> anyhow::Result<Result<T, reqwest::Error>> {
+/// One request over the control socket, on a throw-away runtime.
+fn call(
+    socket: &Path,
+    method: Method,
+    uri: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<Result<(axum::http::StatusCode, String), RequestError>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    Ok(rt.block_on(f))
+    Ok(rt
+        .block_on(control::request(socket, method, uri, body))
+        .map(|(s, b)| (s, String::from_utf8_lossy(&b).into_owned())))
 }
 
-fn reachable<T>(r: Result<T, reqwest::Error>, node: SocketAddr) -> Option<T> {
+fn reachable<T>(r: Result<T, RequestError>) -> Option<T> {
     match r {
         Ok(v) => Some(v),
         Err(e) => {
-            eprintln!("shoal: cannot reach the node's admin API at {node}: {e}");
+            eprintln!("shoal: {e}");
             None
         }
     }

@@ -10,7 +10,9 @@ use crate::config::{FileConfig, LogFormat};
 /// Run a node.
 ///
 /// With no flags it runs a single-host node: mirror on 127.0.0.1:5050,
-/// admin API on 127.0.0.1:5051, store in /var/lib/shoal (as root).
+/// read-only admin listener on 127.0.0.1:5051, control socket
+/// /run/shoal/control.sock, store in /var/lib/shoal (as root), keeping its
+/// filesystem below 85 % full.
 ///
 /// Example, in front of a local registry:
 ///
@@ -30,9 +32,15 @@ pub struct NodeArgs {
     /// Mirror/proxy address (config: listen) [default: 127.0.0.1:5050].
     #[arg(long, env = "SHOAL_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Admin API address (config: admin) [default: 127.0.0.1:5051].
+    /// The read-only admin listener: health, metrics, status JSON (config:
+    /// admin) [default: 127.0.0.1:5051].
     #[arg(long, env = "SHOAL_ADMIN")]
     pub admin: Option<SocketAddr>,
+    /// The Unix socket for state-changing calls (mounts, …), usable by
+    /// root, the node's user and `control_group` only (config: control)
+    /// [default: /run/shoal/control.sock as root].
+    #[arg(long, env = "SHOAL_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
     /// Origin registry: `URL` sets the default origin, `HOST=URL` the origin
     /// for registry HOST (as containerd names it in ?ns=). http:// means
     /// plain HTTP. Repeatable (config: [[upstream]]).
@@ -81,6 +89,9 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     if let Some(a) = args.admin {
         file.admin = a;
+    }
+    if let Some(c) = args.control {
+        file.control = Some(c);
     }
     if let Some(f) = args.log_format {
         file.log.format = f;

@@ -19,7 +19,10 @@ use crate::config::LogFormat;
 /// seconds. Point nodes at it with `shoal node --scheduler HOST:5060`.
 ///
 /// Status page: http://HOST:5060/ (JSON at /api/v1/status, Prometheus
-/// metrics at /metrics).
+/// metrics at /metrics). With a join secret, the page and JSON answer only
+/// signed requests (they name blobs and node addresses): use
+/// `--status-listen 127.0.0.1:5061` for an unsigned, read-only operator
+/// listener on loopback.
 ///
 /// Several schedulers split the blobs between them: give each the same
 /// `cluster` list and its own `advertise` entry in the config file (see
@@ -38,6 +41,10 @@ pub struct SchedulerArgs {
     /// join_secret_file).
     #[arg(long, env = "SHOAL_JOIN_SECRET_FILE", value_name = "FILE")]
     pub join_secret_file: Option<PathBuf>,
+    /// A read-only, unsigned operator listener for the status page, JSON and
+    /// metrics; keep it on loopback (config: status_listen).
+    #[arg(long, env = "SHOAL_SCHEDULER_STATUS_LISTEN", value_name = "ADDR")]
+    pub status_listen: Option<SocketAddr>,
     /// Log format (config: log.format).
     #[arg(long, env = "SHOAL_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -57,6 +64,9 @@ pub fn run(args: SchedulerArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     if let Some(f) = args.join_secret_file {
         file.join_secret_file = Some(f);
+    }
+    if let Some(a) = args.status_listen {
+        file.status_listen = Some(a);
     }
     if let Some(f) = args.log_format {
         file.log.format = match f {

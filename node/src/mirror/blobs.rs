@@ -4,6 +4,8 @@
 //! join the node's single download of that blob and stream as it arrives.
 //! A range far ahead of a running download is fetched from the origin
 //! directly, so a random reader never waits behind a whole-blob download.
+//! A requester whose access is not proven (`access::Decision::OriginOnly`)
+//! gets only its origin's bytes: an isolated download of its own, or a relay.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,8 +17,8 @@ use reqwest::Method;
 use shoal_proto::{BlobId, RepoName};
 
 use super::range::{self, RangeError};
-use super::{api_headers, Ctx, MirrorError, MirrorState};
-use crate::access::{Decision, Known};
+use super::{api_headers, relay, Ctx, MirrorError, MirrorState};
+use crate::access::{Decision, Object};
 use crate::download::{DownloadError, Join, Source};
 use crate::store::{RepoKey, StoreError};
 use crate::upstream::AuthMode;
@@ -41,30 +43,43 @@ pub(super) async fn get(
         }
         None => None,
     };
-    let record = st.store.blob(digest).map_err(internal)?;
+    let record = {
+        let (store, id) = (st.store.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || store.blob(&id))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?
+    };
     let key = RepoKey {
         upstream: ctx.origin.host.clone(),
         repo: repo.clone(),
     };
-    let known = record.as_ref().map_or(Known::default(), |r| Known {
-        public: r.public,
-        in_repo: r.repos.contains(&key),
-    });
-    let path = format!("/v2/{repo}/blobs/{digest}");
     let decision = st
         .access
-        .check(&ctx.origin, repo, &path, ctx.client_auth.as_ref(), known)
+        .check(
+            &ctx.origin,
+            repo,
+            Object::Blob(digest),
+            ctx.client_auth.as_ref(),
+            record.as_ref().map(|r| &r.repos),
+        )
         .await;
-    let (auth, public) = match decision {
-        Decision::Public => (AuthMode::Node, true),
-        Decision::Granted(mode) => (mode, false),
+    let (auth, open) = match decision {
+        Decision::Cache { auth, open } => (auth, open),
+        Decision::OriginOnly { auth } => {
+            return origin_only(st, ctx, repo, digest, auth, range_req).await
+        }
         Decision::Denied(d) => return Err(MirrorError::from_denial(d, MirrorError::BlobUnknown)),
     };
-    if !known.in_repo && record.as_ref().is_some_and(|r| r.complete) {
-        // The check just confirmed it is in this repository (or public).
-        let _ = st.store.add_repo(digest, key, public);
+    let complete = record.as_ref().is_some_and(|r| r.complete);
+    let known = record
+        .as_ref()
+        .is_some_and(|r| r.repos.contains(&key) && (r.repos.is_open(&key) || !open));
+    if complete && !known {
+        // Access was just proven here: remember where (and whether openly).
+        let _ = st.store.add_repo(digest, key, open);
     }
-    if record.as_ref().is_some_and(|r| r.complete) {
+    if complete {
         match serve_stored(st, ctx, digest, range_req).await {
             Ok(resp) => {
                 st.metrics.hit();
@@ -76,14 +91,28 @@ pub(super) async fn get(
     }
     st.metrics.miss();
     if ctx.method == Method::HEAD {
-        return head_origin(ctx, repo, &path, &auth).await;
+        return head_origin(ctx, repo, &format!("/v2/{repo}/blobs/{digest}"), &auth).await;
     }
     let source = Source {
         origin: ctx.origin.clone(),
         repo: repo.clone(),
         auth: auth.clone(),
-        public,
+        open,
+        isolated: false,
     };
+    follow(st, ctx, repo, digest, source, range_req).await
+}
+
+/// Serve what a running (or new) download of `digest` brings, joining it or starting it.
+async fn follow(
+    st: &MirrorState,
+    ctx: &Ctx,
+    repo: &RepoName,
+    digest: &BlobId,
+    source: Source,
+    range_req: Option<range::ByteRange>,
+) -> Result<Response, MirrorError> {
+    let auth = source.auth.clone();
     let download = match st.downloads.join(digest, source).map_err(internal)? {
         Join::Complete => {
             return serve_stored(st, ctx, digest, range_req)
@@ -93,6 +122,10 @@ pub(super) async fn get(
                     Served::Error(e) => e,
                 })
         }
+        Join::Elsewhere => {
+            // A download this request may not share holds the blob's writer.
+            return relay_any(st, ctx, repo, digest, &auth, range_req).await;
+        }
         Join::Download(d) => d,
     };
     let size = download.size().await.map_err(download_error)?;
@@ -100,12 +133,69 @@ pub(super) async fn get(
     if let Some(r) = &range {
         let written = download.subscribe().borrow().written;
         if r.start > written + DIRECT_RANGE_AHEAD {
-            return direct_range(st, ctx, repo, &path, &auth, r.clone(), size).await;
+            return relay::blob(st, ctx, repo, digest, &auth, Some(r.clone())).await;
         }
     }
     let served = range.clone().unwrap_or(0..size);
     let body = Body::from_stream(download.stream(served.clone(), st.metrics.clone()));
     Ok(blob_response(digest, size, range.as_ref(), body))
+}
+
+/// A requester whose access to stored bytes is not proven: its own, isolated download when the
+/// store holds nothing of the blob, else the origin's bytes relayed for it alone.
+async fn origin_only(
+    st: &MirrorState,
+    ctx: &Ctx,
+    repo: &RepoName,
+    digest: &BlobId,
+    auth: AuthMode,
+    range_req: Option<range::ByteRange>,
+) -> Result<Response, MirrorError> {
+    if ctx.method == Method::HEAD {
+        return head_origin(ctx, repo, &format!("/v2/{repo}/blobs/{digest}"), &auth).await;
+    }
+    let source = Source {
+        origin: ctx.origin.clone(),
+        repo: repo.clone(),
+        auth,
+        open: ctx.client_auth.is_none(),
+        isolated: true,
+    };
+    follow(st, ctx, repo, digest, source, range_req).await
+}
+
+/// Relay from the origin, for a range or the whole blob (its size unknown here).
+async fn relay_any(
+    st: &MirrorState,
+    ctx: &Ctx,
+    repo: &RepoName,
+    digest: &BlobId,
+    auth: &AuthMode,
+    range_req: Option<range::ByteRange>,
+) -> Result<Response, MirrorError> {
+    let range = match range_req {
+        None => None,
+        // A range is resolved against the size, which the origin tells.
+        Some(r) => resolve(Some(r), origin_size(ctx, repo, digest, auth).await?)?,
+    };
+    relay::blob(st, ctx, repo, digest, auth, range).await
+}
+
+/// The blob's size, from a `HEAD` at the origin.
+async fn origin_size(
+    ctx: &Ctx,
+    repo: &RepoName,
+    digest: &BlobId,
+    auth: &AuthMode,
+) -> Result<u64, MirrorError> {
+    let resp = head_origin(ctx, repo, &format!("/v2/{repo}/blobs/{digest}"), auth).await?;
+    resp.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| MirrorError::OriginUnavailable {
+            reason: "the origin gave no size for the blob".into(),
+        })
 }
 
 enum Served {
@@ -257,66 +347,6 @@ async fn head_origin(
         StatusCode::NOT_FOUND => Err(MirrorError::BlobUnknown),
         status => Err(MirrorError::OriginStatus { status }),
     }
-}
-
-/// A range far ahead of the download, straight from the origin. These bytes
-/// are not kept (the download will bring them, verified); the client checks
-/// nothing here, as with any registry range read, which DESIGN.md allows for
-/// bytes streamed straight from the origin.
-async fn direct_range(
-    st: &MirrorState,
-    ctx: &Ctx,
-    repo: &RepoName,
-    path: &str,
-    auth: &AuthMode,
-    r: Range<u64>,
-    size: u64,
-) -> Result<Response, MirrorError> {
-    let mut h = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&format!("bytes={}-{}", r.start, r.end - 1)) {
-        h.insert(header::RANGE, v);
-    }
-    let resp = ctx
-        .origin
-        .send(Method::GET, path, &h, auth, Some(repo), "blob_range")
-        .await?;
-    if resp.status() != StatusCode::PARTIAL_CONTENT {
-        return Err(MirrorError::OriginStatus {
-            status: resp.status(),
-        });
-    }
-    let metrics = st.metrics.clone();
-    let expected = r.end - r.start;
-    let stream = futures::stream::unfold((resp, 0u64), move |(mut resp, got)| {
-        let metrics = metrics.clone();
-        async move {
-            match resp.chunk().await {
-                Ok(Some(c)) => {
-                    metrics.from_origin("blob", c.len() as u64);
-                    metrics.served("blob", c.len() as u64);
-                    let got = got + c.len() as u64;
-                    Some((Ok(c), (resp, got)))
-                }
-                Ok(None) if got == expected => None,
-                Ok(None) => Some((
-                    Err(std::io::Error::other("origin range short")),
-                    (resp, u64::MAX),
-                )),
-                Err(e) => Some((Err(std::io::Error::other(e)), (resp, u64::MAX))),
-            }
-        }
-    });
-    let digest: BlobId = path
-        .rsplit('/')
-        .next()
-        .and_then(|d| d.parse().ok())
-        .ok_or_else(|| MirrorError::Internal("bad blob path".into()))?;
-    Ok(blob_response(
-        &digest,
-        size,
-        Some(&r),
-        Body::from_stream(stream),
-    ))
 }
 
 fn resolve(req: Option<range::ByteRange>, size: u64) -> Result<Option<Range<u64>>, MirrorError> {

@@ -46,6 +46,12 @@ pub enum MirrorError {
     DigestMismatch { digest: String },
     #[error(transparent)]
     Origin(#[from] OriginError),
+    #[error("the proxy does not carry requests to {target}: {why}")]
+    ProxyRefused { target: String, why: &'static str },
+    #[error("too many open tunnels (mirror.max_tunnels)")]
+    TooManyTunnels,
+    #[error("request loop: this node reached itself")]
+    Loop,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -74,6 +80,10 @@ impl MirrorError {
             Origin(OriginError::BadHost { .. }) => ("NAME_INVALID", StatusCode::BAD_REQUEST),
             Origin(OriginError::Unlisted { .. }) => ("NAME_UNKNOWN", StatusCode::BAD_REQUEST),
             Origin(OriginError::NoDefault) => ("NAME_UNKNOWN", StatusCode::BAD_REQUEST),
+            Origin(OriginError::Local { .. }) => ("DENIED", StatusCode::FORBIDDEN),
+            ProxyRefused { .. } => ("DENIED", StatusCode::FORBIDDEN),
+            TooManyTunnels => ("TOOMANYREQUESTS", StatusCode::SERVICE_UNAVAILABLE),
+            Loop => ("DENIED", StatusCode::LOOP_DETECTED),
             Origin(_) => ("UNAVAILABLE", StatusCode::BAD_GATEWAY),
             Internal(_) => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR),
         }

@@ -15,8 +15,8 @@ use reqwest::Method;
 use shoal_proto::{Digest, Reference, RepoName, Tag};
 
 use super::{api_headers, Ctx, MirrorError, MirrorState, MANIFEST_ACCEPT};
-use crate::access::{Decision, Known};
-use crate::store::{ManifestRecord, RepoKey, TagRecord};
+use crate::access::{Decision, Object};
+use crate::store::{ManifestRecord, Provenance, RepoKey, TagRecord};
 use crate::upstream::AuthMode;
 
 pub(super) async fn get(
@@ -70,11 +70,15 @@ async fn by_tag(
     }
     match fetch(st, ctx, repo, tag.as_str()).await {
         Ok(rec) => {
+            let key = RepoKey {
+                upstream: host.clone(),
+                repo: repo.clone(),
+            };
             let tr = TagRecord {
                 digest: rec.digest.clone(),
                 media_type: rec.media_type.clone(),
                 fetched_at_ms: now_ms(),
-                public: rec.public,
+                public: rec.repos.is_open(&key),
             };
             st.store.put_tag(&host, repo, tag, &tr).map_err(internal)?;
             Ok(respond(st, ctx, &rec))
@@ -96,28 +100,35 @@ async fn by_tag(
     }
 }
 
-/// A stored manifest, after the access check.
+/// A stored manifest, after the access check: from the store when access is proven, else (an
+/// origin whose word proves nothing) fetched again from that origin for this client.
 async fn serve_cached(
     st: &MirrorState,
     ctx: &Ctx,
     repo: &RepoName,
     rec: ManifestRecord,
 ) -> Result<Response, MirrorError> {
-    let key = RepoKey {
-        upstream: ctx.origin.host.clone(),
-        repo: repo.clone(),
-    };
-    let known = Known {
-        public: rec.public,
-        in_repo: rec.repos.contains(&key),
-    };
-    let path = format!("/v2/{repo}/manifests/{}", rec.digest);
     match st
         .access
-        .check(&ctx.origin, repo, &path, ctx.client_auth.as_ref(), known)
+        .check(
+            &ctx.origin,
+            repo,
+            Object::Manifest(&rec.digest),
+            ctx.client_auth.as_ref(),
+            Some(&rec.repos),
+        )
         .await
     {
-        Decision::Public | Decision::Granted(_) => Ok(respond(st, ctx, &rec)),
+        Decision::Cache { .. } => Ok(respond(st, ctx, &rec)),
+        Decision::OriginOnly { .. } => {
+            let fetched = fetch(st, ctx, repo, &rec.digest.to_string()).await?;
+            if fetched.digest != rec.digest {
+                return Err(MirrorError::DigestMismatch {
+                    digest: rec.digest.to_string(),
+                });
+            }
+            Ok(respond(st, ctx, &fetched))
+        }
         Decision::Denied(d) => Err(MirrorError::from_denial(d, MirrorError::ManifestUnknown)),
     }
 }
@@ -200,24 +211,26 @@ async fn fetch(
             reason: "body does not match the origin's Docker-Content-Digest".into(),
         });
     }
-    let public = match &auth {
+    // Fetched without the client's credentials: open there. With them: open only if the
+    // (configured) origin serves it without them too.
+    let open = match &auth {
         AuthMode::Node => true,
         AuthMode::Client(v) => {
             st.access.granted(&ctx.origin, repo, v);
-            st.access.is_public(&ctx.origin, repo, &path).await
+            st.access
+                .is_open(&ctx.origin, repo, Object::Manifest(&digest))
+                .await
         }
     };
-    let mut repos = std::collections::BTreeSet::new();
-    repos.insert(RepoKey {
+    let key = RepoKey {
         upstream: ctx.origin.host.clone(),
         repo: repo.clone(),
-    });
+    };
     let rec = ManifestRecord {
         digest,
         media_type,
         bytes: bytes.to_vec(),
-        repos,
-        public,
+        repos: Provenance::one(key, open),
     };
     st.store.put_manifest(&rec).map_err(internal)?;
     Ok(rec)

@@ -91,7 +91,7 @@ async fn manifest(
     };
     let stored = |d: &Digest| -> Option<Vec<u8>> {
         let rec = cache.store.get_manifest(d).ok().flatten()?;
-        (rec.public || rec.repos.contains(&key)).then_some(rec.bytes)
+        rec.repos.contains(&key).then_some(rec.bytes)
     };
     match reference {
         Reference::Digest(d) => {
@@ -167,9 +167,11 @@ pub async fn bootstrap(
         origin: resolved.origin.clone(),
         repo: resolved.repo.clone(),
         auth: AuthMode::Node,
-        public: !resolved.origin.has_node_credentials(),
+        // An administrator's mount, with the node's credentials: open there.
+        open: true,
+        isolated: false,
     };
-    if let Join::Download(d) = downloads.join(&desc.digest, source)? {
+    if let Join::Download(d) = downloads.join_shared(&desc.digest, source).await? {
         let mut rx = d.subscribe();
         loop {
             match &rx.borrow_and_update().state {

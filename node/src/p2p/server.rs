@@ -262,6 +262,7 @@ async fn send_body(
                 return Err(ResetCode::Internal);
             }
         };
+        #[cfg(feature = "fault-injection")]
         if inner.cfg.fault_corrupt_uploads {
             // Fault injection for tests of peer verification: a node that
             // serves wrong bytes.
@@ -392,7 +393,6 @@ mod tests {
             piece_sha256: Vec::new(),
             last_access_ms: 0,
             repos: Default::default(),
-            public: false,
         }
     }
 

@@ -7,7 +7,7 @@
 //! | `Blob`       | `0x01` | digest                                     | JSON `StoredBlob` (size, present, complete) |
 //! | `PieceHash`  | `0x02` | digest, piece index (u64 BE)               | 32 raw bytes: SHA-256 of the piece |
 //! | `Access`     | `0x03` | digest                                     | u64 BE: last access, ms since the epoch |
-//! | `BlobRepos`  | `0x04` | digest                                     | JSON `StoredRepos` (repos, public) |
+//! | `BlobRepos`  | `0x04` | digest                                     | JSON `StoredRepos` (provenance: upstream, repo, open) |
 //! | `Manifest`   | `0x10` | digest                                     | JSON `ManifestRecord` |
 //! | `Tag`        | `0x11` | upstream, repo, tag (each escaped)         | JSON `TagRecord` |
 //!

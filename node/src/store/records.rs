@@ -7,7 +7,7 @@
 //! hashes (32 raw bytes) and access times (u64 BE). A value that does not
 //! decode is an error (`StoreError::Decode`), never a default.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use shoal_proto::{BlobId, Digest, RepoName, Tag};
@@ -26,6 +26,110 @@ pub struct RepoKey {
     pub repo: RepoName,
 }
 
+/// Where an object is known to be readable: each (upstream, repository) in
+/// which the node fetched it (digest-verified) or had it confirmed (a trusted
+/// origin's answer, or a proof of possession), and whether it was *open*
+/// there — obtained without the client's credentials (anonymously or with the
+/// node's own), so that any client naming that very upstream and repository
+/// may read it.
+///
+/// Every entry is a fact about one (upstream, repository); nothing here is a
+/// global "public" flag, so content open in one repository never becomes
+/// readable through another. An entry, once open, stays open.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Provenance(BTreeMap<RepoKey, bool>);
+
+impl Provenance {
+    /// One entry.
+    pub fn one(key: RepoKey, open: bool) -> Self {
+        Self(BTreeMap::from([(key, open)]))
+    }
+
+    /// Records `key` (open or not); `true` when that changed anything.
+    pub fn record(&mut self, key: RepoKey, open: bool) -> bool {
+        match self.0.get_mut(&key) {
+            Some(o) if *o || !open => false,
+            Some(o) => {
+                *o = true;
+                true
+            }
+            None => {
+                self.0.insert(key, open);
+                true
+            }
+        }
+    }
+
+    /// Merges `other` into `self` (open entries stay open).
+    pub fn merge(&mut self, other: &Provenance) {
+        for (k, open) in &other.0 {
+            self.record(k.clone(), *open);
+        }
+    }
+
+    /// Whether the object was fetched or confirmed in `key`.
+    pub fn contains(&self, key: &RepoKey) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// Whether any client may read the object through `key`.
+    pub fn is_open(&self, key: &RepoKey) -> bool {
+        self.0.get(key).copied().unwrap_or(false)
+    }
+
+    /// `(where, open)`, in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&RepoKey, bool)> {
+        self.0.iter().map(|(k, o)| (k, *o))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The JSON form: a list of `{upstream, repo, open}`.
+#[derive(Serialize, Deserialize)]
+struct ProvenanceEntry {
+    upstream: String,
+    repo: RepoName,
+    #[serde(default)]
+    open: bool,
+}
+
+impl Serialize for Provenance {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|(k, open)| ProvenanceEntry {
+            upstream: k.upstream.clone(),
+            repo: k.repo.clone(),
+            open: *open,
+        }))
+    }
+}
+
+impl<'de> Deserialize<'de> for Provenance {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Records written before provenance carried `open` list bare
+        // `{upstream, repo}` pairs next to a global `public` flag; they decode
+        // as not open (the old flag said nothing about *where*).
+        let entries = Vec::<ProvenanceEntry>::deserialize(d)?;
+        let mut p = Provenance::default();
+        for e in entries {
+            p.record(
+                RepoKey {
+                    upstream: e.upstream,
+                    repo: e.repo,
+                },
+                e.open,
+            );
+        }
+        Ok(p)
+    }
+}
+
 /// Everything the store knows about one blob.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BlobRecord {
@@ -40,10 +144,8 @@ pub struct BlobRecord {
     #[serde(with = "hex_hashes")]
     pub piece_sha256: Vec<Option<[u8; 32]>>,
     pub last_access_ms: u64,
-    /// Repositories that served this blob.
-    pub repos: BTreeSet<RepoKey>,
-    /// Some repository served it without credentials.
-    pub public: bool,
+    /// Where it was fetched or confirmed, and where it is open.
+    pub repos: Provenance,
 }
 
 /// A cached manifest, keyed by its digest.
@@ -52,8 +154,8 @@ pub struct ManifestRecord {
     pub digest: Digest,
     pub media_type: String,
     pub bytes: Vec<u8>,
-    pub repos: BTreeSet<RepoKey>,
-    pub public: bool,
+    /// Where it was fetched or confirmed, and where it is open.
+    pub repos: Provenance,
 }
 
 /// A cached tag resolution.
@@ -74,11 +176,11 @@ pub struct StoredBlob {
     pub complete: bool,
 }
 
-/// The `BlobRepos` table value.
+/// The `BlobRepos` table value. (Older records also carry a global `public`
+/// flag, which is ignored: see [`Provenance`].)
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StoredRepos {
-    pub repos: BTreeSet<RepoKey>,
-    pub public: bool,
+    pub repos: Provenance,
 }
 
 impl StoredBlob {
@@ -154,7 +256,6 @@ impl Tables<'_> {
             piece_sha256,
             last_access_ms,
             repos: repos.repos,
-            public: repos.public,
         }))
     }
 
@@ -286,16 +387,44 @@ mod tests {
             piece_size: pieces::MIN_PIECE_SIZE,
             piece_sha256: vec![None, Some([7; 32])],
             last_access_ms: 5,
-            repos: BTreeSet::from([RepoKey {
-                upstream: "docker.io".into(),
-                repo: "library/debian".parse().expect("repo"),
-            }]),
-            public: true,
+            repos: Provenance::one(
+                RepoKey {
+                    upstream: "docker.io".into(),
+                    repo: "library/debian".parse().expect("repo"),
+                },
+                true,
+            ),
         };
         let json = serde_json::to_string(&rec).expect("json");
         assert!(json.contains(&"07".repeat(32)));
         let back: BlobRecord = serde_json::from_str(&json).expect("json");
         assert_eq!(back.piece_sha256, rec.piece_sha256);
         assert_eq!(back.repos, rec.repos);
+    }
+
+    #[test]
+    fn provenance_is_per_repository_and_old_records_decode_as_not_open() {
+        let key = |u: &str, r: &str| RepoKey {
+            upstream: u.into(),
+            repo: r.parse().expect("repo"),
+        };
+        let mut p = Provenance::default();
+        assert!(p.record(key("a.io", "x"), false));
+        assert!(!p.record(key("a.io", "x"), false));
+        assert!(
+            p.record(key("a.io", "x"), true),
+            "closed → open is a change"
+        );
+        assert!(!p.record(key("a.io", "x"), false), "open stays open");
+        assert!(p.is_open(&key("a.io", "x")));
+        assert!(!p.is_open(&key("a.io", "y")));
+        assert!(!p.is_open(&key("b.io", "x")));
+        let old = r#"{"repos":[{"upstream":"a.io","repo":"x"}],"public":true}"#;
+        let stored: StoredRepos = serde_json::from_str(old).expect("old record");
+        assert!(stored.repos.contains(&key("a.io", "x")));
+        assert!(!stored.repos.is_open(&key("a.io", "x")));
+        let json = serde_json::to_string(&StoredRepos { repos: p }).expect("json");
+        let back: StoredRepos = serde_json::from_str(&json).expect("round trip");
+        assert!(back.repos.is_open(&key("a.io", "x")));
     }
 }

@@ -31,6 +31,15 @@ use super::meta::{Durability, MetaStore};
 use super::records::{BlobRecord, Tables};
 use super::{Removal, StoreConfig, StoreStats, StoreUsage};
 
+/// Usage against the quota, in bytes.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    total: u64,
+    used: u64,
+    high: u64,
+    low: u64,
+}
+
 /// Called with every blob that leaves the store.
 pub type RemovalListener = Box<dyn Fn(&BlobId, Removal) + Send + Sync>;
 
@@ -52,6 +61,8 @@ pub struct Stats {
     pub pieces_verified: AtomicU64,
     pub corrupt: AtomicU64,
     pub evicted: AtomicU64,
+    /// Bytes written by live writers and not committed yet.
+    pub inflight: AtomicU64,
 }
 
 #[derive(Default)]
@@ -178,12 +189,24 @@ impl Shared {
     }
 
     pub fn usage(&self) -> StoreUsage {
-        let state = self.state();
+        let (bytes, blobs, complete) = {
+            let state = self.state();
+            (
+                state.index.values().map(|e| e.present_bytes).sum::<u64>(),
+                state.index.len(),
+                state.index.values().filter(|e| e.complete).count(),
+            )
+        };
+        let inflight_bytes = self.stats.inflight.load(Ordering::Relaxed);
+        let limits = self.limits(bytes + inflight_bytes);
         StoreUsage {
-            bytes: state.index.values().map(|e| e.present_bytes).sum(),
-            blobs: state.index.len(),
-            complete: state.index.values().filter(|e| e.complete).count(),
-            quota_bytes: self.cfg.quota_bytes,
+            bytes,
+            inflight_bytes,
+            blobs,
+            complete,
+            quota_bytes: limits.map_or(0, |l| l.total),
+            high_watermark_bytes: limits.map_or(0, |l| l.high),
+            measured_bytes: limits.map_or(bytes + inflight_bytes, |l| l.used),
         }
     }
 
@@ -195,33 +218,59 @@ impl Shared {
         }
     }
 
-    fn watermark(&self, fraction: f64) -> u64 {
-        (self.cfg.quota_bytes as f64 * fraction) as u64
+    /// Usage against the quota, given the store's own `content` bytes
+    /// (present + in flight); `None` when unlimited.
+    fn limits(&self, content: u64) -> Option<Limits> {
+        let at = |total: u64, f: f64| (total as f64 * f) as u64;
+        let (total, used) = if self.cfg.quota_bytes != 0 {
+            (self.cfg.quota_bytes, content)
+        } else if self.cfg.filesystem_quota {
+            let fs = rustix::fs::statvfs(&self.cfg.dir).ok()?;
+            let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+            let avail = fs.f_bavail.saturating_mul(fs.f_frsize);
+            (total, total.saturating_sub(avail))
+        } else {
+            return None;
+        };
+        Some(Limits {
+            total,
+            used,
+            high: at(total, self.cfg.high_watermark),
+            low: at(total, self.cfg.low_watermark),
+        })
+    }
+
+    fn content_bytes(&self) -> u64 {
+        let present: u64 = self.state().index.values().map(|e| e.present_bytes).sum();
+        present + self.stats.inflight.load(Ordering::Relaxed)
     }
 
     /// Whether usage is above the high watermark (false without a quota).
     pub fn over_high_watermark(&self) -> bool {
-        self.cfg.quota_bytes != 0 && self.usage().bytes > self.watermark(self.cfg.high_watermark)
+        self.limits(self.content_bytes())
+            .is_some_and(|l| l.used > l.high)
     }
 
     /// If usage is above the high watermark, drops least recently accessed
-    /// unpinned blobs until it is at or below the low watermark.
+    /// unpinned blobs until it is at or below the low watermark (counting, on
+    /// a filesystem quota, the present bytes dropped as freed).
     pub fn evict(&self) -> Result<Vec<BlobId>, StoreError> {
-        if self.cfg.quota_bytes == 0 {
+        if self.cfg.quota_bytes == 0 && !self.cfg.filesystem_quota {
             return Ok(Vec::new());
         }
         let _one_at_a_time = self
             .evict_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let high = self.watermark(self.cfg.high_watermark);
-        let low = self.watermark(self.cfg.low_watermark);
-        let (mut bytes, candidates) = {
+        let Some(limits) = self.limits(self.content_bytes()) else {
+            return Ok(Vec::new());
+        };
+        if limits.used <= limits.high {
+            return Ok(Vec::new());
+        }
+        let mut excess = limits.used - limits.low;
+        let candidates = {
             let state = self.state();
-            let bytes: u64 = state.index.values().map(|e| e.present_bytes).sum();
-            if bytes <= high {
-                return Ok(Vec::new());
-            }
             let mut candidates: Vec<_> = state
                 .index
                 .iter()
@@ -236,19 +285,27 @@ impl Shared {
                 })
                 .collect();
             candidates.sort();
-            (bytes, candidates)
+            candidates
         };
         let mut evicted = Vec::new();
         for (_, id, generation, present) in candidates {
-            if bytes <= low {
+            if excess == 0 {
                 break;
             }
             if self.drop_blob(&id, Some(generation), true, Removal::Evicted)?
                 == DropOutcome::Dropped
             {
-                bytes = bytes.saturating_sub(present);
+                excess = excess.saturating_sub(present.max(1));
                 evicted.push(id);
             }
+        }
+        if !evicted.is_empty() {
+            tracing::info!(
+                evicted = evicted.len(),
+                used = limits.used,
+                high = limits.high,
+                "over the store's high watermark; evicted least recently used blobs"
+            );
         }
         Ok(evicted)
     }

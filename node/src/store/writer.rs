@@ -46,11 +46,19 @@ pub struct RawReader {
     file: File,
 }
 
-/// Registration in `State::writers`, released on drop.
+/// Registration in `State::writers`, released on drop, with the bytes this
+/// writer wrote and has not committed (counted against the quota as
+/// `Stats::inflight` until committed or dropped).
 struct WriterSlot {
     shared: Arc<Shared>,
     id: BlobId,
+    uncommitted: u64,
+    /// `uncommitted` when the quota was last checked.
+    checked_at: u64,
 }
+
+/// Uncommitted bytes a writer may add between two quota checks.
+const QUOTA_CHECK_EVERY: u64 = 4 << 20;
 
 impl BlobWriter {
     /// Registers a writer for `id` and creates or resumes its file.
@@ -87,6 +95,8 @@ impl BlobWriter {
         let mut slot = WriterSlot {
             shared: Arc::clone(shared),
             id: id.clone(),
+            uncommitted: 0,
+            checked_at: 0,
         };
         if let Some(generation) = existing {
             match Self::resume(slot, generation)? {
@@ -124,7 +134,25 @@ impl BlobWriter {
         self.check_bounds(offset, data.len() as u64)?;
         self.file
             .write_all_at(data, offset)
-            .map_err(StoreError::io(&self.path))
+            .map_err(StoreError::io(&self.path))?;
+        let slot = &mut self.slot;
+        let n = data.len() as u64;
+        slot.uncommitted += n;
+        slot.shared
+            .stats
+            .inflight
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if slot.uncommitted >= slot.checked_at + QUOTA_CHECK_EVERY {
+            // Bytes not committed yet (held back until verified, or between
+            // commits) take disk space too: evict for them now.
+            slot.checked_at = slot.uncommitted;
+            if slot.shared.over_high_watermark() {
+                if let Err(error) = slot.shared.evict() {
+                    tracing::warn!(blob = %slot.id, %error, "eviction while writing failed");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Syncs the file, then records `range` present (and the SHA-256 of
@@ -150,6 +178,7 @@ impl BlobWriter {
         put_blob(&mut batch, &id, &stored);
         self.write_record(batch, &stored)?;
         self.stored = stored;
+        self.slot.release_uncommitted();
         let shared = &self.slot.shared;
         if shared.over_high_watermark() {
             // The commit itself succeeded; a failed eviction is retried by
@@ -309,8 +338,21 @@ impl RawReader {
     }
 }
 
+impl WriterSlot {
+    /// The uncommitted bytes are committed (or gone): stop counting them.
+    fn release_uncommitted(&mut self) {
+        self.shared
+            .stats
+            .inflight
+            .fetch_sub(self.uncommitted, std::sync::atomic::Ordering::Relaxed);
+        self.uncommitted = 0;
+        self.checked_at = 0;
+    }
+}
+
 impl Drop for WriterSlot {
     fn drop(&mut self) {
+        self.release_uncommitted();
         self.shared.state().writers.remove(&self.id);
     }
 }

@@ -43,6 +43,7 @@ pub async fn node(secret: &JoinSecret, tweak: impl FnOnce(&mut P2pConfig)) -> Te
         dir: dir.path().join("data"),
         backend: Backend::Memory,
         quota_bytes: 0,
+        filesystem_quota: false,
         high_watermark: 0.9,
         low_watermark: 0.8,
     })
