@@ -8,7 +8,10 @@ scripts/install-deps.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 export CARGO_TERM_COLOR=never
 
+# The node under test carries the fault-injection switches (SHOAL_FAULT_*) that the crash and
+# corrupt-peer tests use; release builds never enable the feature.
+FEATURES=(--features shoal-node/fault-injection)
 echo "== fmt";    cargo fmt --all -- --check
-echo "== build";  cargo build --workspace --all-targets
-echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
-echo "== test";   cargo test --workspace --no-fail-fast -- --test-threads=2
+echo "== build";  cargo build --workspace --all-targets "${FEATURES[@]}"
+echo "== clippy"; cargo clippy --workspace --all-targets "${FEATURES[@]}" -- -D warnings
+echo "== test";   cargo test --workspace --no-fail-fast "${FEATURES[@]}" -- --test-threads=2

@@ -46,6 +46,10 @@ pub struct NodeOptions {
     pub env: Vec<(String, String)>,
     /// Name of the node's subdir and log label (`node` when empty).
     pub label: String,
+    /// The data dir (`--data-dir`) instead of `data` in the node's subdir.
+    pub data_dir: Option<PathBuf>,
+    /// The control socket (`--control`) instead of `control.sock` in the node's subdir.
+    pub control: Option<PathBuf>,
 }
 
 /// The mirror port of a node with [`NodeOptions::bind`] set.
@@ -108,6 +112,7 @@ impl Status {
 pub struct Node {
     bin: PathBuf,
     data_dir: PathBuf,
+    control: PathBuf,
     log_path: PathBuf,
     ip: IpAddr,
     listen: u16,
@@ -147,7 +152,11 @@ impl Node {
         };
         Ok(Self {
             bin: paths::shoal_bin()?,
-            data_dir: dir.join("data"),
+            control: options
+                .control
+                .clone()
+                .unwrap_or_else(|| dir.join("control.sock")),
+            data_dir: options.data_dir.clone().unwrap_or_else(|| dir.join("data")),
             log_path,
             ip,
             listen,
@@ -188,9 +197,9 @@ impl Node {
         &self.data_dir
     }
 
-    /// The control socket (`--control`), next to the data dir.
+    /// The control socket (`--control`).
     pub fn control_path(&self) -> PathBuf {
-        self.data_dir.with_file_name("control.sock")
+        self.control.clone()
     }
 
     /// Where the node keeps the content of blob `digest`.

@@ -167,7 +167,7 @@ impl TokenServer {
     /// A token for `user` (`""`: anonymous) asking `scope` (`repository:NAME:pull`), as the
     /// service would grant it — for tests that play a client holding a token.
     pub fn token(&self, user: &str, scope: &str) -> Result<String> {
-        self.signer.issue(user, Some(scope))
+        self.signer.issue(user, &[scope.to_owned()])
     }
 
     /// `Authorization: Bearer <token>` for `user` on `repo` (pull).
@@ -190,10 +190,10 @@ impl Drop for TokenServer {
 }
 
 impl Signer {
-    /// A signed token for `user`, granting what the ACL allows of `scope`.
-    fn issue(&self, user: &str, scope: Option<&str>) -> Result<String> {
+    /// A signed token for `user`, granting what the ACL allows of each of `scopes`.
+    fn issue(&self, user: &str, scopes: &[String]) -> Result<String> {
         let mut access = Vec::new();
-        if let Some(scope) = scope {
+        for scope in scopes {
             let mut parts = scope.splitn(3, ':');
             if let (Some("repository"), Some(name), Some(actions)) =
                 (parts.next(), parts.next(), parts.next())
@@ -261,10 +261,11 @@ fn serve(stream: TcpStream, signer: &Signer) -> Result<()> {
         }
         let target = line.split_whitespace().nth(1).unwrap_or("/");
         let url = reqwest::Url::parse(&format!("http://x{target}"))?;
-        let scope = url
+        let scopes: Vec<String> = url
             .query_pairs()
-            .find(|(k, _)| k == "scope")
-            .map(|(_, v)| v.into_owned());
+            .filter(|(k, _)| k == "scope")
+            .map(|(_, v)| v.into_owned())
+            .collect();
         let user = match auth.as_deref().and_then(|a| a.strip_prefix("Basic ")) {
             None => Some(String::new()),
             Some(b) => basic_user(b)
@@ -272,7 +273,7 @@ fn serve(stream: TcpStream, signer: &Signer) -> Result<()> {
                 .map(|(u, _)| u),
         };
         let (status, body) = match user {
-            Some(user) if url.path() == "/token" => match signer.issue(&user, scope.as_deref()) {
+            Some(user) if url.path() == "/token" => match signer.issue(&user, &scopes) {
                 Ok(t) => (
                     "200 OK",
                     serde_json::json!({"token": t, "access_token": t, "expires_in": 600})

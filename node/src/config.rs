@@ -112,7 +112,6 @@ pub struct StoreSection {
     pub low_watermark: Option<f64>,
 }
 
-
 /// How much disk the store may use, validated.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StoreLimits {

@@ -773,7 +773,7 @@ async fn origin_fill(
         _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
     };
     #[cfg(feature = "fault-injection")]
-    crate::faults::maybe_panic_download(&id);
+    crate::faults::maybe_panic_download(&id).await;
     let resume_from = fill.pos;
     let path = format!("/v2/{}/blobs/{}", src.repo, id);
     let mut headers = HeaderMap::new();

@@ -3,8 +3,9 @@
 //!
 //! - `SHOAL_FAULT_CORRUPT_UPLOADS=1`: flip a byte of every range served to peers (a node that
 //!   serves wrong bytes, for the peer-verification tests);
-//! - `SHOAL_FAULT_PANIC_DOWNLOAD=<digest>|any`: panic inside the download task of that blob
-//!   (or of every blob) once it has its origin slot (the drop-guard test).
+//! - `SHOAL_FAULT_PANIC_DOWNLOAD=<digest>|any`: panic inside the first download task of that
+//!   blob (or of each blob) once it has its origin slot (the drop-guard test: its followers must
+//!   get an error, and the next request must find the blob free and fetch it).
 //!
 //! A binary built without the feature refuses to start when one of these is set
 //! ([`check_env`]), so a test can never believe it injected a fault that was not there.
@@ -39,12 +40,27 @@ pub fn corrupt_uploads() -> bool {
     std::env::var("SHOAL_FAULT_CORRUPT_UPLOADS").is_ok_and(|v| v == "1")
 }
 
-/// Panics when `SHOAL_FAULT_PANIC_DOWNLOAD` names `id` (or is `any`).
+/// Panics, two seconds in (so that followers have joined), the first time it is called for a
+/// blob `SHOAL_FAULT_PANIC_DOWNLOAD` names (or for each blob, with `any`).
 #[cfg(feature = "fault-injection")]
-pub fn maybe_panic_download(id: &shoal_proto::BlobId) {
-    if let Ok(v) = std::env::var("SHOAL_FAULT_PANIC_DOWNLOAD") {
-        if v == "any" || v == id.to_string() {
-            panic!("fault injection: download task of {id} panics");
-        }
+pub async fn maybe_panic_download(id: &shoal_proto::BlobId) {
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static PANICKED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let Ok(v) = std::env::var("SHOAL_FAULT_PANIC_DOWNLOAD") else {
+        return;
+    };
+    let id = id.to_string();
+    if v != "any" && v != id {
+        return;
+    }
+    let first = PANICKED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(id.clone());
+    if first {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        panic!("fault injection: download task of {id} panics");
     }
 }

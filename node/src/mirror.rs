@@ -245,19 +245,27 @@ fn query_param(query: &str, name: &str) -> Option<String> {
 
 /// `GET /v2/`: the origin's answer (so a 401 starts the client's login),
 /// or a plain 200 when the origin cannot be reached, so that cached content
-/// stays pullable.
+/// stays pullable. A client without credentials gets the origin's own
+/// answer to an anonymous ping — not the node's (a token registry lets any
+/// token ping, and a client told "no login needed" never logs in for the
+/// private repositories it could read) — unless the node holds credentials
+/// for that origin, which then stand in for the client's.
 async fn base(st: &MirrorState, ctx: &Ctx) -> Result<Response, MirrorError> {
-    let resp = ctx
-        .origin
-        .send(
-            Method::GET,
-            "/v2/",
-            &HeaderMap::new(),
-            &ctx.auth_mode(),
-            None,
-            "base",
-        )
-        .await;
+    let resp = match (&ctx.client_auth, ctx.origin.has_node_credentials()) {
+        (None, false) => ctx.origin.ping().await,
+        _ => {
+            ctx.origin
+                .send(
+                    Method::GET,
+                    "/v2/",
+                    &HeaderMap::new(),
+                    &ctx.auth_mode(),
+                    None,
+                    "base",
+                )
+                .await
+        }
+    };
     let _ = st;
     let status = match resp {
         Ok(r) if r.status() == StatusCode::UNAUTHORIZED => {

@@ -210,8 +210,11 @@ impl Upstreams {
                 host: host.chars().take(100).collect(),
             });
         };
+        // Keyed by scheme too: a host named over plain HTTP (a proxy URL) is another origin than
+        // the same host over HTTPS (`?ns=`).
+        let key = format!("{scheme}://{host}");
         let mut learned = self.learned.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((o, used)) = learned.get_mut(host) {
+        if let Some((o, used)) = learned.get_mut(&key) {
             *used = Instant::now();
             return Ok(o.clone());
         }
@@ -243,7 +246,7 @@ impl Upstreams {
                 learned.remove(&k);
             }
         }
-        learned.insert(host.to_owned(), (origin.clone(), Instant::now()));
+        learned.insert(key, (origin.clone(), Instant::now()));
         Ok(origin)
     }
 }
@@ -311,6 +314,13 @@ impl Origin {
     /// Whether the operator gave this node credentials for this origin.
     pub fn has_node_credentials(&self) -> bool {
         self.credentials.is_some()
+    }
+
+    /// `GET /v2/` without any credentials and without answering a challenge: the origin's own
+    /// answer to an anonymous client.
+    pub async fn ping(&self) -> Result<reqwest::Response, OriginError> {
+        self.raw(Method::GET, "/v2/", HeaderMap::new(), "base")
+            .await
     }
 
     /// The absolute URL of a `/v2/...` path on this origin.

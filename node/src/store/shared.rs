@@ -247,14 +247,25 @@ impl Shared {
 
     /// Whether usage is above the high watermark (false without a quota).
     pub fn over_high_watermark(&self) -> bool {
+        self.over_high_watermark_after(0)
+    }
+
+    /// Whether usage would be above the high watermark after `extra` more bytes.
+    pub fn over_high_watermark_after(&self, extra: u64) -> bool {
         self.limits(self.content_bytes())
-            .is_some_and(|l| l.used > l.high)
+            .is_some_and(|l| l.used.saturating_add(extra) > l.high)
     }
 
     /// If usage is above the high watermark, drops least recently accessed
     /// unpinned blobs until it is at or below the low watermark (counting, on
     /// a filesystem quota, the present bytes dropped as freed).
     pub fn evict(&self) -> Result<Vec<BlobId>, StoreError> {
+        self.evict_for(0)
+    }
+
+    /// [`Shared::evict`] as if `extra` more bytes were already used (room for a
+    /// write about to happen).
+    pub fn evict_for(&self, extra: u64) -> Result<Vec<BlobId>, StoreError> {
         if self.cfg.quota_bytes == 0 && !self.cfg.filesystem_quota {
             return Ok(Vec::new());
         }
@@ -265,10 +276,11 @@ impl Shared {
         let Some(limits) = self.limits(self.content_bytes()) else {
             return Ok(Vec::new());
         };
-        if limits.used <= limits.high {
+        let used = limits.used.saturating_add(extra);
+        if used <= limits.high {
             return Ok(Vec::new());
         }
-        let mut excess = limits.used - limits.low;
+        let mut excess = used - limits.low;
         let candidates = {
             let state = self.state();
             let mut candidates: Vec<_> = state
@@ -302,7 +314,7 @@ impl Shared {
         if !evicted.is_empty() {
             tracing::info!(
                 evicted = evicted.len(),
-                used = limits.used,
+                used,
                 high = limits.high,
                 "over the store's high watermark; evicted least recently used blobs"
             );

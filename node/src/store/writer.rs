@@ -57,8 +57,10 @@ struct WriterSlot {
     checked_at: u64,
 }
 
-/// Uncommitted bytes a writer may add between two quota checks.
+/// Uncommitted bytes a writer may add between two checks of a byte quota.
 const QUOTA_CHECK_EVERY: u64 = 4 << 20;
+/// Room kept, under a filesystem quota, for what a write costs besides its bytes.
+const FS_OVERHEAD: u64 = 2 << 20;
 
 impl BlobWriter {
     /// Registers a writer for `id` and creates or resumes its file.
@@ -132,26 +134,37 @@ impl BlobWriter {
     /// different bytes make its reads fail as `Corrupt`.
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
         self.check_bounds(offset, data.len() as u64)?;
+        let n = data.len() as u64;
+        let slot = &mut self.slot;
+        // Make room *before* writing (committed or not: bytes held back until
+        // verified take disk space too), so usage stays under the high
+        // watermark. A filesystem quota is checked at every write (one
+        // statvfs); a byte quota every QUOTA_CHECK_EVERY bytes (it sums the
+        // index), so it may overshoot by that much.
+        if slot.shared.cfg.filesystem_quota || slot.uncommitted + n > slot.checked_at {
+            slot.checked_at = slot.uncommitted + QUOTA_CHECK_EVERY;
+            // On a filesystem, the write also costs metadata (extents, the
+            // journal, RocksDB's log): keep that much more room.
+            let room = if slot.shared.cfg.filesystem_quota {
+                n + FS_OVERHEAD
+            } else {
+                n
+            };
+            if slot.shared.over_high_watermark_after(room) {
+                if let Err(error) = slot.shared.evict_for(room) {
+                    tracing::warn!(blob = %slot.id, %error, "eviction while writing failed");
+                }
+            }
+        }
         self.file
             .write_all_at(data, offset)
             .map_err(StoreError::io(&self.path))?;
         let slot = &mut self.slot;
-        let n = data.len() as u64;
         slot.uncommitted += n;
         slot.shared
             .stats
             .inflight
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        if slot.uncommitted >= slot.checked_at + QUOTA_CHECK_EVERY {
-            // Bytes not committed yet (held back until verified, or between
-            // commits) take disk space too: evict for them now.
-            slot.checked_at = slot.uncommitted;
-            if slot.shared.over_high_watermark() {
-                if let Err(error) = slot.shared.evict() {
-                    tracing::warn!(blob = %slot.id, %error, "eviction while writing failed");
-                }
-            }
-        }
         Ok(())
     }
 

@@ -1,0 +1,1166 @@
+//! Issue 10's "Must show": the node's edges, tried as an attacker would, against the real
+//! distribution registry with per-repository token authorization (`shoal_e2e::token`).
+//!
+//! The scene: a private registry P (token auth) holds `private/app:1` (the fixture: a Debian base
+//! layer plus a python layer) that only alice may pull; bob may pull only `bob/other`. A second
+//! registry C is configured on the node *with node credentials* and holds something unrelated. A
+//! public registry B (configured) and a second public registry B2 (unlisted) hold the Debian base
+//! image, so the base layer is public elsewhere — but the python layer, the image config and the
+//! manifest exist only in P. A lying origin L (run by the attacker, unlisted) answers 200/206 to
+//! everything with wrong bytes.
+//!
+//! Every way of asking for the secret content — the mirror path, `?ns=`, `X-Shoal-Registry` and the
+//! forward proxy, anonymously, with wrong credentials, with bob's token (another repository),
+//! through L, and through C with its node credentials — gets 0 secret bytes, before alice's pull
+//! (nothing cached), after it (everything cached) and after a restart. Alice still gets it from
+//! the cache (P's log: no blob GET), and the base layer still deduplicates: anonymous clients get
+//! it through B with 0 blob bytes from B, and through B2 after a proof of a few random ranges.
+
+use std::io::{Read as _, Write as _};
+use std::ops::Range;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{ensure, Context, Result};
+use shoal_e2e::fixture::{assert_same_image, Image, OciLayout};
+use shoal_e2e::http::{self, Fetched};
+use shoal_e2e::liar::LyingOrigin;
+use shoal_e2e::node::{Node, NodeOptions};
+use shoal_e2e::registry::{Creds, Registry};
+use shoal_e2e::setup::MANIFEST_ACCEPT;
+use shoal_e2e::token::{Acl, TokenServer};
+use shoal_e2e::{run, skopeo, Need, TestCtx};
+
+const PRIVATE: &str = "private/app";
+const PUBLIC: &str = "public/base";
+const BOB_REPO: &str = "bob/other";
+
+const NEEDS: &[Need] = &[
+    Need::Shoal,
+    Need::Bin("docker-registry"),
+    Need::Bin("skopeo"),
+];
+
+struct Scene {
+    tokens: TokenServer,
+    private: Registry,
+    creds_reg: Registry,
+    public: Registry,
+    public2: Registry,
+    liar: LyingOrigin,
+    image: Image,
+    base: Image,
+    /// A blob only C holds (node credentials must reach it, or the C checks prove nothing).
+    c_blob: String,
+    node: Node,
+}
+
+/// A secret object and its bytes.
+struct Secret {
+    what: String,
+    digest: String,
+    bytes: Vec<u8>,
+    /// `blobs` or `manifests`.
+    kind: &'static str,
+}
+
+#[test]
+fn private_content_reaches_no_one_who_may_not_see_it() {
+    run(
+        "private_content_reaches_no_one_who_may_not_see_it",
+        NEEDS,
+        |t| {
+            let mut s = scene(t)?;
+            let secrets = secrets(&s)?;
+            hostile(&s, &secrets, "before any authorized pull")?;
+
+            // Alice pulls through the mirror: everything is cached.
+            let alice = Creds::new("alice", "alice-pw");
+            let (out, dir) = skopeo::copy_to_oci(
+                t,
+                &s.node.listen_addr(),
+                &format!("{PRIVATE}:1"),
+                Some(&alice),
+            )?;
+            ensure!(
+                out.success,
+                "alice's pull through the mirror failed: {}",
+                out.stderr
+            );
+            assert_same_image(&s.image, &OciLayout::open(dir)?)?;
+            wait_complete(&s.node, &s.image)?;
+
+            hostile(&s, &secrets, "after alice's pull (all cached)")?;
+            ensure!(
+                s.liar
+                    .seen()
+                    .range_gets
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0,
+                "the lying origin was never asked for proof ranges"
+            );
+            let refuted = s
+                .node
+                .metrics()?
+                .sum("shoal_access_checks_total", &[("kind", "refuted")]);
+            ensure!(refuted > 0.0, "no proof of possession was refuted");
+            dedup(&s)?;
+
+            s.node.terminate()?;
+            s.node.restart()?;
+            hostile(&s, &secrets, "after a restart")?;
+            alice_from_cache(&s, &secrets)?;
+            Ok(())
+        },
+    );
+}
+
+fn scene(t: &TestCtx) -> Result<Scene> {
+    let tokens = TokenServer::start(
+        Acl::default()
+            .user(
+                "admin",
+                "admin-pw",
+                &[
+                    ("private/*", &["pull", "push"]),
+                    ("bob/*", &["pull", "push"]),
+                ],
+            )
+            .user("alice", "alice-pw", &[(PRIVATE, &["pull"])])
+            .user("bob", "bob-pw", &[("bob/*", &["pull"])]),
+    )?;
+    let private = Registry::start_token(t, &tokens, Creds::new("admin", "admin-pw"))?;
+    skopeo::push_fixture(t, &private, &format!("{PRIVATE}:1"))?;
+    skopeo::push_fixture_ref(t, &private, "base", &format!("{BOB_REPO}:1"))?;
+    let creds_reg = Registry::start_htpasswd(t, "nodeuser", "node-pw")?;
+    let c_blob = creds_reg.push_blob("c/stuff", b"only C holds this".repeat(100))?;
+    let public = Registry::start(t)?;
+    skopeo::push_fixture_ref(t, &public, "base", &format!("{PUBLIC}:1"))?;
+    let public2 = Registry::start(t)?;
+    skopeo::push_fixture_ref(t, &public2, "base", &format!("{PUBLIC}:1"))?;
+    let liar = LyingOrigin::start(4 << 20)?;
+
+    let config = t.subdir("node-config")?.join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mirror]\n\
+             # The lying origin and B2 run on loopback: let unlisted hosts be local so that\n\
+             # proofs of possession are exercised (the default refuses them outright).\n\
+             allow_local_upstreams = true\n\
+             [[upstream]]\nurl = \"{c}\"\nusername = \"nodeuser\"\npassword = \"node-pw\"\n\
+             [[upstream]]\nurl = \"{b}\"\n",
+            c = creds_reg.url(),
+            b = public.url(),
+        ),
+    )?;
+    let node = Node::start_with(
+        t,
+        NodeOptions {
+            config: Some(config),
+            ..NodeOptions::upstream(&private.url())
+        },
+    )?;
+    let layout = OciLayout::debian_python()?;
+    Ok(Scene {
+        image: layout.image("python")?,
+        base: layout.image("base")?,
+        tokens,
+        private,
+        creds_reg,
+        public,
+        public2,
+        liar,
+        c_blob,
+        node,
+    })
+}
+
+/// The content only P holds: the python layer, the image config, the manifest.
+fn secrets(s: &Scene) -> Result<Vec<Secret>> {
+    let layout = OciLayout::debian_python()?;
+    let base_layers: Vec<&str> = s.base.layers.iter().map(|d| d.digest.as_str()).collect();
+    let mut out = vec![Secret {
+        what: "manifest".into(),
+        digest: s.image.manifest_digest.clone(),
+        bytes: s.image.manifest.clone(),
+        kind: "manifests",
+    }];
+    for d in s.image.blobs() {
+        if base_layers.contains(&d.digest.as_str()) {
+            continue;
+        }
+        out.push(Secret {
+            what: format!("blob {}", &d.digest[..19]),
+            digest: d.digest.clone(),
+            bytes: layout.blob(&d.digest)?,
+            kind: "blobs",
+        });
+    }
+    ensure!(
+        out.len() >= 3,
+        "the fixture should have a config and a python layer of its own"
+    );
+    Ok(out)
+}
+
+/// How a request names its origin.
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// The mirror path: the node's default upstream (P).
+    Mirror,
+    Ns,
+    Header,
+    Proxy,
+}
+
+/// Every hostile way of asking for every secret; each must carry 0 secret bytes.
+fn hostile(s: &Scene, secrets: &[Secret], phase: &str) -> Result<()> {
+    let p = s.private.addr();
+    let l = s.liar.addr();
+    let c = s.creds_reg.addr();
+    let bob_other = s.tokens.bearer("bob", BOB_REPO)?;
+    let bob_private = s.tokens.bearer("bob", PRIVATE)?;
+    let anon_private = s.tokens.bearer("", PRIVATE)?;
+    let wrong_basic = "Basic YWxpY2U6bm90LWhlci1wYXNzd29yZA==".to_owned(); // alice:not-her-password
+    let garbage = "Bearer not.a.token".to_owned();
+    // (via, origin host, repository, credentials)
+    let mut cases: Vec<(Via, &str, &str, Option<&str>)> = Vec::new();
+    for via in [Via::Mirror, Via::Ns, Via::Header, Via::Proxy] {
+        for cred in [
+            None,
+            Some(wrong_basic.as_str()),
+            Some(garbage.as_str()),
+            Some(bob_other.as_str()),
+            Some(bob_private.as_str()),
+            Some(anon_private.as_str()),
+        ] {
+            cases.push((via, &p, PRIVATE, cred));
+        }
+        if matches!(via, Via::Mirror) {
+            continue;
+        }
+        for repo in [PRIVATE, "attacker/anything"] {
+            cases.push((via, &l, repo, None));
+            cases.push((via, &l, repo, Some(bob_other.as_str())));
+            cases.push((via, &c, repo, None));
+        }
+    }
+    let mut asked = 0;
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for secret in secrets {
+        let size = secret.bytes.len() as u64;
+        let ranges: Vec<Option<Range<u64>>> = if secret.kind == "blobs" {
+            vec![
+                None,
+                Some(0..1024.min(size)),
+                Some(size / 2..(size / 2 + 4096).min(size)),
+            ]
+        } else {
+            vec![None]
+        };
+        let refs: Vec<&str> = if secret.kind == "manifests" {
+            vec![secret.digest.as_str(), "1"]
+        } else {
+            vec![secret.digest.as_str()]
+        };
+        for (via, host, repo, cred) in &cases {
+            for reference in &refs {
+                for range in &ranges {
+                    let got = ask(
+                        s,
+                        *via,
+                        host,
+                        repo,
+                        secret.kind,
+                        reference,
+                        *cred,
+                        range.clone(),
+                    )?;
+                    asked += 1;
+                    *statuses.entry(got.status.as_u16()).or_default() += 1;
+                    let offset = range.as_ref().map_or(0, |r| r.start);
+                    ensure!(
+                        !leaks(&got.body, offset, &secret.bytes),
+                        "{phase}: {} via {via:?} {host} repo {repo} ref {reference} creds {} range {range:?} \
+                         LEAKED secret bytes: {}",
+                        secret.what,
+                        cred.map_or("none", |c| &c[..c.len().min(12)]),
+                        got.short()
+                    );
+                }
+            }
+        }
+    }
+    println!("{phase}: {asked} hostile requests, 0 secret bytes; statuses {statuses:?}");
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ask(
+    s: &Scene,
+    via: Via,
+    host: &str,
+    repo: &str,
+    kind: &str,
+    reference: &str,
+    cred: Option<&str>,
+    range: Option<Range<u64>>,
+) -> Result<Fetched> {
+    let path = format!("/v2/{repo}/{kind}/{reference}");
+    let node = s.node.url();
+    let req = match via {
+        Via::Mirror => http::client()?.get(format!("{node}{path}")),
+        Via::Ns => http::client()?.get(format!("{node}{path}?ns={host}")),
+        Via::Header => http::client()?
+            .get(format!("{node}{path}"))
+            .header("X-Shoal-Registry", host),
+        Via::Proxy => {
+            http::proxy_client(&s.node.listen_addr())?.get(format!("http://{host}{path}"))
+        }
+    };
+    let mut req = req.header("Accept", MANIFEST_ACCEPT);
+    if let Some(c) = cred {
+        req = req.header("Authorization", c);
+    }
+    if let Some(r) = range {
+        req = req.header("Range", format!("bytes={}-{}", r.start, r.end - 1));
+    }
+    http::fetch(req).with_context(|| format!("{via:?} {host}{path}"))
+}
+
+/// Whether `body`, served as the bytes from `offset` on, carries bytes of `secret`: a 32-byte
+/// block equal to the secret's at the same place, or the secret's first 64 bytes anywhere.
+fn leaks(body: &[u8], offset: u64, secret: &[u8]) -> bool {
+    let same_place = body.chunks(32).enumerate().any(|(i, chunk)| {
+        let at = offset as usize + i * 32;
+        chunk.len() == 32 && secret.get(at..at + 32) == Some(chunk)
+    });
+    let head = &secret[..secret.len().min(64)];
+    same_place || (head.len() == 64 && body.windows(64).any(|w| w == head))
+}
+
+/// The base layer, public in B (configured) and B2 (unlisted), is served from the cache: 0 blob
+/// bytes from B; only a few sampled ranges from B2.
+fn dedup(s: &Scene) -> Result<()> {
+    let layer = s.base.layers.first().context("base layer")?;
+    let expected = OciLayout::debian_python()?.blob(&layer.digest)?;
+    let b_mark = s.public.log()?.requests.len();
+    let b2_mark = s.public2.log()?.requests.len();
+    // B by `?ns=` (configured: plain HTTP as configured), B2 by a proxy URL (unlisted: `?ns=`
+    // would mean HTTPS, which these test registries do not speak).
+    let path = format!("/v2/{PUBLIC}/blobs/{}", layer.digest);
+    let via_b = http::client()?.get(format!("{}{path}?ns={}", s.node.url(), s.public.addr()));
+    let via_b2 = http::proxy_client(&s.node.listen_addr())?
+        .get(format!("http://{}{path}", s.public2.addr()));
+    for (name, req) in [("B", via_b), ("B2", via_b2)] {
+        let got = http::fetch(req)?;
+        ensure!(
+            got.completed_ok() && got.body == expected,
+            "anonymous GET of the public base layer via {name}: {}",
+            got.short()
+        );
+    }
+    let b = s.public.log()?.since(b_mark);
+    ensure!(
+        b.blob_fetches(&layer.digest) == 0,
+        "the configured public registry sent the base layer again: {:?}",
+        b.blob_requests(&layer.digest)
+    );
+    let b2 = s.public2.log()?.since(b2_mark);
+    let sampled: u64 = b2
+        .blob_requests(&layer.digest)
+        .iter()
+        .filter(|r| r.method == "GET")
+        .map(|r| r.written)
+        .sum();
+    ensure!(
+        b2.blob_requests(&layer.digest)
+            .iter()
+            .all(|r| r.method != "GET" || r.status == 206),
+        "the unlisted public registry was asked for the whole base layer"
+    );
+    ensure!(
+        sampled <= 64 << 10,
+        "the proof of possession read {sampled} bytes from the unlisted registry"
+    );
+    println!(
+        "dedup: base layer ({} bytes) served from the cache; B sent 0 blob bytes, B2 {sampled} sampled bytes",
+        layer.size
+    );
+    // Node credentials work where they apply (so C's refusals above mean something).
+    let url = format!(
+        "{}/v2/c/stuff/blobs/{}?ns={}",
+        s.node.url(),
+        s.c_blob,
+        s.creds_reg.addr()
+    );
+    let got = http::fetch(http::client()?.get(url))?;
+    ensure!(
+        got.completed_ok(),
+        "C's own blob through its node credentials: {}",
+        got.short()
+    );
+    Ok(())
+}
+
+/// After the restart alice still gets every secret from the cache: P answers access checks
+/// (HEAD) but sends no blob.
+fn alice_from_cache(s: &Scene, secrets: &[Secret]) -> Result<()> {
+    let mark = s.private.log()?.requests.len();
+    let alice = s.tokens.bearer("alice", PRIVATE)?;
+    for secret in secrets.iter().filter(|x| x.kind == "blobs") {
+        let url = format!("{}/v2/{PRIVATE}/blobs/{}", s.node.url(), secret.digest);
+        let got = http::fetch(http::client()?.get(url).header("Authorization", &alice))?;
+        ensure!(
+            got.completed_ok() && got.body == secret.bytes,
+            "alice's GET of {}: {}",
+            secret.what,
+            got.short()
+        );
+    }
+    let log = s.private.log()?.since(mark);
+    for secret in secrets.iter().filter(|x| x.kind == "blobs") {
+        ensure!(
+            log.blob_fetches(&secret.digest) == 0,
+            "P sent {} again after the restart",
+            secret.what
+        );
+    }
+    println!("after a restart alice got every secret blob from the cache (P: 0 blob GETs)");
+    Ok(())
+}
+
+fn wait_complete(node: &Node, image: &Image) -> Result<()> {
+    shoal_e2e::wait::poll(
+        "every blob complete in the node",
+        std::time::Duration::from_secs(60),
+        || {
+            let st = node.status()?;
+            let done = image
+                .blobs()
+                .iter()
+                .all(|d| st.blob(&d.digest).is_some_and(|b| b.complete));
+            Ok(done.then_some(()))
+        },
+    )
+}
+
+// ------------------------------------------------------------------- the control surfaces
+
+/// A directory nobody but root may change, that others may traverse (mode 0755), removed on drop.
+struct SharedDir(PathBuf);
+
+impl SharedDir {
+    fn new(label: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-e2e-{label}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for SharedDir {
+    fn drop(&mut self) {
+        shoal_e2e::ctx::detach_mounts_under(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64)
+}
+
+/// `shoal ARGS` as the unprivileged user `nobody` (uid/gid 65534, no groups).
+fn as_nobody(args: &[&str]) -> Result<Output> {
+    Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(shoal_e2e::paths::shoal_bin()?)
+        .args(args)
+        .output()
+        .context("running shoal as nobody")
+}
+
+fn shoal_root(args: &[&str]) -> Result<Output> {
+    Command::new(shoal_e2e::paths::shoal_bin()?)
+        .args(args)
+        .output()
+        .context("running shoal")
+}
+
+fn is_mounted(dir: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dir = dir.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.as_ref()))
+}
+
+#[test]
+fn only_the_administrator_changes_the_node_and_the_admin_listener_is_read_only() {
+    let name = "only_the_administrator_changes_the_node";
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        shoal_e2e::skip(name, &format!("cannot open /dev/fuse: {e}"));
+        return;
+    }
+    let needs = [
+        Need::Root,
+        Need::Shoal,
+        Need::Bin("docker-registry"),
+        Need::Bin("setpriv"),
+        Need::Bin("curl"),
+    ];
+    run(name, &needs, |t| {
+        let registry = Registry::start(t)?;
+        let work = t.subdir("nydus-build")?;
+        shoal_e2e::nydus::build_and_push(
+            &registry,
+            &shoal_e2e::paths::debian_python_layout(),
+            "python",
+            "test/nydus",
+            "1",
+            &work,
+        )?;
+        let reference = format!("{}/test/nydus:1", registry.addr());
+        // The socket and the mount point where an unprivileged user could reach them, if the
+        // node let it: only the node's own rules stand in the way.
+        let shared = SharedDir::new("control")?;
+        let socket = shared.0.join("control.sock");
+        let mnt = shared.0.join("mnt");
+        std::fs::create_dir(&mnt)?;
+        std::fs::set_permissions(&mnt, std::fs::Permissions::from_mode(0o777))?;
+        let node = Node::start_with(
+            t,
+            NodeOptions {
+                control: Some(socket.clone()),
+                ..NodeOptions::upstream(&registry.url())
+            },
+        )?;
+        let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "control socket mode {mode:o}, expected 600");
+        let sock = socket.to_string_lossy().into_owned();
+        let mnt_s = mnt.to_string_lossy().into_owned();
+
+        // nobody: shoal mount, umount and mounts over the control socket are refused.
+        for args in [
+            vec![
+                "mount",
+                reference.as_str(),
+                mnt_s.as_str(),
+                "--control",
+                sock.as_str(),
+            ],
+            vec!["mounts", "--control", sock.as_str()],
+        ] {
+            let out = as_nobody(&args)?;
+            ensure!(
+                !out.status.success(),
+                "nobody ran `shoal {args:?}`: {out:?}"
+            );
+        }
+        ensure!(
+            !is_mounted(&mnt),
+            "nobody's mount request mounted something"
+        );
+        // nobody speaking HTTP to the socket directly: the kernel refuses the connection.
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "curl",
+                "-s",
+            ])
+            .args([
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--unix-socket",
+                &sock,
+            ])
+            .args(["-X", "POST", "-H", "content-type: application/json", "-d"])
+            .arg(format!(r#"{{"image":"{reference}","dir":"{mnt_s}"}}"#))
+            .arg("http://control/api/v1/mounts")
+            .output()?;
+        let code = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            !out.status.success() || code == "403",
+            "nobody's POST over the control socket got {code}"
+        );
+        // Anyone on the admin TCP listener: nothing there changes the node.
+        let admin = format!("http://{}", node.admin_addr());
+        let body = format!(r#"{{"image":"{reference}","dir":"{mnt_s}"}}"#);
+        let post = http::fetch(
+            http::client()?
+                .post(format!("{admin}/api/v1/mounts"))
+                .header("content-type", "application/json")
+                .body(body),
+        )?;
+        ensure!(
+            post.status.as_u16() == 405 || post.status.as_u16() == 404,
+            "POST /api/v1/mounts on the admin listener: {}",
+            post.short()
+        );
+        ensure!(!is_mounted(&mnt), "the admin listener mounted something");
+        // Read-only surfaces answer there; a foreign Host (DNS rebinding) does not.
+        for path in ["/healthz", "/metrics", "/api/v1/status"] {
+            let got = http::fetch(http::client()?.get(format!("{admin}{path}")))?;
+            ensure!(
+                got.completed_ok(),
+                "GET {path} on the admin listener: {}",
+                got.short()
+            );
+        }
+        let rebound = http::fetch(
+            http::client()?
+                .get(format!("{admin}/api/v1/status"))
+                .header("Host", "attacker.example:5051"),
+        )?;
+        ensure!(
+            rebound.status.as_u16() == 421,
+            "a request for Host attacker.example was answered: {}",
+            rebound.short()
+        );
+
+        // root: system and non-empty directories are refused without --force; the mount works.
+        let out = shoal_root(&["mount", &reference, "/etc", "--control", &sock])?;
+        ensure!(
+            !out.status.success(),
+            "root mounted over /etc without --force"
+        );
+        let full = shared.0.join("full");
+        std::fs::create_dir(&full)?;
+        std::fs::write(full.join("keep"), b"x")?;
+        let out = shoal_root(&[
+            "mount",
+            &reference,
+            &full.to_string_lossy(),
+            "--control",
+            &sock,
+        ])?;
+        ensure!(
+            !out.status.success(),
+            "root mounted over a non-empty dir without --force"
+        );
+        let out = shoal_root(&["mount", &reference, &mnt_s, "--control", &sock])?;
+        ensure!(
+            out.status.success(),
+            "root's shoal mount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(is_mounted(&mnt), "root's mount is not there");
+        let out = as_nobody(&["umount", &mnt_s, "--control", &sock])?;
+        ensure!(
+            !out.status.success() && is_mounted(&mnt),
+            "nobody unmounted root's mount"
+        );
+        let out = shoal_root(&["umount", &mnt_s, "--control", &sock])?;
+        ensure!(
+            out.status.success() && !is_mounted(&mnt),
+            "root's umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("{name}: nobody was refused on every listener; root mounted and unmounted");
+        Ok(())
+    });
+}
+
+#[test]
+fn the_proxy_carries_registry_traffic_only() {
+    run(
+        "the_proxy_carries_registry_traffic_only",
+        &[
+            Need::Shoal,
+            Need::Bin("docker-registry"),
+            Need::Bin("python3"),
+        ],
+        |t| {
+            let registry = Registry::start(t)?;
+            let node = Node::start(t, &registry.url())?;
+            // A local service that is not a registry, with something to steal.
+            let www = t.subdir("www")?;
+            std::fs::write(www.join("secret.txt"), b"the-local-secret")?;
+            let port = shoal_e2e::wait::free_port()?;
+            let mut server = Command::new("python3")
+                .args([
+                    "-m",
+                    "http.server",
+                    "--bind",
+                    "127.0.0.1",
+                    &port.to_string(),
+                ])
+                .current_dir(&www)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let service = format!("127.0.0.1:{port}");
+            shoal_e2e::wait::poll(
+                "the local service",
+                std::time::Duration::from_secs(20),
+                || Ok(std::net::TcpStream::connect(&service).ok().map(|_| ())),
+            )?;
+            let proxy = http::proxy_client(&node.listen_addr())?;
+            let outcome = (|| -> Result<()> {
+                for url in [
+                    format!("http://{service}/secret.txt"),
+                    format!("http://{service}/v2/"),
+                    format!("http://{service}/v2/x/blobs/sha256:{}", "0".repeat(64)),
+                    format!("http://{}/api/v1/status", node.admin_addr()),
+                    format!("http://{}/metrics", node.admin_addr()),
+                    format!("http://{}/v2/", node.listen_addr()),
+                ] {
+                    let got = http::fetch(proxy.get(&url))?;
+                    ensure!(
+                        got.status.as_u16() == 403 && !got.text().contains("the-local-secret"),
+                        "the proxy carried GET {url}: {}",
+                        got.short()
+                    );
+                }
+                let ns = http::fetch(
+                    http::client()?.get(format!("{}/v2/x/manifests/1?ns={service}", node.url())),
+                )?;
+                ensure!(
+                    ns.status.as_u16() == 403,
+                    "?ns= a local service: {}",
+                    ns.short()
+                );
+                // CONNECT: refused to the local service and the node's own listeners; a
+                // configured registry gets a working tunnel.
+                for target in [service.clone(), node.admin_addr(), node.listen_addr()] {
+                    let (status, _) = connect(&node.listen_addr(), &target)?;
+                    ensure!(status == 403, "CONNECT {target} answered {status}");
+                }
+                let (status, mut tunnel) = connect(&node.listen_addr(), &registry.addr())?;
+                ensure!(
+                    status == 200,
+                    "CONNECT to the configured registry answered {status}"
+                );
+                tunnel.write_all(
+                    format!(
+                        "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+                        registry.addr()
+                    )
+                    .as_bytes(),
+                )?;
+                let mut answer = String::new();
+                tunnel.read_to_string(&mut answer)?;
+                ensure!(
+                    answer.starts_with("HTTP/1.1 200"),
+                    "through the tunnel: {answer}"
+                );
+                Ok(())
+            })();
+            let _ = server.kill();
+            let _ = server.wait();
+            outcome?;
+            println!(
+                "the proxy refused a local service, the node's own listeners and CONNECT to them"
+            );
+            Ok(())
+        },
+    );
+}
+
+/// Sends `CONNECT target` to the proxy at `proxy`: the status and the connection.
+fn connect(proxy: &str, target: &str) -> Result<(u16, std::net::TcpStream)> {
+    let mut s = std::net::TcpStream::connect(proxy)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(20)))?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte)? == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, s))
+}
+
+#[test]
+fn a_scheduler_with_a_join_secret_shows_nothing_unsigned_and_refuses_replays() {
+    run(
+        "a_scheduler_with_a_join_secret_shows_nothing_unsigned",
+        &[Need::Shoal],
+        |t| {
+            let secret = t.subdir("secret")?.join("join-secret");
+            std::fs::write(&secret, "5a".repeat(32))?;
+            let listen: std::net::SocketAddr =
+                format!("127.0.0.1:{}", shoal_e2e::wait::free_port()?).parse()?;
+            let scheduler =
+                shoal_e2e::scheduler::Scheduler::start_with_secret(t, None, listen, Some(&secret))?;
+            let base = format!("http://{listen}");
+            for path in ["/api/v1/status", "/", "/api/v1/jobs"] {
+                let got = http::fetch(http::client()?.get(format!("{base}{path}")))?;
+                ensure!(
+                    got.status.as_u16() == 401,
+                    "unsigned GET {path}: {}",
+                    got.short()
+                );
+            }
+            ensure!(
+                scheduler.status().is_ok(),
+                "a signed status request was refused"
+            );
+            // A member's announce, captured and sent again.
+            let announce = shoal_proto::sched::AnnounceRequest {
+                node: shoal_proto::sched::NodeAnnouncement {
+                    id: shoal_proto::NodeId::from_bytes([7; 32]),
+                    p2p_addr: "127.0.0.1:5052".parse()?,
+                    zone: None,
+                    upload_slots_free: 8,
+                    version: "test".into(),
+                },
+                full: true,
+                blobs: Vec::new(),
+                removed: Vec::new(),
+                traffic: Default::default(),
+                job_progress: Vec::new(),
+            };
+            let body = serde_json::to_vec(&announce)?;
+            let path = "/api/v1/announce";
+            let header = scheduler.sign("POST", path, &body).context("signing")?;
+            let send = || {
+                http::fetch(
+                    http::client()?
+                        .post(format!("{base}{path}"))
+                        .header("host", listen.to_string())
+                        .header(shoal_proto::sched::PROTOCOL_HEADER, "1")
+                        .header("content-type", "application/json")
+                        .header(shoal_proto::auth::AUTH_HEADER, header.clone())
+                        .body(body.clone()),
+                )
+            };
+            let first = send()?;
+            ensure!(
+                first.completed_ok(),
+                "the signed announce: {}",
+                first.short()
+            );
+            let replayed = send()?;
+            ensure!(
+                replayed.status.as_u16() == 401,
+                "the replayed announce: {}",
+                replayed.short()
+            );
+            let nodes = scheduler.status()?.nodes.len();
+            ensure!(
+                nodes == 1,
+                "the scheduler lists {nodes} nodes after one announce"
+            );
+            println!("unsigned reads got 401; a replayed signed announce got 401");
+            Ok(())
+        },
+    );
+}
+
+// ------------------------------------------------------------------- bounded by default
+
+/// A loop-mounted filesystem, unmounted (and its loop device freed) on drop.
+struct LoopFs(PathBuf);
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        shoal_e2e::ctx::detach_mounts_under(&self.0);
+        let _ = Command::new("umount").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// `len` bytes of a xorshift stream seeded with `seed` (incompressible, reproducible).
+struct Noise {
+    x: u64,
+    left: u64,
+}
+
+impl std::io::Read for Noise {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        for chunk in buf[..n].chunks_mut(8) {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            let bytes = self.x.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Pushes `count` noise blobs of `size` bytes to `repo`; their digests.
+fn push_noise(registry: &Registry, repo: &str, count: u64, size: u64) -> Result<Vec<String>> {
+    let mut digests = Vec::new();
+    for i in 0..count {
+        let seed = 0x5eed_0000 + i;
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        std::io::copy(
+            &mut Noise {
+                x: seed,
+                left: size,
+            },
+            &mut HashWriter(&mut hasher),
+        )?;
+        let digest = format!("sha256:{}", hex::encode(sha2::Digest::finalize(hasher)));
+        registry.push_blob_reader(
+            repo,
+            &digest,
+            Noise {
+                x: seed,
+                left: size,
+            },
+            size,
+        )?;
+        digests.push(digest);
+    }
+    Ok(digests)
+}
+
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(self.0, b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn default_settings_keep_a_small_disk_below_its_high_watermark() {
+    let needs = [
+        Need::Root,
+        Need::Shoal,
+        Need::Bin("docker-registry"),
+        Need::Bin("mkfs.ext4"),
+    ];
+    run(
+        "default_settings_keep_a_small_disk_below_its_high_watermark",
+        &needs,
+        |t| {
+            const BLOBS: u64 = 12;
+            const SIZE: u64 = 128 << 20;
+            let registry = Registry::start(t)?;
+            let digests = push_noise(&registry, "big/blobs", BLOBS, SIZE)?;
+            // A 512 MiB ext4, loop-mounted, holding nothing but the node's data dir.
+            let dir = t.subdir("small-disk")?;
+            let image = dir.join("fs.img");
+            std::fs::File::create(&image)?.set_len(512 << 20)?;
+            let ok = Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&image)
+                .status()?;
+            ensure!(ok.success(), "mkfs.ext4 failed");
+            let mnt = dir.join("mnt");
+            std::fs::create_dir(&mnt)?;
+            let ok = Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&mnt)
+                .status()?;
+            ensure!(ok.success(), "mount -o loop failed");
+            let _fs = LoopFs(mnt.clone());
+            let node = Node::start_with(
+                t,
+                NodeOptions {
+                    data_dir: Some(mnt.join("data")),
+                    ..NodeOptions::upstream(&registry.url())
+                },
+            )?;
+            // Watch the filesystem while 3× its size goes through the node.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watcher = {
+                let (stop, mnt) = (stop.clone(), mnt.clone());
+                std::thread::spawn(move || -> (u64, u64) {
+                    let mut peak = 0u64;
+                    let mut total = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(fs) = rustix::fs::statvfs(&mnt) {
+                            total = fs.f_blocks * fs.f_frsize;
+                            peak = peak.max(total - fs.f_bavail * fs.f_frsize);
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    (peak, total)
+                })
+            };
+            let pulled = (|| -> Result<()> {
+                for d in &digests {
+                    let url = format!("{}/v2/big/blobs/blobs/{d}", node.url());
+                    let got = http::fetch_hashed(http::client()?.get(url))?;
+                    ensure!(
+                        got.status.is_success() && got.body_error.is_none() && got.digest == *d,
+                        "pull of {d} through the node: {} {:?}",
+                        got.status,
+                        got.body_error
+                    );
+                }
+                Ok(())
+            })();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (peak, total) = watcher
+                .join()
+                .map_err(|_| anyhow::anyhow!("watcher panicked"))?;
+            pulled?;
+            let high = total as f64 * 0.85;
+            println!(
+            "{} MiB through a {} MiB filesystem: peak use {} MiB ({:.1} %), high watermark {:.0} MiB",
+            (BLOBS * SIZE) >> 20,
+            total >> 20,
+            peak >> 20,
+            100.0 * peak as f64 / total as f64,
+            high / (1 << 20) as f64
+        );
+            ensure!(
+            (peak as f64) <= high,
+            "the filesystem reached {peak} bytes, above the high watermark ({high:.0} of {total})"
+        );
+            // Still serving: the newest blob from the cache, the oldest (evicted) from the origin.
+            let mark = registry.log()?.requests.len();
+            for d in [&digests[digests.len() - 1], &digests[0]] {
+                let url = format!("{}/v2/big/blobs/blobs/{d}", node.url());
+                let got = http::fetch_hashed(http::client()?.get(url))?;
+                ensure!(got.digest == *d, "after the pulls, {d}: {}", got.status);
+            }
+            let log = registry.log()?.since(mark);
+            ensure!(
+                log.blob_fetches(&digests[digests.len() - 1]) == 0,
+                "the newest blob was not kept"
+            );
+            ensure!(node.status()?.store.blobs < BLOBS, "nothing was evicted");
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn a_panicking_download_fails_its_followers_and_frees_its_blob() {
+    run(
+        "a_panicking_download_fails_its_followers_and_frees_its_blob",
+        &[Need::Shoal, Need::Bin("docker-registry")],
+        |t| {
+            let registry = Registry::start(t)?;
+            let digest = push_noise(&registry, "p/blob", 1, 32 << 20)?.remove(0);
+            let node = Node::start_with(
+                t,
+                NodeOptions {
+                    env: vec![("SHOAL_FAULT_PANIC_DOWNLOAD".into(), digest.clone())],
+                    ..NodeOptions::upstream(&registry.url())
+                },
+            )?;
+            let url = format!("{}/v2/p/blob/blobs/{digest}", node.url());
+            let client = reqwest::blocking::Client::builder()
+                .no_proxy()
+                .timeout(std::time::Duration::from_secs(60))
+                .build()?;
+            let started = std::time::Instant::now();
+            let followers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (client, url) = (client.clone(), url.clone());
+                    std::thread::spawn(move || http::fetch_hashed(client.get(url)))
+                })
+                .collect();
+            for f in followers {
+                let got = f
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+                let got = got.context("a follower's request timed out or broke (a hang?)")?;
+                ensure!(
+                    !got.status.is_success() || got.body_error.is_some(),
+                    "a follower of the panicked download got a finished {} ({})",
+                    got.status,
+                    got.digest
+                );
+            }
+            let waited = started.elapsed();
+            ensure!(
+                waited < std::time::Duration::from_secs(50),
+                "followers waited {waited:?}"
+            );
+            let again = http::fetch_hashed(client.get(&url))?;
+            ensure!(
+                again.status.is_success() && again.digest == digest,
+                "the next request after the panic: {} {:?}",
+                again.status,
+                again.body_error
+            );
+            let panics = node
+                .metrics()?
+                .sum("shoal_downloads_failed_total", &[("kind", "panic")]);
+            ensure!(panics == 1.0, "downloads_failed{{kind=panic}} = {panics}");
+            println!("the panicked download's followers got errors in {waited:?}; the blob was fetched next time");
+            Ok(())
+        },
+    );
+}
+
+// ------------------------------------------------------------------- skips fail in CI
+
+/// Run by [`a_missing_prerequisite_fails_under_ci`] in a child process; ignored otherwise.
+#[test]
+#[ignore = "a probe for a_missing_prerequisite_fails_under_ci"]
+fn probe_needing_a_tool_that_does_not_exist() {
+    run(
+        "probe_needing_a_tool_that_does_not_exist",
+        &[Need::Bin("shoal-no-such-tool")],
+        |_| Ok(()),
+    );
+}
+
+#[test]
+fn a_missing_prerequisite_fails_under_ci() {
+    let exe = std::env::current_exe().expect("test binary");
+    let probe = |ci: Option<&str>| {
+        let mut cmd = Command::new(&exe);
+        cmd.args([
+            "--exact",
+            "probe_needing_a_tool_that_does_not_exist",
+            "--ignored",
+            "--nocapture",
+        ]);
+        cmd.env_remove("CI");
+        if let Some(v) = ci {
+            cmd.env("CI", v);
+        }
+        cmd.output().expect("running the probe")
+    };
+    let said = |o: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    let ci = probe(Some("true"));
+    let err = said(&ci);
+    assert!(
+        !ci.status.success() && err.contains("prerequisite missing under CI"),
+        "under CI=true the probe should fail with the reason; stderr: {err}"
+    );
+    let local = probe(None);
+    let err = said(&local);
+    assert!(
+        local.status.success() && err.contains("SKIP probe_needing_a_tool_that_does_not_exist"),
+        "without CI the probe should skip and pass; stderr: {err}"
+    );
+}
