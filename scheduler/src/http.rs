@@ -49,6 +49,7 @@ pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> 
         .route("/api/v1/jobs/{id}", get(job).delete(cancel_job))
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(move |req, next| {
@@ -279,6 +280,13 @@ async fn metrics(State(h): State<SchedulerHandle>) -> impl IntoResponse {
         )],
         h.metrics().encode(),
     )
+}
+
+/// Liveness and readiness: 200 `ok` while the scheduler actor answers,
+/// 503 once it is shutting down.
+async fn healthz(State(h): State<SchedulerHandle>) -> Result<&'static str, ApiError> {
+    h.ping().await?;
+    Ok("ok")
 }
 
 async fn not_found() -> ApiError {

@@ -69,6 +69,19 @@ pub struct NodeArgs {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    let file = file_config(args)?;
+    let cfg = file.validate()?;
+    init_tracing(cfg.log.format == LogFormat::Json, &cfg.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::node::run(cfg, shutdown_signal()))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The config file (or defaults) with `SHOAL_*` variables and flags laid
+/// over it, not yet validated (`shoal config check|print` use it too).
+pub fn file_config(args: NodeArgs) -> anyhow::Result<FileConfig> {
     let mut file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -102,13 +115,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Some(z) = args.zone {
         file.p2p.zone = Some(z);
     }
-    let cfg = file.validate()?;
-    init_tracing(cfg.log.format == LogFormat::Json, &cfg.log.level);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(crate::node::run(cfg, shutdown_signal()))?;
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(file)
 }
 
 /// Logs to stderr as text or JSON; `RUST_LOG` overrides `level`. Shared by
@@ -118,8 +125,13 @@ pub(crate) fn init_tracing(json: bool, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: a log file or journald gets
+    // plain text (NO_COLOR is honoured too).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
