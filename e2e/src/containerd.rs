@@ -67,6 +67,60 @@ impl Containerd {
         Ok(daemon)
     }
 
+    /// Starts Debian's containerd with a config file the test did not write (a runtime config that
+    /// `shoal config containerd` produced), its root, state and socket moved into the test's dir by
+    /// command-line flags so the file is used exactly as it is.
+    pub fn start_with_config(t: &TestCtx, config: &Path) -> Result<Self> {
+        let dir = t.subdir("ctrd")?;
+        let socket = dir.join("c.sock");
+        let log_path = dir.join("containerd.log");
+        t.register_log("containerd", &log_path);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(config)
+            .arg("--root")
+            .arg(dir.join("root"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .arg("--address")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting containerd")?;
+        let mut daemon = Self {
+            dir,
+            socket,
+            child: Some(child),
+        };
+        daemon.wait_ready()?;
+        Ok(daemon)
+    }
+
+    /// `ctr plugins ls`: (type, id, status) of every plugin.
+    pub fn plugins(&self) -> Result<Vec<(String, String, String)>> {
+        let mut cmd = self.ctr();
+        cmd.args(["plugins", "ls"]);
+        let out = run(cmd)?;
+        if !out.success {
+            bail!("ctr plugins ls: {}", out.output);
+        }
+        Ok(out
+            .output
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((f.first()?.to_string(), f.get(1)?.to_string(), f.last()?.to_string()))
+            })
+            .collect())
+    }
+
     /// The gRPC socket.
     pub fn socket(&self) -> &Path {
         &self.socket

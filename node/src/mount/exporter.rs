@@ -87,10 +87,9 @@ type BySourceDef = (&'static str, &'static str, fn(&SourceSnapshot) -> [u64; 3])
 
 impl Collector for MountCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Declared even with no mount, so dashboards and alerts can tell
+        // "no mount" from "not exported".
         let all = self.0.snapshot();
-        if all.is_empty() {
-            return Ok(());
-        }
         let counters: [CounterDef; 4] = [
             (
                 "mount_reads",

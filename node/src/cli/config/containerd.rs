@@ -108,11 +108,12 @@ pub fn plan(root: &Path, layout: &Layout, opts: &Options) -> Result<Plan> {
                 add_snapshotter(&mut doc, &cri, &opts.snapshotter_socket);
             }
             let new = doc.to_string();
-            if text.as_deref() != Some(new.as_str()) {
-                plan.files.push(Wanted {
-                    path: config.clone(),
-                    content: new.into_bytes(),
-                });
+            let changed = text.as_deref() != Some(new.as_str());
+            plan.files.push(Wanted {
+                path: config.clone(),
+                content: new.into_bytes(),
+            });
+            if changed {
                 plan.notes.push(format!(
                     "restart containerd to load {} (systemctl restart containerd)",
                     config.display()

@@ -245,6 +245,10 @@ pub fn undo(root: &Path, runtime: &str, force: bool) -> Result<Vec<(PathBuf, Out
     }
     std::fs::remove_dir_all(&backup)
         .with_context(|| format!("removing the backup {}", backup.display()))?;
+    // The backup's parent too, when no other runtime's backup is left.
+    if let Some(parent) = backup.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
     Ok(outcomes)
 }
 
