@@ -116,7 +116,11 @@ impl Containerd {
             .skip(1)
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                Some((f.first()?.to_string(), f.get(1)?.to_string(), f.last()?.to_string()))
+                Some((
+                    f.first()?.to_string(),
+                    f.get(1)?.to_string(),
+                    f.last()?.to_string(),
+                ))
             })
             .collect())
     }

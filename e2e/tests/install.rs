@@ -84,8 +84,11 @@ enum Target {
 }
 
 fn section_blocks() -> Result<Vec<Block>> {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
-    let start = readme.find("## Install on a cluster").context("no cluster section in README.md")?;
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))?;
+    let start = readme
+        .find("## Install on a cluster")
+        .context("no cluster section in README.md")?;
     let rest = &readme[start + 3..];
     let section = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
     let mut blocks = Vec::new();
@@ -124,10 +127,16 @@ impl HostFs {
         let dir = t.subdir(&format!("host{i}"))?;
         let ns_file = ns_dir.join(format!("mnt{i}"));
         std::fs::write(&ns_file, "")?;
-        sh(Command::new("unshare").arg(format!("--mount={}", ns_file.display())).args(["--propagation", "private", "true"]))?;
+        sh(Command::new("unshare")
+            .arg(format!("--mount={}", ns_file.display()))
+            .args(["--propagation", "private", "true"]))?;
         let d = dir.display();
         let mut setup = String::from("set -e\n");
-        for (target, name) in [("/etc", "etc"), ("/var/lib", "lib"), ("/usr/local", "local")] {
+        for (target, name) in [
+            ("/etc", "etc"),
+            ("/var/lib", "lib"),
+            ("/usr/local", "local"),
+        ] {
             setup.push_str(&format!(
                 "mkdir -p {d}/{name}-up {d}/{name}-work\nmount -t overlay overlay -o lowerdir={target},upperdir={d}/{name}-up,workdir={d}/{name}-work {target}\n"
             ));
@@ -144,7 +153,10 @@ impl HostFs {
         let work = dir.join("work");
         std::fs::create_dir_all(&work)?;
         std::fs::copy(paths::shoal_bin()?, work.join("shoal"))?;
-        sh(Command::new("cp").arg("-r").arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")).arg(&work))?;
+        sh(Command::new("cp")
+            .arg("-r")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy"))
+            .arg(&work))?;
         std::fs::create_dir_all(dir.join("logs"))?;
         Ok(fs)
     }
@@ -152,13 +164,20 @@ impl HostFs {
     /// `bash -euo pipefail -c script` on this host, in its working directory.
     fn bash(&self, script: &str, env: &[(&str, String)]) -> Result<String> {
         let work = self.dir.join("work");
-        let wd = if work.exists() { work } else { self.dir.clone() };
+        let wd = if work.exists() {
+            work
+        } else {
+            self.dir.clone()
+        };
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--mount={}", self.ns_file.display()))
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(format!("--wd={}", wd.display()))
             .args(["--", "bash", "-euo", "pipefail", "-c", script])
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("SHOAL_E2E_LOGS", self.dir.join("logs"))
             .env_remove("SHOAL_CONFIG")
             .stdin(Stdio::null());
@@ -166,15 +185,28 @@ impl HostFs {
             cmd.env(k, v);
         }
         let out = cmd.output().context("running nsenter")?;
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        ensure!(out.status.success(), "on {}: {}\n--- output:\n{text}", self.netns, script.lines().next().unwrap_or_default());
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success(),
+            "on {}: {}\n--- output:\n{text}",
+            self.netns,
+            script.lines().next().unwrap_or_default()
+        );
         Ok(text)
     }
 }
 
 fn sh(cmd: &mut Command) -> Result<()> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -184,7 +216,9 @@ struct NsDir(PathBuf, usize);
 impl Drop for NsDir {
     fn drop(&mut self) {
         for i in 0..self.1 {
-            let _ = Command::new("umount").arg(self.0.join(format!("mnt{i}"))).status();
+            let _ = Command::new("umount")
+                .arg(self.0.join(format!("mnt{i}")))
+                .status();
         }
         let _ = Command::new("umount").arg(&self.0).status();
     }
@@ -192,72 +226,95 @@ impl Drop for NsDir {
 
 #[test]
 fn readme_cluster_install_runs_as_written() {
-    run("readme_cluster_install_runs_as_written", NEEDS, |t: &TestCtx| {
-        let blocks = section_blocks()?;
-        let mut net = Net::new()?;
-        let origin_host = net.add_host()?;
-        let hosts: Vec<Host> = (0..3).map(|_| net.add_host()).collect::<Result<_>>()?;
-        net.pin_neighbors()?;
-        let origin = Registry::start_on_host(t, &origin_host, 5000)?;
-        skopeo::push_fixture(t, &origin, IMAGE)?;
-        let image_bytes: u64 = setup::fixture_image()?.blobs().iter().map(|b| b.size).sum();
+    run(
+        "readme_cluster_install_runs_as_written",
+        NEEDS,
+        |t: &TestCtx| {
+            let blocks = section_blocks()?;
+            let mut net = Net::new()?;
+            let origin_host = net.add_host()?;
+            let hosts: Vec<Host> = (0..3).map(|_| net.add_host()).collect::<Result<_>>()?;
+            net.pin_neighbors()?;
+            let origin = Registry::start_on_host(t, &origin_host, 5000)?;
+            skopeo::push_fixture(t, &origin, IMAGE)?;
+            let image_bytes: u64 = setup::fixture_image()?.blobs().iter().map(|b| b.size).sum();
 
-        // The namespace files must sit on a mount that is not shared.
-        let ns_dir = t.subdir("ns")?;
-        sh(Command::new("mount").arg("--bind").arg(&ns_dir).arg(&ns_dir))?;
-        sh(Command::new("mount").arg("--make-private").arg(&ns_dir))?;
-        let _unmount = NsDir(ns_dir.clone(), hosts.len());
-        let fs: Vec<HostFs> = hosts.iter().enumerate().map(|(i, h)| HostFs::new(t, &ns_dir, h, i)).collect::<Result<_>>()?;
-        for (i, f) in fs.iter().enumerate() {
-            for unit in ["shoal-scheduler", "shoal-node", "containerd"] {
-                t.register_log(&format!("host{i} {unit}"), &f.dir.join("logs").join(format!("{unit}.log")));
-            }
-        }
-        let env = vec![
-            ("SCHEDULER_IP", hosts[0].ip.to_string()),
-            ("REGISTRY_HOST", origin.addr()),
-            ("REGISTRY_URL", origin.url()),
-            ("IMAGE", IMAGE.to_owned()),
-        ];
-        let mark = origin.log()?.requests.len();
-        for block in &blocks {
-            match block.target {
-                Target::Settings => {
-                    for (k, _) in &env {
-                        ensure!(block.script.contains(&format!("export {k}=")) || *k == "IMAGE", "the settings block does not set {k}");
-                    }
-                }
-                Target::Scheduler => {
-                    fs[0].bash(&block.script, &env)?;
-                }
-                Target::Every => {
-                    copy_join_secret(&fs)?;
-                    for f in &fs {
-                        f.bash(&block.script, &env)?;
-                    }
-                }
-                Target::Any => {
-                    // "Any host": each of them, one after the other.
-                    for f in &fs {
-                        let out = f.bash(&block.script, &env)?;
-                        ensure!(out.contains("\"nodes\""), "the scheduler status is not in the output:\n{out}");
-                    }
+            // The namespace files must sit on a mount that is not shared.
+            let ns_dir = t.subdir("ns")?;
+            sh(Command::new("mount")
+                .arg("--bind")
+                .arg(&ns_dir)
+                .arg(&ns_dir))?;
+            sh(Command::new("mount").arg("--make-private").arg(&ns_dir))?;
+            let _unmount = NsDir(ns_dir.clone(), hosts.len());
+            let fs: Vec<HostFs> = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| HostFs::new(t, &ns_dir, h, i))
+                .collect::<Result<_>>()?;
+            for (i, f) in fs.iter().enumerate() {
+                for unit in ["shoal-scheduler", "shoal-node", "containerd"] {
+                    t.register_log(
+                        &format!("host{i} {unit}"),
+                        &f.dir.join("logs").join(format!("{unit}.log")),
+                    );
                 }
             }
-        }
-        // Every node joined the scheduler, and the cluster read the image from the origin about
-        // once for three pulls.
-        let status = fs[1].bash(&format!("curl -fsS http://{}:5060/api/v1/status", hosts[0].ip), &[])?;
-        let v: serde_json::Value = serde_json::from_str(&status)?;
-        let nodes = v["nodes"].as_array().map_or(0, Vec::len);
-        ensure!(nodes == 3, "the scheduler lists {nodes} nodes: {status}");
-        let from_origin = origin.log()?.since(mark).blob_bytes_written();
-        ensure!(
-            from_origin < 2 * image_bytes,
-            "three pulls read {from_origin} bytes from the origin (image: {image_bytes})"
-        );
-        Ok(())
-    });
+            let env = vec![
+                ("SCHEDULER_IP", hosts[0].ip.to_string()),
+                ("REGISTRY_HOST", origin.addr()),
+                ("REGISTRY_URL", origin.url()),
+                ("IMAGE", IMAGE.to_owned()),
+            ];
+            let mark = origin.log()?.requests.len();
+            for block in &blocks {
+                match block.target {
+                    Target::Settings => {
+                        for (k, _) in &env {
+                            ensure!(
+                                block.script.contains(&format!("export {k}=")) || *k == "IMAGE",
+                                "the settings block does not set {k}"
+                            );
+                        }
+                    }
+                    Target::Scheduler => {
+                        fs[0].bash(&block.script, &env)?;
+                    }
+                    Target::Every => {
+                        copy_join_secret(&fs)?;
+                        for f in &fs {
+                            f.bash(&block.script, &env)?;
+                        }
+                    }
+                    Target::Any => {
+                        // "Any host": each of them, one after the other.
+                        for f in &fs {
+                            let out = f.bash(&block.script, &env)?;
+                            ensure!(
+                                out.contains("\"nodes\""),
+                                "the scheduler status is not in the output:\n{out}"
+                            );
+                        }
+                    }
+                }
+            }
+            // Every node joined the scheduler, and the cluster read the image from the origin about
+            // once for three pulls.
+            let status = fs[1].bash(
+                &format!("curl -fsS http://{}:5060/api/v1/status", hosts[0].ip),
+                &[],
+            )?;
+            let v: serde_json::Value = serde_json::from_str(&status)?;
+            let nodes = v["nodes"].as_array().map_or(0, Vec::len);
+            ensure!(nodes == 3, "the scheduler lists {nodes} nodes: {status}");
+            let from_origin = origin.log()?.since(mark).blob_bytes_written();
+            ensure!(
+                from_origin < 2 * image_bytes,
+                "three pulls read {from_origin} bytes from the origin (image: {image_bytes})"
+            );
+            Ok(())
+        },
+    );
 }
 
 /// The prose step: the join secret made on the scheduler host goes to the others.

@@ -12,7 +12,10 @@ use shoal_e2e::{run, Need};
 #[test]
 fn hosts_reach_each_other_through_a_shaped_link_and_are_cleaned_up() {
     if let Some(why) = netns::unavailable() {
-        shoal_e2e::skip("hosts_reach_each_other_through_a_shaped_link_and_are_cleaned_up", &why);
+        shoal_e2e::skip(
+            "hosts_reach_each_other_through_a_shaped_link_and_are_cleaned_up",
+            &why,
+        );
         return;
     }
     run("netns_harness", &[Need::Root, Need::Bin("python3")], |t| {

@@ -403,7 +403,10 @@ fn lazy_mount_reads_data_blob_chunks_from_a_peer_not_the_origin() {
         .write(true)
         .open("/dev/fuse")
     {
-        shoal_e2e::skip(NAME, &format!("lazy mounts need FUSE: cannot open /dev/fuse: {e}"));
+        shoal_e2e::skip(
+            NAME,
+            &format!("lazy mounts need FUSE: cannot open /dev/fuse: {e}"),
+        );
         return;
     }
     let more = [Need::Bin("chroot"), Need::Bin("nsenter")];

@@ -105,10 +105,7 @@ fn write_twice(root: &Path, args: &[&str]) -> Result<BTreeMap<PathBuf, Vec<u8>>>
     let after_first = tree(root)?;
     let second = must(&full)?;
     ensure!(
-        second
-            .stdout
-            .lines()
-            .all(|l| l.starts_with("unchanged")),
+        second.stdout.lines().all(|l| l.starts_with("unchanged")),
         "the second --write changed something:\n{}",
         second.stdout
     );
@@ -123,7 +120,11 @@ fn write_twice(root: &Path, args: &[&str]) -> Result<BTreeMap<PathBuf, Vec<u8>>>
 fn undo_restores(root: &Path, runtime: &str, before: &BTreeMap<PathBuf, Vec<u8>>) -> Result<()> {
     let root_s = root.display().to_string();
     let r = must(&[runtime, "--undo", "--root", &root_s])?;
-    ensure!(r.stdout.contains("restored") || r.stdout.contains("removed"), "{}", r.stdout);
+    ensure!(
+        r.stdout.contains("restored") || r.stdout.contains("removed"),
+        "{}",
+        r.stdout
+    );
     let after = tree(root)?;
     ensure!(
         &after == before,
@@ -206,7 +207,9 @@ fn containerd_debian_config_round_trip_and_pull_through_node() {
             cri_ok(&containerd)?;
             let plugins = containerd.plugins()?;
             ensure!(
-                plugins.iter().any(|(ty, id, _)| ty == "io.containerd.snapshotter.v1" && id == "shoal"),
+                plugins
+                    .iter()
+                    .any(|(ty, id, _)| ty == "io.containerd.snapshotter.v1" && id == "shoal"),
                 "the shoal proxy snapshotter is not registered: {plugins:?}"
             );
             pull_through_node(&containerd, &origin.addr(), &hosts, &node)?;
@@ -258,10 +261,12 @@ fn containerd_k3s_layout_writes_hosts_into_its_certs_d() {
 
             // --snapshotter on k3s: a clear refusal, nothing written.
             let root_s = root.display().to_string();
-            let r = shoal_config(&[
-                "containerd", "--write", "--root", &root_s, "--snapshotter",
-            ])?;
-            ensure!(!r.ok && r.stderr.contains("config.toml.tmpl"), "{}", r.stderr);
+            let r = shoal_config(&["containerd", "--write", "--root", &root_s, "--snapshotter"])?;
+            ensure!(
+                !r.ok && r.stderr.contains("config.toml.tmpl"),
+                "{}",
+                r.stderr
+            );
             ensure!(tree(&root)? == before, "a refused run changed files");
             Ok(())
         },
@@ -290,7 +295,9 @@ fn containerd_refusals_are_clear_and_change_nothing() {
             let r = shoal_config(&["containerd", "--write", "--root", &root_s])?;
             ensure!(!r.ok, "legacy mirrors were accepted:\n{}", r.stdout);
             ensure!(
-                r.stderr.contains("legacy") && r.stderr.contains("mirrors.\"docker.io\"") && r.stderr.contains("hosts.toml"),
+                r.stderr.contains("legacy")
+                    && r.stderr.contains("mirrors.\"docker.io\"")
+                    && r.stderr.contains("hosts.toml"),
                 "unclear message: {}",
                 r.stderr
             );
@@ -304,7 +311,11 @@ fn containerd_refusals_are_clear_and_change_nothing() {
             let before = tree(&root)?;
             let root_s = root.display().to_string();
             let r = shoal_config(&["containerd", "--write", "--root", &root_s])?;
-            ensure!(!r.ok && r.stderr.contains("config_path is unset"), "{}", r.stderr);
+            ensure!(
+                !r.ok && r.stderr.contains("config_path is unset"),
+                "{}",
+                r.stderr
+            );
             ensure!(tree(&root)? == before, "a refused run changed files");
             Ok(())
         },
@@ -313,28 +324,35 @@ fn containerd_refusals_are_clear_and_change_nothing() {
 
 #[test]
 fn crio_registries_conf_round_trip() {
-    run("crio_registries_conf_round_trip", &[Need::Shoal], |t: &TestCtx| {
-        let root = t.subdir("root")?;
-        place(
-            &root,
-            "/etc/containers/registries.conf",
-            &testdata("debian-registries.conf"),
-        )?;
-        let before = tree(&root)?;
-        let written = write_twice(&root, &["crio", "--mirror", "http://127.0.0.1:5050"])?;
-        let text = std::str::from_utf8(&written[Path::new("etc/containers/registries.conf")])?;
-        let v: toml::Value = toml::from_str(text).context("registries.conf is not TOML")?;
-        let regs = v["registry"].as_array().context("no [[registry]]")?;
-        let hub = regs
-            .iter()
-            .find(|r| r["prefix"].as_str() == Some("docker.io"))
-            .context("no docker.io entry")?;
-        ensure!(hub["location"].as_str() == Some("registry-1.docker.io"), "{hub:?}");
-        let m = &hub["mirror"][0];
-        ensure!(m["location"].as_str() == Some("127.0.0.1:5050"), "{m:?}");
-        ensure!(m["insecure"].as_bool() == Some(true), "{m:?}");
-        undo_restores(&root, "crio", &before)
-    });
+    run(
+        "crio_registries_conf_round_trip",
+        &[Need::Shoal],
+        |t: &TestCtx| {
+            let root = t.subdir("root")?;
+            place(
+                &root,
+                "/etc/containers/registries.conf",
+                &testdata("debian-registries.conf"),
+            )?;
+            let before = tree(&root)?;
+            let written = write_twice(&root, &["crio", "--mirror", "http://127.0.0.1:5050"])?;
+            let text = std::str::from_utf8(&written[Path::new("etc/containers/registries.conf")])?;
+            let v: toml::Value = toml::from_str(text).context("registries.conf is not TOML")?;
+            let regs = v["registry"].as_array().context("no [[registry]]")?;
+            let hub = regs
+                .iter()
+                .find(|r| r["prefix"].as_str() == Some("docker.io"))
+                .context("no docker.io entry")?;
+            ensure!(
+                hub["location"].as_str() == Some("registry-1.docker.io"),
+                "{hub:?}"
+            );
+            let m = &hub["mirror"][0];
+            ensure!(m["location"].as_str() == Some("127.0.0.1:5050"), "{m:?}");
+            ensure!(m["insecure"].as_bool() == Some(true), "{m:?}");
+            undo_restores(&root, "crio", &before)
+        },
+    );
 }
 
 #[test]
@@ -354,25 +372,38 @@ fn nydusd_json_round_trip() {
         let proxy = &backend["proxy"];
         ensure!(proxy["url"] == "http://127.0.0.1:5050", "{proxy}");
         ensure!(proxy["ping_url"] == "http://127.0.0.1:5050/ping", "{proxy}");
-        ensure!(proxy["fallback"] == true && proxy["check_interval"] == 5, "{proxy}");
-        ensure!(backend["retry_limit"] == 2, "other settings lost: {backend}");
+        ensure!(
+            proxy["fallback"] == true && proxy["check_interval"] == 5,
+            "{proxy}"
+        );
+        ensure!(
+            backend["retry_limit"] == 2,
+            "other settings lost: {backend}"
+        );
         undo_restores(&root, "nydusd", &before)
     });
 }
 
 #[test]
 fn docker_daemon_json_round_trip() {
-    run("docker_daemon_json_round_trip", &[Need::Shoal], |t: &TestCtx| {
-        let root = t.subdir("root")?;
-        let dir = root.join("etc/docker");
-        std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("daemon.json"), "{\n  \"log-driver\": \"journald\"\n}\n")?;
-        let before = tree(&root)?;
-        let written = write_twice(&root, &["docker", "--mirror", "http://127.0.0.1:5050"])?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&written[Path::new("etc/docker/daemon.json")])?;
-        ensure!(v["registry-mirrors"][0] == "http://127.0.0.1:5050", "{v}");
-        ensure!(v["log-driver"] == "journald", "{v}");
-        undo_restores(&root, "docker", &before)
-    });
+    run(
+        "docker_daemon_json_round_trip",
+        &[Need::Shoal],
+        |t: &TestCtx| {
+            let root = t.subdir("root")?;
+            let dir = root.join("etc/docker");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                dir.join("daemon.json"),
+                "{\n  \"log-driver\": \"journald\"\n}\n",
+            )?;
+            let before = tree(&root)?;
+            let written = write_twice(&root, &["docker", "--mirror", "http://127.0.0.1:5050"])?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&written[Path::new("etc/docker/daemon.json")])?;
+            ensure!(v["registry-mirrors"][0] == "http://127.0.0.1:5050", "{v}");
+            ensure!(v["log-driver"] == "journald", "{v}");
+            undo_restores(&root, "docker", &before)
+        },
+    );
 }

@@ -147,8 +147,7 @@ impl Collector for BuildInfoCollector {
             None,
             MetricType::Gauge,
         )?;
-        m.encode_family(&labels)?
-            .encode_gauge(&1i64)?;
+        m.encode_family(&labels)?.encode_gauge(&1i64)?;
         Ok(())
     }
 }
@@ -230,7 +229,10 @@ mod tests {
             None
         );
         assert_eq!(status_kib("VmRSS:\t  2048 kB\n", "VmRSS:"), Some(2048));
-        assert_eq!(parse_btime("cpu 1 2\nbtime 1700000000\n"), Some(1_700_000_000));
+        assert_eq!(
+            parse_btime("cpu 1 2\nbtime 1700000000\n"),
+            Some(1_700_000_000)
+        );
     }
 
     #[test]

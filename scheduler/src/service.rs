@@ -76,9 +76,7 @@ enum Command {
         reply: oneshot::Sender<Result<JobStatus, JobError>>,
     },
     /// Answered at once: the actor is taking requests (`/healthz`).
-    Ping {
-        reply: oneshot::Sender<()>,
-    },
+    Ping { reply: oneshot::Sender<()> },
 }
 
 /// Start the actor on `tracker`; it stops when `cancel` fires or every

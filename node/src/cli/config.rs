@@ -89,7 +89,11 @@ pub struct ContainerdArgs {
     #[arg(long)]
     pub snapshotter: bool,
     /// The node's snapshots API socket.
-    #[arg(long, value_name = "PATH", default_value = "/run/shoal/snapshotter.sock")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/shoal/snapshotter.sock"
+    )]
     pub snapshotter_socket: PathBuf,
     /// containerd's config file [default: found: k3s, RKE2, k0s, else
     /// /etc/containerd/config.toml].
@@ -365,8 +369,10 @@ mod tests {
 
     #[test]
     fn mirror_defaults_to_loopback_on_the_listen_port() {
-        let mut node = FileConfig::default();
-        node.listen = "0.0.0.0:6000".parse().expect("addr");
+        let mut node = FileConfig {
+            listen: "0.0.0.0:6000".parse().expect("addr"),
+            ..FileConfig::default()
+        };
         let common = Common {
             write: false,
             undo: false,

@@ -91,7 +91,9 @@ impl P2pMetrics {
 
     /// Bytes sent to `peer` so far.
     pub fn uploaded_to(&self, peer: &NodeId) -> u64 {
-        self.upload_bytes.get_or_create(&self.peer_labels(peer)).get()
+        self.upload_bytes
+            .get_or_create(&self.peer_labels(peer))
+            .get()
     }
 
     /// Bytes received from `peer` so far.

@@ -127,7 +127,10 @@ pub fn plan(root: &Path, layout: &Layout, opts: &Options) -> Result<Plan> {
             template,
         } => {
             let text = read_text(root, config)?.with_context(|| {
-                format!("{distro}: {} is missing; start {distro} once first", config.display())
+                format!(
+                    "{distro}: {} is missing; start {distro} once first",
+                    config.display()
+                )
             })?;
             let doc = parse(config, &text)?;
             let cri = CriPaths::of(config, &doc)?;
@@ -321,7 +324,9 @@ fn set(doc: &mut DocumentMut, path: &[&str], key: &str, v: Item) {
         };
         t = next;
     }
-    let same = t.get(key).map(|cur| cur.to_string().trim() == v.to_string().trim());
+    let same = t
+        .get(key)
+        .map(|cur| cur.to_string().trim() == v.to_string().trim());
     if same != Some(true) {
         t.insert(key, v);
     }
@@ -378,10 +383,16 @@ mod tests {
             cri["containerd"]["disable_snapshot_annotations"].as_bool(),
             Some(false)
         );
-        assert_eq!(v["proxy_plugins"]["shoal"]["type"].as_str(), Some("snapshot"));
+        assert_eq!(
+            v["proxy_plugins"]["shoal"]["type"].as_str(),
+            Some("snapshot")
+        );
         assert!(config.starts_with(DEBIAN.lines().next().expect("line")));
         let hosts = &plan.files[1];
-        assert_eq!(hosts.path, Path::new("/etc/containerd/certs.d/docker.io/hosts.toml"));
+        assert_eq!(
+            hosts.path,
+            Path::new("/etc/containerd/certs.d/docker.io/hosts.toml")
+        );
         let h: toml::Value =
             toml::from_str(std::str::from_utf8(&hosts.content).expect("utf8")).expect("toml");
         assert_eq!(h["server"].as_str(), Some("https://registry-1.docker.io"));
@@ -400,7 +411,10 @@ mod tests {
         let layout = detect(root.path(), None).expect("layout");
         let e = plan(root.path(), &layout, &opts(false)).expect_err("refused");
         let msg = e.to_string();
-        assert!(msg.contains("legacy") && msg.contains("mirrors.\"docker.io\""), "{msg}");
+        assert!(
+            msg.contains("legacy") && msg.contains("mirrors.\"docker.io\""),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -415,24 +429,45 @@ mod tests {
     #[test]
     fn version_1_and_broken_files_are_refused() {
         let root = root_with(STOCK, "[plugins.cri]\n x = 1\n");
-        let e = plan(root.path(), &Layout::Stock { config: STOCK.into() }, &opts(false))
-            .expect_err("v1");
+        let e = plan(
+            root.path(),
+            &Layout::Stock {
+                config: STOCK.into(),
+            },
+            &opts(false),
+        )
+        .expect_err("v1");
         assert!(e.to_string().contains("version 1"), "{e}");
         let root = root_with(STOCK, "version = 2\n[plugins\n");
-        let e = plan(root.path(), &Layout::Stock { config: STOCK.into() }, &opts(false))
-            .expect_err("broken");
+        let e = plan(
+            root.path(),
+            &Layout::Stock {
+                config: STOCK.into(),
+            },
+            &opts(false),
+        )
+        .expect_err("broken");
         assert!(e.to_string().contains("not valid TOML"), "{e}");
     }
 
     #[test]
     fn v3_config_uses_the_images_plugin() {
         let root = root_with(STOCK, "version = 3\n");
-        let p = plan(root.path(), &Layout::Stock { config: STOCK.into() }, &opts(true))
-            .expect("plan");
+        let p = plan(
+            root.path(),
+            &Layout::Stock {
+                config: STOCK.into(),
+            },
+            &opts(true),
+        )
+        .expect("plan");
         let v: toml::Value =
             toml::from_str(std::str::from_utf8(&p.files[0].content).expect("utf8")).expect("toml");
         let images = &v["plugins"]["io.containerd.cri.v1.images"];
-        assert_eq!(images["registry"]["config_path"].as_str(), Some(STOCK_HOSTS));
+        assert_eq!(
+            images["registry"]["config_path"].as_str(),
+            Some(STOCK_HOSTS)
+        );
         assert_eq!(images["snapshotter"].as_str(), Some("shoal"));
     }
 }

@@ -24,7 +24,9 @@ pub const REGISTRIES_CONF: &str = "/etc/containers/registries.conf";
 pub fn plan(root: &Path, path: Option<&Path>, registry: &Registry, mirror: &str) -> Result<Plan> {
     let path: PathBuf = path.map_or_else(|| REGISTRIES_CONF.into(), Path::to_path_buf);
     let current = match files::read(root, &path)? {
-        Some(b) => String::from_utf8(b).with_context(|| format!("{}: not UTF-8", path.display()))?,
+        Some(b) => {
+            String::from_utf8(b).with_context(|| format!("{}: not UTF-8", path.display()))?
+        }
         None => String::new(),
     };
     let mut doc: DocumentMut = current
@@ -41,7 +43,10 @@ pub fn plan(root: &Path, path: Option<&Path>, registry: &Registry, mirror: &str)
         .entry("registry")
         .or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()));
     let Some(regs) = regs.as_array_of_tables_mut() else {
-        bail!("{}: `registry` is not a list of [[registry]] tables", path.display());
+        bail!(
+            "{}: `registry` is not a list of [[registry]] tables",
+            path.display()
+        );
     };
     let prefix = registry.host.as_str();
     let found = regs.iter_mut().find(|t| {
@@ -64,7 +69,10 @@ pub fn plan(root: &Path, path: Option<&Path>, registry: &Registry, mirror: &str)
         .entry("mirror")
         .or_insert_with(|| Item::ArrayOfTables(ArrayOfTables::new()));
     let Some(mirrors) = mirrors.as_array_of_tables_mut() else {
-        bail!("{}: registry.mirror of {prefix} is not a list", path.display());
+        bail!(
+            "{}: registry.mirror of {prefix} is not a list",
+            path.display()
+        );
     };
     let first = mirrors
         .get(0)
@@ -132,8 +140,11 @@ mod tests {
         let root = tempfile::tempdir().expect("tempdir");
         let dir = root.path().join("etc/containers");
         std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join("registries.conf"), "[registries.search]\nregistries = []\n")
-            .expect("write");
+        std::fs::write(
+            dir.join("registries.conf"),
+            "[registries.search]\nregistries = []\n",
+        )
+        .expect("write");
         let r = Registry::parse("docker.io").expect("registry");
         let e = plan(root.path(), None, &r, "127.0.0.1:5050").expect_err("v1");
         assert!(e.to_string().contains("v1"), "{e}");

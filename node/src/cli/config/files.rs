@@ -288,7 +288,8 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let dir = path.parent().context("a file path without a directory")?;
     let name = path.file_name().context("a path without a file name")?;
     let tmp = dir.join(format!(".{}.shoal-tmp", name.to_string_lossy()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     f.sync_all()?;
@@ -325,23 +326,32 @@ mod tests {
         std::fs::create_dir_all(r.join("etc/x")).expect("mkdir");
         let original = b"# odd   spacing\r\nkeep = 1\n\n";
         std::fs::write(r.join("etc/x/a.toml"), original).expect("write");
-        std::fs::set_permissions(r.join("etc/x/a.toml"), std::fs::Permissions::from_mode(0o640))
-            .expect("chmod");
+        std::fs::set_permissions(
+            r.join("etc/x/a.toml"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .expect("chmod");
         let p = plan(&[("/etc/x/a.toml", "new\n"), ("/etc/x/d/e/b.toml", "b\n")]);
         let first = apply(r, &p).expect("apply");
         assert_eq!(first[0].1, Outcome::Changed);
         assert_eq!(first[1].1, Outcome::Created);
-        let manifest_before = std::fs::read(r.join(BACKUP_DIR).join("test/manifest.json"))
-            .expect("manifest");
+        let manifest_before =
+            std::fs::read(r.join(BACKUP_DIR).join("test/manifest.json")).expect("manifest");
         let second = apply(r, &p).expect("apply again");
         assert!(second.iter().all(|(_, o)| *o == Outcome::Unchanged));
-        let manifest_after = std::fs::read(r.join(BACKUP_DIR).join("test/manifest.json"))
-            .expect("manifest");
+        let manifest_after =
+            std::fs::read(r.join(BACKUP_DIR).join("test/manifest.json")).expect("manifest");
         assert_eq!(manifest_before, manifest_after);
         let undone = undo(r, "test", false).expect("undo");
         assert_eq!(undone.len(), 2);
-        assert_eq!(std::fs::read(r.join("etc/x/a.toml")).expect("read"), original);
-        let mode = std::fs::metadata(r.join("etc/x/a.toml")).expect("meta").permissions().mode();
+        assert_eq!(
+            std::fs::read(r.join("etc/x/a.toml")).expect("read"),
+            original
+        );
+        let mode = std::fs::metadata(r.join("etc/x/a.toml"))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o640);
         assert!(!r.join("etc/x/d").exists(), "created dirs are removed");
         assert!(!r.join(BACKUP_DIR).join("test").exists());
