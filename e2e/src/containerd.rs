@@ -44,27 +44,7 @@ impl Containerd {
         let socket = dir.join("c.sock");
         let config = dir.join("config.toml");
         std::fs::write(&config, config_toml(&dir, &socket)).context("writing containerd config")?;
-        let log_path = dir.join("containerd.log");
-        t.register_log("containerd", &log_path);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting containerd")?;
-        let mut daemon = Self {
-            dir,
-            socket,
-            child: Some(child),
-        };
-        daemon.wait_ready()?;
-        Ok(daemon)
+        Self::spawn(t, dir, socket, &config, false)
     }
 
     /// Starts Debian's containerd with a config file the test did not write (a runtime config that
@@ -73,21 +53,35 @@ impl Containerd {
     pub fn start_with_config(t: &TestCtx, config: &Path) -> Result<Self> {
         let dir = t.subdir("ctrd")?;
         let socket = dir.join("c.sock");
+        Self::spawn(t, dir, socket, config, true)
+    }
+
+    /// Spawns containerd with `config` (and, with `relocate`, root/state/socket flags into `dir`)
+    /// and waits until it answers.
+    fn spawn(
+        t: &TestCtx,
+        dir: PathBuf,
+        socket: PathBuf,
+        config: &Path,
+        relocate: bool,
+    ) -> Result<Self> {
         let log_path = dir.join("containerd.log");
         t.register_log("containerd", &log_path);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(config)
-            .arg("--root")
-            .arg(dir.join("root"))
-            .arg("--state")
-            .arg(dir.join("state"))
-            .arg("--address")
-            .arg(&socket)
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(config);
+        if relocate {
+            cmd.arg("--root")
+                .arg(dir.join("root"))
+                .arg("--state")
+                .arg(dir.join("state"))
+                .arg("--address")
+                .arg(&socket);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
