@@ -208,6 +208,8 @@ mod tests {
         series.remove(Path::new("/mnt/a"));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
-        assert!(!out.contains("mount_read_bytes"), "{out}");
+        // No series of the removed mount; the family is still declared (dashboards).
+        assert!(!out.contains("/mnt/a"), "{out}");
+        assert!(out.contains("# TYPE shoal_mount_read_bytes counter"), "{out}");
     }
 }
