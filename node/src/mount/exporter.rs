@@ -210,6 +210,9 @@ mod tests {
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
         // No series of the removed mount; the family is still declared (dashboards).
         assert!(!out.contains("/mnt/a"), "{out}");
-        assert!(out.contains("# TYPE shoal_mount_read_bytes counter"), "{out}");
+        assert!(
+            out.contains("# TYPE shoal_mount_read_bytes counter"),
+            "{out}"
+        );
     }
 }
