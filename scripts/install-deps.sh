@@ -2,7 +2,11 @@
 # Installs the Debian packages shoal's build, tests and demo need. Idempotent.
 set -euo pipefail
 PKGS=(libclang-dev clang docker-registry skopeo umoci containerd erofs-utils fuse3
-      debootstrap iproute2 apache2-utils jq curl ca-certificates pkg-config)
+      debootstrap iproute2 apache2-utils jq curl ca-certificates pkg-config
+      systemd openssl util-linux)
+# systemd: `systemd-analyze verify` of deploy/systemd (e2e/tests/deploy.rs); openssl, util-linux
+# (nsenter, unshare): the README's cluster install run on netns hosts (e2e/tests/install.rs).
+# kubectl, when present, also renders the kustomize overlays in deploy.rs (not required).
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -44,15 +44,44 @@ impl Containerd {
         let socket = dir.join("c.sock");
         let config = dir.join("config.toml");
         std::fs::write(&config, config_toml(&dir, &socket)).context("writing containerd config")?;
+        Self::spawn(t, dir, socket, &config, false)
+    }
+
+    /// Starts Debian's containerd with a config file the test did not write (a runtime config that
+    /// `shoal config containerd` produced), its root, state and socket moved into the test's dir by
+    /// command-line flags so the file is used exactly as it is.
+    pub fn start_with_config(t: &TestCtx, config: &Path) -> Result<Self> {
+        let dir = t.subdir("ctrd")?;
+        let socket = dir.join("c.sock");
+        Self::spawn(t, dir, socket, config, true)
+    }
+
+    /// Spawns containerd with `config` (and, with `relocate`, root/state/socket flags into `dir`)
+    /// and waits until it answers.
+    fn spawn(
+        t: &TestCtx,
+        dir: PathBuf,
+        socket: PathBuf,
+        config: &Path,
+        relocate: bool,
+    ) -> Result<Self> {
         let log_path = dir.join("containerd.log");
         t.register_log("containerd", &log_path);
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config)
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(config);
+        if relocate {
+            cmd.arg("--root")
+                .arg(dir.join("root"))
+                .arg("--state")
+                .arg(dir.join("state"))
+                .arg("--address")
+                .arg(&socket);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -65,6 +94,29 @@ impl Containerd {
         };
         daemon.wait_ready()?;
         Ok(daemon)
+    }
+
+    /// `ctr plugins ls`: (type, id, status) of every plugin.
+    pub fn plugins(&self) -> Result<Vec<(String, String, String)>> {
+        let mut cmd = self.ctr();
+        cmd.args(["plugins", "ls"]);
+        let out = run(cmd)?;
+        if !out.success {
+            bail!("ctr plugins ls: {}", out.output);
+        }
+        Ok(out
+            .output
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some((
+                    f.first()?.to_string(),
+                    f.get(1)?.to_string(),
+                    f.last()?.to_string(),
+                ))
+            })
+            .collect())
     }
 
     /// The gRPC socket.

@@ -50,7 +50,14 @@ pub struct NodeOptions {
     pub data_dir: Option<PathBuf>,
     /// The control socket (`--control`) instead of `control.sock` in the node's subdir.
     pub control: Option<PathBuf>,
+    /// Leave the store's quota to the node's default (watermarks of the data dir's
+    /// filesystem). Otherwise the node gets `--store-quota 16GiB`, so that what a test sees does
+    /// not depend on how full the machine's disk happens to be.
+    pub filesystem_quota: bool,
 }
+
+/// The byte quota test nodes get unless [`NodeOptions::filesystem_quota`].
+pub const TEST_QUOTA: &str = "16GiB";
 
 /// The mirror port of a node with [`NodeOptions::bind`] set.
 pub const MIRROR_PORT: u16 = 5050;
@@ -325,6 +332,9 @@ impl Node {
             .arg("--control")
             .arg(self.control_path())
             .args(["--upstream", &self.options.upstream]);
+        if !self.options.filesystem_quota {
+            cmd.args(["--store-quota", TEST_QUOTA]);
+        }
         for (host, url) in &self.options.host_upstreams {
             cmd.arg("--upstream").arg(format!("{host}={url}"));
         }

@@ -105,6 +105,7 @@ pub fn router(state: AdminState) -> Router {
     let hosts = state.hosts.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .with_state(state)
@@ -158,7 +159,20 @@ fn host_allowed(host: &str, names: &[String]) -> bool {
         || names.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// Readiness: this router is served only after the store was opened
+/// (recovery done) and the mirror and admin listeners were bound, and stops
+/// accepting at shutdown, so answering means ready; it also checks the data
+/// directory is still there.
+async fn readyz(State(st): State<AdminState>) -> Response {
+    match std::fs::metadata(&st.info.data_dir) {
+        Ok(m) if m.is_dir() => "ready".into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "data directory is gone").into_response(),
+    }
+}
+
 async fn metrics(State(st): State<AdminState>) -> Response {
+    st.metrics
+        .observe_store(&st.store, std::path::Path::new(&st.info.data_dir));
     (
         [(
             header::CONTENT_TYPE,

@@ -1,5 +1,6 @@
 //! The `shoal` command line: one binary, one subcommand per file.
 
+pub mod config;
 pub mod convert;
 pub mod mount;
 pub mod node;
@@ -39,6 +40,11 @@ pub enum Command {
     Scheduler(scheduler::SchedulerArgs),
     /// Convert an OCI/Docker image into a Nydus image, registry to registry.
     Convert(convert::ConvertArgs),
+    /// Configure containerd, Docker, CRI-O or nydusd to use this node
+    /// (printed, or written with a backup and undone), and check or print the
+    /// node's own config.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Nydus RAFS images: build, merge, inspect, check, unpack.
     #[command(subcommand)]
     Rafs(rafs::RafsCommand),

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
         Command::Mounts(a) => cli::mount::run_mounts(a),
         Command::Convert(a) => cli::convert::run(a),
         Command::Prewarm(a) => cli::prewarm::run(a),
+        Command::Config(c) => cli::config::run(c),
     };
     match result {
         Ok(code) => code,

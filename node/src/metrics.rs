@@ -1,6 +1,12 @@
 //! Prometheus metrics of a node, as one struct passed to whoever records
 //! (no globals). Names are part of the operator contract: change them only
-//! with a note.
+//! with a note (deploy/grafana's dashboards name them; a test checks).
+//!
+//! Label cardinality is bounded: methods and origin statuses are mapped onto
+//! fixed sets ([`method_label`], [`origin_status_label`]), routes and kinds
+//! are `&'static str`, per-peer series are capped in `p2p::metrics`.
+//! `process_*` series sit at the registry's root, everything else under
+//! `shoal_`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -14,8 +20,17 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub route: &'static str,
-    pub method: String,
+    /// One of [`method_label`]'s values, never the client's raw string.
+    pub method: &'static str,
     pub status: u16,
+}
+
+/// `kind` (what was asked of the origin) and `status` (see
+/// [`origin_status_label`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginErrorLabels {
+    pub kind: &'static str,
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +57,11 @@ pub struct Metrics {
     pub downloads_in_flight: Gauge,
     pub downloads_failed: Family<KindLabels, Counter>,
     pub access_checks: Family<KindLabels, Counter>,
+    /// Origin answers of 400 or more, and requests that got no answer, by
+    /// kind and [`origin_status_label`].
+    pub origin_errors: Family<OriginErrorLabels, Counter>,
+    /// Store fill, updated at each scrape ([`Metrics::observe_store`]).
+    pub store: StoreGauges,
     /// Chunk bytes (compressed) lazy mounts obtained, by source (`local`, `origin`).
     pub mount_chunk_bytes: Family<KindLabels, Counter>,
     /// Per-mount series (reads, bytes fetched by source, latency), encoded at scrape time from
@@ -63,6 +83,25 @@ pub struct Metrics {
     pub p2p: crate::p2p::P2pMetrics,
     /// Totals kept for `shoal status` without parsing the registry.
     pub totals: Totals,
+}
+
+/// The store's fill and evictions as scrape-time gauges.
+#[derive(Debug, Default)]
+pub struct StoreGauges {
+    /// Committed content bytes.
+    pub bytes: Gauge,
+    /// Blobs held (complete or partial) and complete ones.
+    pub blobs: Gauge,
+    pub complete_blobs: Gauge,
+    /// The quota in bytes; 0 when the store follows its filesystem's fill.
+    pub quota_bytes: Gauge,
+    /// Size and free bytes of the data directory's filesystem.
+    pub fs_size_bytes: Gauge,
+    pub fs_free_bytes: Gauge,
+    /// Blobs evicted since start (least recently used, over the quota).
+    pub evictions: Counter,
+    /// Blobs dropped because a piece did not match its hash.
+    pub corrupt_dropped: Counter,
 }
 
 /// Plain totals mirrored from the counters for the status API.
@@ -93,7 +132,14 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("shoal");
+        // `process_*` at the root (the names dashboards know), the node's
+        // own series under `shoal_`.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(shoal_scheduler::process_metrics::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("shoal");
+        registry.register_collector(Box::new(
+            shoal_scheduler::process_metrics::BuildInfoCollector { component: "node" },
+        ));
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -156,6 +202,14 @@ impl Metrics {
             "Credential checks against origins, by outcome",
             access_checks.clone(),
         );
+        let origin_errors = Family::<OriginErrorLabels, Counter>::default();
+        registry.register(
+            "origin_errors",
+            "Origin answers >= 400 and requests without an answer (status timeout, connect, other), by kind and status",
+            origin_errors.clone(),
+        );
+        let store = StoreGauges::default();
+        store.register(registry);
         let mount_chunk_bytes = Family::<KindLabels, Counter>::default();
         registry.register(
             "mount_chunk_bytes",
@@ -205,9 +259,11 @@ impl Metrics {
             scheduler_duration.clone(),
         );
         let p2p = crate::p2p::P2pMetrics::default();
-        p2p.register(&mut registry);
+        p2p.register(registry);
         Self {
-            registry,
+            registry: root,
+            origin_errors,
+            store,
             peer_bytes,
             bad_pieces,
             fetch_decisions,
@@ -274,6 +330,50 @@ impl Metrics {
         self.totals.cache_misses.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts an origin answer; only statuses of 400 and more are errors.
+    pub fn origin_status(&self, kind: &'static str, status: u16) {
+        if status >= 400 {
+            self.origin_errors
+                .get_or_create(&OriginErrorLabels {
+                    kind,
+                    status: origin_status_label(status),
+                })
+                .inc();
+        }
+    }
+
+    /// Counts an origin request that got no answer.
+    pub fn origin_unreachable(&self, kind: &'static str, error: &reqwest::Error) {
+        let status = if error.is_timeout() {
+            "timeout"
+        } else if error.is_connect() {
+            "connect"
+        } else {
+            "other"
+        };
+        self.origin_errors
+            .get_or_create(&OriginErrorLabels { kind, status })
+            .inc();
+    }
+
+    /// Sets the store gauges from the store (called before each scrape).
+    pub fn observe_store(&self, store: &crate::store::Store, data_dir: &std::path::Path) {
+        let usage = store.usage();
+        let stats = store.stats();
+        let g = &self.store;
+        g.bytes.set(clamp(usage.bytes));
+        g.blobs.set(clamp(usage.blobs as u64));
+        g.complete_blobs.set(clamp(usage.complete as u64));
+        g.quota_bytes.set(clamp(usage.quota_bytes));
+        catch_up(&g.evictions, stats.evicted);
+        catch_up(&g.corrupt_dropped, stats.corrupt_dropped);
+        if let Ok(fs) = rustix::fs::statvfs(data_dir) {
+            let frag = fs.f_frsize.max(1);
+            g.fs_size_bytes.set(clamp(fs.f_blocks.saturating_mul(frag)));
+            g.fs_free_bytes.set(clamp(fs.f_bavail.saturating_mul(frag)));
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -281,5 +381,147 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+impl StoreGauges {
+    fn register(&self, registry: &mut Registry) {
+        let sub = registry.sub_registry_with_prefix("store");
+        sub.register(
+            "bytes",
+            "Committed content bytes in the store",
+            self.bytes.clone(),
+        );
+        sub.register(
+            "blobs",
+            "Blobs held (complete or partial)",
+            self.blobs.clone(),
+        );
+        sub.register(
+            "complete_blobs",
+            "Complete blobs held",
+            self.complete_blobs.clone(),
+        );
+        sub.register(
+            "quota_bytes",
+            "Store quota in bytes (0: evict by the filesystem's fill)",
+            self.quota_bytes.clone(),
+        );
+        sub.register(
+            "fs_size_bytes",
+            "Size of the data directory's filesystem",
+            self.fs_size_bytes.clone(),
+        );
+        sub.register(
+            "fs_free_bytes",
+            "Bytes available to the node on the data directory's filesystem",
+            self.fs_free_bytes.clone(),
+        );
+        sub.register(
+            "evictions",
+            "Blobs evicted (least recently used, over the quota or the filesystem watermark)",
+            self.evictions.clone(),
+        );
+        sub.register(
+            "corrupt_dropped",
+            "Blobs dropped because a piece did not match its hash",
+            self.corrupt_dropped.clone(),
+        );
+    }
+}
+
+/// The label for an HTTP method: the standard ones by name, anything else
+/// `other` (a client must not be able to mint series).
+pub fn method_label(method: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *method {
+        M::GET => "GET",
+        M::HEAD => "HEAD",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::PATCH => "PATCH",
+        M::DELETE => "DELETE",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
+/// The label for an origin's error status: the codes registries use, else
+/// the class (`4xx`, `5xx`).
+pub fn origin_status_label(status: u16) -> &'static str {
+    const KNOWN: [(u16, &str); 11] = [
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (408, "408"),
+        (416, "416"),
+        (429, "429"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+    ];
+    if let Some((_, label)) = KNOWN.iter().find(|(code, _)| *code == status) {
+        return label;
+    }
+    match status / 100 {
+        4 => "4xx",
+        5 => "5xx",
+        _ => "other",
+    }
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Moves `counter` up to `total` (a counter mirrored from a store total).
+fn catch_up(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_bounded() {
+        let odd = http::Method::from_bytes(b"X-ANYTHING-AT-ALL").expect("a valid method token");
+        assert_eq!(method_label(&odd), "other");
+        assert_eq!(method_label(&http::Method::HEAD), "HEAD");
+        let mut seen = std::collections::HashSet::new();
+        for code in 0..1000u16 {
+            seen.insert(origin_status_label(code));
+        }
+        assert!(seen.len() <= 14, "{seen:?}");
+        assert_eq!(origin_status_label(418), "4xx");
+    }
+
+    #[test]
+    fn exposition_has_process_build_origin_error_and_store_series() {
+        let m = Metrics::new();
+        m.origin_status("blob", 503);
+        m.origin_status("blob", 200);
+        m.store.quota_bytes.set(7);
+        catch_up(&m.store.evictions, 3);
+        catch_up(&m.store.evictions, 2);
+        let out = m.encode();
+        for want in [
+            "process_resident_memory_bytes ",
+            "shoal_build_info{version=",
+            "shoal_origin_errors_total{kind=\"blob\",status=\"503\"} 1",
+            "shoal_store_quota_bytes 7",
+            "shoal_store_evictions_total 3",
+            "# TYPE shoal_http_requests counter",
+        ] {
+            assert!(out.contains(want), "{want} missing in\n{out}");
+        }
+        assert!(!out.contains("status=\"200\""), "{out}");
     }
 }

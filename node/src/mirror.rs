@@ -377,7 +377,7 @@ fn route_label(req: &Request) -> &'static str {
 /// One span per request; request count and latency metrics.
 async fn observe(State(st): State<MirrorState>, req: Request, next: Next) -> Response {
     let route = route_label(&req);
-    let method = req.method().to_string();
+    let method = req.method().clone();
     let span = tracing::info_span!("request", %method, uri = %req.uri(), route);
     let started = Instant::now();
     let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
@@ -390,7 +390,7 @@ async fn observe(State(st): State<MirrorState>, req: Request, next: Next) -> Res
         .requests
         .get_or_create(&RequestLabels {
             route,
-            method,
+            method: crate::metrics::method_label(&method),
             status: resp.status().as_u16(),
         })
         .inc();

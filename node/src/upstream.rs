@@ -397,9 +397,13 @@ impl Origin {
             .headers(headers)
             .send()
             .await
-            .map_err(|source| OriginError::Unreachable {
-                host: self.host.clone(),
-                source,
+            .inspect(|resp| self.metrics.origin_status(kind, resp.status().as_u16()))
+            .map_err(|source| {
+                self.metrics.origin_unreachable(kind, &source);
+                OriginError::Unreachable {
+                    host: self.host.clone(),
+                    source,
+                }
             })?;
         if let (Some(learn), StatusCode::UNAUTHORIZED) = (&self.learn, resp.status()) {
             // A configured registry sends its clients to this token realm (through the proxy,

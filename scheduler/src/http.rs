@@ -44,7 +44,6 @@ pub fn router(handle: SchedulerHandle) -> Router {
 pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> Router {
     let guard = Arc::new(ReplayGuard::default());
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/api/v1/announce", post(announce))
         .route("/api/v1/blobs/{blob}/parents", post(parents))
         .route("/api/v1/blobs/{blob}/failure", post(failure))
@@ -53,6 +52,7 @@ pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> 
         .route("/api/v1/jobs/{id}", get(job).delete(cancel_job))
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(move |req, next| {
@@ -66,7 +66,7 @@ pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> 
 /// health), unsigned. Nothing here changes the scheduler.
 pub fn status_router(handle: SchedulerHandle) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/api/v1/status", get(status))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{id}", get(job))
@@ -310,6 +310,13 @@ async fn metrics(State(h): State<SchedulerHandle>) -> impl IntoResponse {
         )],
         h.metrics().encode(),
     )
+}
+
+/// Liveness and readiness: 200 `ok` while the scheduler actor answers,
+/// 503 once it is shutting down.
+async fn healthz(State(h): State<SchedulerHandle>) -> Result<&'static str, ApiError> {
+    h.ping().await?;
+    Ok("ok")
 }
 
 async fn not_found() -> ApiError {

@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod process_metrics;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -63,7 +63,14 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("shoal_scheduler");
+        // `process_*` at the root (the names every dashboard knows), the
+        // scheduler's own series under `shoal_scheduler_`.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(crate::process_metrics::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("shoal_scheduler");
+        registry.register_collector(Box::new(crate::process_metrics::BuildInfoCollector {
+            component: "scheduler",
+        }));
         let announcements = Family::<KindLabels, Counter>::default();
         registry.register(
             "announcements",
@@ -129,7 +136,7 @@ impl Metrics {
             jobs.clone(),
         );
         Self {
-            registry,
+            registry: root,
             announcements,
             parent_requests,
             leases_granted,

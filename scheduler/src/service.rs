@@ -75,6 +75,8 @@ enum Command {
         id: JobId,
         reply: oneshot::Sender<Result<JobStatus, JobError>>,
     },
+    /// Answered at once: the actor is taking requests (`/healthz`).
+    Ping { reply: oneshot::Sender<()> },
 }
 
 /// Start the actor on `tracker`; it stops when `cancel` fires or every
@@ -153,6 +155,11 @@ impl SchedulerHandle {
     pub async fn cancel_job(&self, id: JobId) -> Result<Result<JobStatus, JobError>, Closed> {
         self.call("cancel_job", |reply| Command::CancelJob { id, reply })
             .await
+    }
+
+    /// Whether the actor answers (it is running and its queue moves).
+    pub async fn ping(&self) -> Result<(), Closed> {
+        self.call("ping", |reply| Command::Ping { reply }).await
     }
 
     async fn call<T>(
@@ -238,6 +245,9 @@ impl Actor {
             }
             Command::Jobs { reply } => {
                 let _ = reply.send(self.state.jobs(now));
+            }
+            Command::Ping { reply } => {
+                let _ = reply.send(());
             }
             Command::CancelJob { id, reply } => {
                 let _ = reply.send(self.state.cancel_job(id, now));

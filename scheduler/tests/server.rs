@@ -602,9 +602,15 @@ async fn status_json_html_and_metrics() {
         "shoal_scheduler_failure_reports_total{reason=\"stalled\"} 1",
         "shoal_scheduler_decision_seconds_count{op=\"parents\"} 1",
         "shoal_scheduler_nodes 2",
+        "shoal_scheduler_build_info{version=",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
     ] {
         assert!(metrics.contains(want), "missing {want:?} in\n{metrics}");
     }
+    let health = http.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.text().await.unwrap(), "ok");
     let missing = http.get(s.url("/nope")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
     s.stop().await;

@@ -29,6 +29,10 @@ pub struct NodeArgs {
     /// Store directory (config: data_dir).
     #[arg(long, env = "SHOAL_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Disk quota for cached content, e.g. `20GiB` (config: store.quota) [default: keep the
+    /// data dir's filesystem below 85 % full; `0`: unlimited].
+    #[arg(long, env = "SHOAL_STORE_QUOTA", value_parser = crate::units::ByteSize::parse)]
+    pub store_quota: Option<crate::units::ByteSize>,
     /// Mirror/proxy address (config: listen) [default: 127.0.0.1:5050].
     #[arg(long, env = "SHOAL_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -77,12 +81,28 @@ pub struct NodeArgs {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    let file = file_config(args)?;
+    let cfg = file.validate()?;
+    init_tracing(cfg.log.format == LogFormat::Json, &cfg.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(crate::node::run(cfg, shutdown_signal()))?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// The config file (or defaults) with `SHOAL_*` variables and flags laid
+/// over it, not yet validated (`shoal config check|print` use it too).
+pub fn file_config(args: NodeArgs) -> anyhow::Result<FileConfig> {
     let mut file = match &args.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
     if let Some(d) = args.data_dir {
         file.data_dir = Some(d);
+    }
+    if let Some(q) = args.store_quota {
+        file.store.quota = Some(q);
     }
     if let Some(l) = args.listen {
         file.listen = l;
@@ -113,13 +133,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Some(z) = args.zone {
         file.p2p.zone = Some(z);
     }
-    let cfg = file.validate()?;
-    init_tracing(cfg.log.format == LogFormat::Json, &cfg.log.level);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(crate::node::run(cfg, shutdown_signal()))?;
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(file)
 }
 
 /// Logs to stderr as text or JSON; `RUST_LOG` overrides `level`. Shared by
@@ -129,8 +143,13 @@ pub(crate) fn init_tracing(json: bool, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: a log file or journald gets
+    // plain text (NO_COLOR is honoured too).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -36,6 +36,20 @@ pub struct SchedulerArgs {
     /// [default: 0.0.0.0:5060].
     #[arg(long, env = "SHOAL_SCHEDULER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// This scheduler's entry in the cluster list, as nodes name it
+    /// (config: advertise), e.g. `$(POD_NAME).shoal-scheduler.shoal.svc:5060`
+    /// in a StatefulSet.
+    #[arg(long, env = "SHOAL_SCHEDULER_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Every scheduler of the cluster, this one included; repeatable or
+    /// comma-separated; replaces the config's list (config: cluster).
+    #[arg(
+        long,
+        env = "SHOAL_SCHEDULER_CLUSTER",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    pub cluster: Vec<String>,
     /// The cluster join secret, the same file the nodes use: only requests
     /// signed with it may change the scheduler's state (config:
     /// join_secret_file).
@@ -67,6 +81,12 @@ pub fn run(args: SchedulerArgs) -> anyhow::Result<std::process::ExitCode> {
     }
     if let Some(a) = args.status_listen {
         file.status_listen = Some(a);
+    }
+    if let Some(a) = args.advertise {
+        file.advertise = Some(a);
+    }
+    if !args.cluster.is_empty() {
+        file.cluster = args.cluster;
     }
     if let Some(f) = args.log_format {
         file.log.format = match f {

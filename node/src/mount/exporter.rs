@@ -87,10 +87,9 @@ type BySourceDef = (&'static str, &'static str, fn(&SourceSnapshot) -> [u64; 3])
 
 impl Collector for MountCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Declared even with no mount, so dashboards and alerts can tell
+        // "no mount" from "not exported".
         let all = self.0.snapshot();
-        if all.is_empty() {
-            return Ok(());
-        }
         let counters: [CounterDef; 4] = [
             (
                 "mount_reads",
@@ -209,6 +208,11 @@ mod tests {
         series.remove(Path::new("/mnt/a"));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).expect("encode");
-        assert!(!out.contains("mount_read_bytes"), "{out}");
+        // No series of the removed mount; the family is still declared (dashboards).
+        assert!(!out.contains("/mnt/a"), "{out}");
+        assert!(
+            out.contains("# TYPE shoal_mount_read_bytes counter"),
+            "{out}"
+        );
     }
 }

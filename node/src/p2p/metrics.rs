@@ -1,8 +1,10 @@
 //! `P2pMetrics`: data plane counters, passed in (no globals). Clones share
 //! the same series; `register` adds them to a registry under `p2p_`.
 //!
-//! Per-peer series are labelled with the peer's full node id; their number
-//! is bounded by the cluster's size.
+//! Per-peer series are labelled with the peer's full node id, for at most
+//! [`MAX_PEER_SERIES`] peers; bytes of peers met after that are counted
+//! under `peer="other"`, so a large cluster (or a peer minting identities)
+//! cannot grow the scrape without bound.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,8 +23,13 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// Most peers with series of their own.
+pub const MAX_PEER_SERIES: usize = 64;
+
 #[derive(Clone, Debug, Default)]
 pub struct P2pMetrics {
+    /// Peers that have series of their own (at most [`MAX_PEER_SERIES`]).
+    labelled_peers: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<NodeId>>>,
     /// Range bytes sent to each peer (counted once written to QUIC).
     pub upload_bytes: Family<PeerLabels, Counter>,
     /// Range bytes received from each peer.
@@ -84,12 +91,16 @@ impl P2pMetrics {
 
     /// Bytes sent to `peer` so far.
     pub fn uploaded_to(&self, peer: &NodeId) -> u64 {
-        self.upload_bytes.get_or_create(&peer_labels(peer)).get()
+        self.upload_bytes
+            .get_or_create(&self.peer_labels(peer))
+            .get()
     }
 
     /// Bytes received from `peer` so far.
     pub fn downloaded_from(&self, peer: &NodeId) -> u64 {
-        self.download_bytes.get_or_create(&peer_labels(peer)).get()
+        self.download_bytes
+            .get_or_create(&self.peer_labels(peer))
+            .get()
     }
 
     pub fn upload_outcome(&self, outcome: &'static str) -> u64 {
@@ -117,18 +128,67 @@ impl P2pMetrics {
     }
 
     pub(crate) fn upload_counter(&self, peer: &NodeId) -> Counter {
-        self.upload_bytes.get_or_create(&peer_labels(peer)).clone()
+        self.upload_bytes
+            .get_or_create(&self.peer_labels(peer))
+            .clone()
     }
 
     pub(crate) fn download_counter(&self, peer: &NodeId) -> Counter {
         self.download_bytes
-            .get_or_create(&peer_labels(peer))
+            .get_or_create(&self.peer_labels(peer))
             .clone()
+    }
+
+    /// The peer's own label while fewer than [`MAX_PEER_SERIES`] peers have
+    /// one, else `other`.
+    fn peer_labels(&self, peer: &NodeId) -> PeerLabels {
+        let mut seen = self
+            .labelled_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let own = seen.contains(peer) || {
+            let room = seen.len() < MAX_PEER_SERIES;
+            if room {
+                seen.insert(*peer);
+            }
+            room
+        };
+        PeerLabels {
+            peer: if own {
+                peer.to_string()
+            } else {
+                "other".to_owned()
+            },
+        }
     }
 }
 
-fn peer_labels(peer: &NodeId) -> PeerLabels {
-    PeerLabels {
-        peer: peer.to_string(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_peer_series_are_capped() {
+        let m = P2pMetrics::default();
+        let peer = |i: usize| {
+            let mut b = [0u8; shoal_proto::node_id::NODE_ID_LEN];
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            NodeId::from_bytes(b)
+        };
+        for i in 0..MAX_PEER_SERIES + 10 {
+            m.upload_counter(&peer(i)).inc_by(1);
+        }
+        // The first peers keep their own series, later ones share `other`.
+        assert_eq!(m.uploaded_to(&peer(0)), 1);
+        assert_eq!(m.uploaded_to(&peer(MAX_PEER_SERIES + 5)), 10);
+        let mut registry = Registry::default();
+        m.register(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encodes");
+        let series = out
+            .lines()
+            .filter(|l| l.starts_with("p2p_upload_bytes_total{"))
+            .count();
+        assert_eq!(series, MAX_PEER_SERIES + 1, "{out}");
     }
 }
