@@ -194,8 +194,9 @@ pub struct UpstreamSection {
     pub default: bool,
     /// Extra CA certificate (PEM) to trust for this origin.
     pub ca_file: Option<PathBuf>,
-    /// Node-side credentials. Content fetched with them is served to every
-    /// client of this node: configure them only where that is intended.
+    /// Node-side credentials. What this registry serves to them in a
+    /// repository is served to every client of this node that names this
+    /// registry and repository: configure them only where that is intended.
     pub username: Option<String>,
     pub password: Option<String>,
     /// Read the password from this file instead (trailing newline trimmed).
