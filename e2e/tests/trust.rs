@@ -1164,3 +1164,135 @@ fn a_missing_prerequisite_fails_under_ci() {
         "without CI the probe should skip and pass; stderr: {err}"
     );
 }
+
+// ------------------------------------------------------------------- resume without Range
+
+/// An origin serving one blob that ignores `Range` and breaks off its first answer half-way.
+struct RangeIgnorer {
+    addr: String,
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RangeIgnorer {
+    fn start(repo: &'static str, data: Vec<u8>) -> Result<Self> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?.to_string();
+        let digest = http::sha256_digest(&data);
+        let data = std::sync::Arc::new(data);
+        let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = gets.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (data, digest, gets) = (data.clone(), digest.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_ignoring_range(stream, repo, &digest, &data, &gets);
+                });
+            }
+        });
+        Ok(Self { addr, gets })
+    }
+}
+
+fn serve_ignoring_range(
+    stream: std::net::TcpStream,
+    repo: &str,
+    digest: &str,
+    data: &[u8],
+    gets: &std::sync::atomic::AtomicUsize,
+) -> Result<()> {
+    use std::io::BufRead as _;
+    let mut reader = std::io::BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or_default().to_owned();
+        let path = parts
+            .next()
+            .unwrap_or_default()
+            .split('?')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        if path == format!("/v2/{repo}/blobs/{digest}") {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nDocker-Content-Digest: {digest}\r\n\r\n",
+                data.len()
+            );
+            out.write_all(head.as_bytes())?;
+            if method == "HEAD" {
+                continue;
+            }
+            let n = gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n == 0 {
+                // The first answer breaks off half-way (the node keeps what arrived)…
+                out.write_all(&data[..data.len() / 2])?;
+                out.flush()?;
+                return Ok(());
+            }
+            // …and every later one ignores the Range it was sent.
+            out.write_all(data)?;
+        } else {
+            out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")?;
+        }
+        out.flush()?;
+    }
+}
+
+#[test]
+fn a_resume_against_an_origin_that_ignores_range_completes() {
+    run(
+        "a_resume_against_an_origin_that_ignores_range_completes",
+        &[Need::Shoal],
+        |t| {
+            let mut data = Vec::new();
+            Noise {
+                x: 42,
+                left: 48 << 20,
+            }
+            .read_to_end(&mut data)?;
+            let digest = http::sha256_digest(&data);
+            let origin = RangeIgnorer::start("r/blob", data)?;
+            let node = Node::start(t, &format!("http://{}", origin.addr))?;
+            let url = format!("{}/v2/r/blob/blobs/{digest}", node.url());
+            let first = http::fetch_hashed(http::client()?.get(&url))?;
+            ensure!(
+                first.body_error.is_some() || !first.status.is_success() || first.digest != digest,
+                "the broken first answer was passed on as complete"
+            );
+            // The node kept a prefix; the next request resumes with Range, which the origin
+            // ignores: the node reads from the start, skips what it holds, and completes.
+            let kept =
+                shoal_e2e::wait::poll("a kept prefix", std::time::Duration::from_secs(20), || {
+                    let st = node.status()?;
+                    Ok(st
+                        .blob(&digest)
+                        .filter(|b| b.present_bytes > 0)
+                        .map(|b| b.present_bytes))
+                })?;
+            let second = http::fetch_hashed(http::client()?.get(&url))?;
+            ensure!(
+                second.status.is_success()
+                    && second.body_error.is_none()
+                    && second.digest == digest,
+                "the resumed download: {} {:?}",
+                second.status,
+                second.body_error
+            );
+            println!(
+                "kept {kept} bytes after a broken answer; the resume read past an ignored Range and completed"
+            );
+            Ok(())
+        },
+    );
+}
