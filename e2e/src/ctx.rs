@@ -20,6 +20,8 @@ pub enum Need {
     Bin(&'static str),
     /// The `shoal` binary. Missing means the test fails (the test command builds it), not skips.
     Shoal,
+    /// `/dev/fuse`, openable (lazy mounts).
+    Fuse,
 }
 
 /// Context handed to a test body.
@@ -178,6 +180,15 @@ fn missing(needs: &[Need]) -> Option<String> {
             Need::Root if !is_root() => return Some("needs root".to_owned()),
             Need::Bin(bin) if paths::which(bin).is_none() => {
                 return Some(format!("needs `{bin}` on PATH"))
+            }
+            Need::Fuse => {
+                let opened = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/fuse");
+                if let Err(e) = opened {
+                    return Some(format!("cannot open /dev/fuse: {e}"));
+                }
             }
             _ => {}
         }

@@ -7,13 +7,12 @@
 //! Counts every request by kind, so a test can see the node probed it (and how much).
 //! Invariant: serves only 127.0.0.1; the accept thread ends when the handle is dropped.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
+
+use crate::tiny::{respond, Flow, Request, TinyServer};
 
 /// What the liar saw.
 #[derive(Debug, Default)]
@@ -29,45 +28,25 @@ pub struct Seen {
 /// The running liar.
 #[derive(Debug)]
 pub struct LyingOrigin {
-    port: u16,
+    server: TinyServer,
     seen: Arc<Seen>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl LyingOrigin {
     /// Starts on a free loopback port; whole-blob answers are `claimed_size` bytes.
     pub fn start(claimed_size: u64) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the lying origin")?;
-        let port = listener.local_addr()?.port();
         let seen = Arc::new(Seen::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (seen, stop) = (seen.clone(), stop.clone());
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let seen = seen.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve(stream, &seen, claimed_size);
-                    });
-                }
-            })
-        };
-        Ok(Self {
-            port,
-            seen,
-            stop,
-            thread: Some(thread),
-        })
+        let s = seen.clone();
+        let server = TinyServer::start(Arc::new(move |req, out| {
+            answer(req, out, &s, claimed_size)?;
+            Ok(Flow::KeepAlive)
+        }))?;
+        Ok(Self { server, seen })
     }
 
     /// `127.0.0.1:PORT` (as `?ns=` or a proxy URL names it).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.server.addr()
     }
 
     /// What it has seen so far.
@@ -76,95 +55,61 @@ impl LyingOrigin {
     }
 }
 
-impl Drop for LyingOrigin {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+fn answer(req: &Request, out: &mut std::net::TcpStream, seen: &Seen, claimed: u64) -> Result<()> {
+    let path = req.path();
+    let digest = path.rsplit('/').next().unwrap_or_default();
+    let head = req.is_head();
+    if head {
+        seen.heads.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-fn serve(stream: TcpStream, seen: &Seen, claimed: u64) -> Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut range = None;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.trim().eq_ignore_ascii_case("range") {
-                    range = parse_range(v.trim());
-                }
-            }
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_owned();
-        let target = parts.next().unwrap_or_default();
-        let path = target.split('?').next().unwrap_or_default();
-        let path = path
-            .split_once("://")
-            .map_or(path, |(_, rest)| rest.find('/').map_or("/", |i| &rest[i..]));
-        let digest = path.rsplit('/').next().unwrap_or_default().to_owned();
-        let head = method == "HEAD";
-        if head {
-            seen.heads.fetch_add(1, Ordering::Relaxed);
-        }
-        if path == "/v2/" || path == "/v2" {
-            respond(&mut out, "200 OK", &[], b"{}", head)?;
-        } else if path.contains("/manifests/") {
-            if !head {
-                seen.manifest_gets.fetch_add(1, Ordering::Relaxed);
-            }
-            let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-            let extra = [
-                ("Docker-Content-Digest", digest.as_str()),
-                ("Content-Type", "application/vnd.oci.image.manifest.v1+json"),
-            ];
-            respond(&mut out, "200 OK", &extra, body, head)?;
-        } else if path.contains("/blobs/") {
-            let (status, body, content_range) = match range {
-                Some((a, b)) if !head => {
-                    seen.range_gets.fetch_add(1, Ordering::Relaxed);
-                    let b = b.unwrap_or(claimed.saturating_sub(1)).max(a);
-                    let len = (b - a + 1).min(64 << 20);
-                    (
-                        "206 Partial Content",
-                        noise(len),
-                        Some(format!("bytes {a}-{}/{claimed}", a + len - 1)),
-                    )
-                }
-                _ => {
-                    if !head {
-                        seen.full_gets.fetch_add(1, Ordering::Relaxed);
-                    }
-                    ("200 OK", noise(claimed.min(64 << 20)), None)
-                }
-            };
-            if !head {
-                seen.blob_bytes
-                    .fetch_add(body.len() as u64, Ordering::Relaxed);
-            }
-            let mut extra = vec![
-                ("Docker-Content-Digest", digest.as_str()),
-                ("Content-Type", "application/octet-stream"),
-            ];
-            if let Some(cr) = &content_range {
-                extra.push(("Content-Range", cr.as_str()));
-            }
-            respond(&mut out, status, &extra, &body, head)?;
-        } else {
-            respond(&mut out, "200 OK", &[], b"yes", head)?;
-        }
+    if path == "/v2/" || path == "/v2" {
+        return respond(out, "200 OK", &[], b"{}", head);
     }
+    if path.contains("/manifests/") {
+        if !head {
+            seen.manifest_gets.fetch_add(1, Ordering::Relaxed);
+        }
+        let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+        let headers = [
+            ("Docker-Content-Digest", digest),
+            ("Content-Type", "application/vnd.oci.image.manifest.v1+json"),
+        ];
+        return respond(out, "200 OK", &headers, body, head);
+    }
+    if !path.contains("/blobs/") {
+        return respond(out, "200 OK", &[], b"yes", head);
+    }
+    let range = req.header("range").and_then(parse_range);
+    let (status, body, content_range) = match range {
+        Some((a, b)) if !head => {
+            seen.range_gets.fetch_add(1, Ordering::Relaxed);
+            let b = b.unwrap_or(claimed.saturating_sub(1)).max(a);
+            let len = (b - a + 1).min(64 << 20);
+            (
+                "206 Partial Content",
+                noise(len),
+                Some(format!("bytes {a}-{}/{claimed}", a + len - 1)),
+            )
+        }
+        _ => {
+            if !head {
+                seen.full_gets.fetch_add(1, Ordering::Relaxed);
+            }
+            ("200 OK", noise(claimed.min(64 << 20)), None)
+        }
+    };
+    if !head {
+        seen.blob_bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+    }
+    let mut headers = vec![
+        ("Docker-Content-Digest", digest),
+        ("Content-Type", "application/octet-stream"),
+    ];
+    if let Some(cr) = &content_range {
+        headers.push(("Content-Range", cr.as_str()));
+    }
+    respond(out, status, &headers, &body, head)
 }
 
 /// `bytes=a-b` or `bytes=a-`.
@@ -191,27 +136,4 @@ fn noise(len: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-fn respond(
-    out: &mut TcpStream,
-    status: &str,
-    extra: &[(&str, &str)],
-    body: &[u8],
-    head_only: bool,
-) -> Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nDocker-Distribution-Api-Version: registry/2.0\r\n",
-        body.len()
-    );
-    for (k, v) in extra {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    out.write_all(head.as_bytes())?;
-    if !head_only {
-        out.write_all(body)?;
-    }
-    out.flush()?;
-    Ok(())
 }

@@ -12,16 +12,14 @@
 //! Invariant: serves only 127.0.0.1; the accept thread ends when the handle is dropped.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use base64::Engine as _;
 use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+
+use crate::tiny::{respond, Flow, Request, TinyServer};
 
 /// The `service` (token audience) the registry is configured with.
 pub const SERVICE: &str = "shoal-e2e-registry";
@@ -88,17 +86,15 @@ impl Acl {
 
 /// The running token service.
 pub struct TokenServer {
-    port: u16,
+    server: TinyServer,
     cert_pem: String,
     signer: Arc<Signer>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for TokenServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenServer")
-            .field("port", &self.port)
+            .field("addr", &self.server.addr())
             .finish()
     }
 }
@@ -125,36 +121,21 @@ impl TokenServer {
             cert_der_b64: base64::engine::general_purpose::STANDARD.encode(cert.der()),
             acl,
         });
-        let listener = TcpListener::bind("127.0.0.1:0").context("binding the token service")?;
-        let port = listener.local_addr()?.port();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (stop, signer) = (stop.clone(), signer.clone());
-            std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let signer = signer.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve(stream, &signer);
-                    });
-                }
-            })
-        };
+        let handler_signer = signer.clone();
+        let server = TinyServer::start(Arc::new(move |req, out| {
+            answer(req, out, &handler_signer)?;
+            Ok(Flow::KeepAlive)
+        }))?;
         Ok(Self {
-            port,
+            server,
             cert_pem: cert.pem(),
             signer,
-            stop,
-            thread: Some(thread),
         })
     }
 
     /// The realm clients are sent to: `http://127.0.0.1:PORT/token`.
     pub fn realm(&self) -> String {
-        format!("http://127.0.0.1:{}/token", self.port)
+        format!("http://{}/token", self.server.addr())
     }
 
     /// Writes the signing certificate (the registry's `rootcertbundle`) into `dir`.
@@ -176,16 +157,6 @@ impl TokenServer {
             "Bearer {}",
             self.token(user, &format!("repository:{repo}:pull"))?
         ))
-    }
-}
-
-impl Drop for TokenServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -238,63 +209,39 @@ fn rand_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Serves keep-alive requests on one connection until it closes.
-fn serve(stream: TcpStream, signer: &Signer) -> Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        let mut auth = None;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                if k.trim().eq_ignore_ascii_case("authorization") {
-                    auth = Some(v.trim().to_owned());
-                }
-            }
-        }
-        let target = line.split_whitespace().nth(1).unwrap_or("/");
-        let url = reqwest::Url::parse(&format!("http://x{target}"))?;
-        let scopes: Vec<String> = url
-            .query_pairs()
-            .filter(|(k, _)| k == "scope")
-            .map(|(_, v)| v.into_owned())
-            .collect();
-        let user = match auth.as_deref().and_then(|a| a.strip_prefix("Basic ")) {
-            None => Some(String::new()),
-            Some(b) => basic_user(b)
-                .filter(|(u, p)| signer.acl.check_password(u, p))
-                .map(|(u, _)| u),
-        };
-        let (status, body) = match user {
-            Some(user) if url.path() == "/token" => match signer.issue(&user, &scopes) {
-                Ok(t) => (
-                    "200 OK",
-                    serde_json::json!({"token": t, "access_token": t, "expires_in": 600})
-                        .to_string(),
-                ),
-                Err(e) => ("500 Internal Server Error", e.to_string()),
-            },
-            Some(_) => ("404 Not Found", "{}".to_owned()),
-            None => (
-                "401 Unauthorized",
-                r#"{"details":"bad credentials"}"#.to_owned(),
+/// Answers one token request.
+fn answer(req: &Request, out: &mut std::net::TcpStream, signer: &Signer) -> Result<()> {
+    let url = req.url()?;
+    let scopes: Vec<String> = url
+        .query_pairs()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    let user = match req
+        .header("authorization")
+        .and_then(|a| a.strip_prefix("Basic "))
+    {
+        None => Some(String::new()),
+        Some(b) => basic_user(b)
+            .filter(|(u, p)| signer.acl.check_password(u, p))
+            .map(|(u, _)| u),
+    };
+    let (status, body) = match user {
+        Some(user) if url.path() == "/token" => match signer.issue(&user, &scopes) {
+            Ok(t) => (
+                "200 OK",
+                serde_json::json!({"token": t, "access_token": t, "expires_in": 600}).to_string(),
             ),
-        };
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        out.write_all(head.as_bytes())?;
-        out.write_all(body.as_bytes())?;
-        out.flush()?;
-    }
+            Err(e) => ("500 Internal Server Error", e.to_string()),
+        },
+        Some(_) => ("404 Not Found", "{}".to_owned()),
+        None => (
+            "401 Unauthorized",
+            r#"{"details":"bad credentials"}"#.to_owned(),
+        ),
+    };
+    let headers = [("Content-Type", "application/json")];
+    respond(out, status, &headers, body.as_bytes(), req.is_head())
 }
 
 /// `(user, password)` of a Basic credential.

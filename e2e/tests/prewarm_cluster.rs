@@ -35,6 +35,7 @@ const NEEDS: &[Need] = &[
 ];
 const MOUNT_NEEDS: &[Need] = &[
     Need::Root,
+    Need::Fuse,
     Need::Bin("ip"),
     Need::Bin("tc"),
     Need::Bin("docker-registry"),
@@ -131,14 +132,6 @@ fn prewarm_on_eight_hosts_reads_the_origin_once_and_later_pulls_read_nothing_fro
 #[test]
 fn prewarm_full_nydus_on_eight_hosts_then_a_mount_reads_nothing_from_the_origin() {
     let name = "prewarm_full_nydus_on_eight_hosts";
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        shoal_e2e::skip(name, &format!("cannot open /dev/fuse: {e}"));
-        return;
-    }
     cluster_test(name, MOUNT_NEEDS, |t| {
         let cluster = Cluster::start(t, &ClusterOptions::members(N))?;
         let work = t.subdir("nydus-build")?;

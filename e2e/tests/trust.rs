@@ -29,6 +29,7 @@ use shoal_e2e::liar::LyingOrigin;
 use shoal_e2e::node::{Node, NodeOptions};
 use shoal_e2e::registry::{Creds, Registry};
 use shoal_e2e::setup::MANIFEST_ACCEPT;
+use shoal_e2e::tiny::{respond, Flow, TinyServer};
 use shoal_e2e::token::{Acl, TokenServer};
 use shoal_e2e::{run, skopeo, Need, TestCtx};
 
@@ -505,16 +506,9 @@ fn is_mounted(dir: &Path) -> bool {
 #[test]
 fn only_the_administrator_changes_the_node_and_the_admin_listener_is_read_only() {
     let name = "only_the_administrator_changes_the_node";
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        shoal_e2e::skip(name, &format!("cannot open /dev/fuse: {e}"));
-        return;
-    }
     let needs = [
         Need::Root,
+        Need::Fuse,
         Need::Shoal,
         Need::Bin("docker-registry"),
         Need::Bin("setpriv"),
@@ -1168,85 +1162,31 @@ fn a_missing_prerequisite_fails_under_ci() {
 // ------------------------------------------------------------------- resume without Range
 
 /// An origin serving one blob that ignores `Range` and breaks off its first answer half-way.
-struct RangeIgnorer {
-    addr: String,
-    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl RangeIgnorer {
-    fn start(repo: &'static str, data: Vec<u8>) -> Result<Self> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?.to_string();
-        let digest = http::sha256_digest(&data);
-        let data = std::sync::Arc::new(data);
-        let gets = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = gets.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (data, digest, gets) = (data.clone(), digest.clone(), counter.clone());
-                std::thread::spawn(move || {
-                    let _ = serve_ignoring_range(stream, repo, &digest, &data, &gets);
-                });
-            }
-        });
-        Ok(Self { addr, gets })
-    }
-}
-
-fn serve_ignoring_range(
-    stream: std::net::TcpStream,
-    repo: &str,
-    digest: &str,
-    data: &[u8],
-    gets: &std::sync::atomic::AtomicUsize,
-) -> Result<()> {
-    use std::io::BufRead as _;
-    let mut reader = std::io::BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
+fn range_ignorer(repo: &'static str, data: Vec<u8>) -> Result<TinyServer> {
+    let digest = http::sha256_digest(&data);
+    let gets = std::sync::atomic::AtomicUsize::new(0);
+    TinyServer::start(std::sync::Arc::new(move |req, out| {
+        if req.path() != format!("/v2/{repo}/blobs/{digest}") {
+            respond(out, "200 OK", &[], b"{}", req.is_head())?;
+            return Ok(Flow::KeepAlive);
         }
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
-                break;
-            }
+        let headers = [("Docker-Content-Digest", digest.as_str())];
+        if req.is_head() {
+            respond(out, "200 OK", &headers, &data, true)?;
+            return Ok(Flow::KeepAlive);
         }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or_default().to_owned();
-        let path = parts
-            .next()
-            .unwrap_or_default()
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        if path == format!("/v2/{repo}/blobs/{digest}") {
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nDocker-Content-Digest: {digest}\r\n\r\n",
-                data.len()
-            );
+        if gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            // The first answer breaks off half-way (the node keeps what arrived)…
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", data.len());
             out.write_all(head.as_bytes())?;
-            if method == "HEAD" {
-                continue;
-            }
-            let n = gets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if n == 0 {
-                // The first answer breaks off half-way (the node keeps what arrived)…
-                out.write_all(&data[..data.len() / 2])?;
-                out.flush()?;
-                return Ok(());
-            }
-            // …and every later one ignores the Range it was sent.
-            out.write_all(data)?;
-        } else {
-            out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")?;
+            out.write_all(&data[..data.len() / 2])?;
+            out.flush()?;
+            return Ok(Flow::Close);
         }
-        out.flush()?;
-    }
+        // …and every later one ignores the Range it was sent.
+        respond(out, "200 OK", &headers, &data, false)?;
+        Ok(Flow::KeepAlive)
+    }))
 }
 
 #[test]
@@ -1262,8 +1202,8 @@ fn a_resume_against_an_origin_that_ignores_range_completes() {
             }
             .read_to_end(&mut data)?;
             let digest = http::sha256_digest(&data);
-            let origin = RangeIgnorer::start("r/blob", data)?;
-            let node = Node::start(t, &format!("http://{}", origin.addr))?;
+            let origin = range_ignorer("r/blob", data)?;
+            let node = Node::start(t, &format!("http://{}", origin.addr()))?;
             let url = format!("{}/v2/r/blob/blobs/{digest}", node.url());
             let first = http::fetch_hashed(http::client()?.get(&url))?;
             ensure!(
