@@ -181,6 +181,8 @@ pub struct Cluster {
     origin: Registry,
     image: Image,
     net: Net,
+    /// The members' join secret (the scheduler's too).
+    member_secret: PathBuf,
 }
 
 impl Cluster {
@@ -225,7 +227,7 @@ impl Cluster {
         let plan = Plan {
             upstream: origin.url(),
             scheduler: scheduler.as_ref().map(Scheduler::addr),
-            member_secret,
+            member_secret: member_secret.clone(),
             outsider_secret: write_secret(t, "outsider")?,
             bootstrap: bootstrap_ips(&hosts, options),
         };
@@ -244,6 +246,7 @@ impl Cluster {
             origin,
             image,
             net,
+            member_secret,
         };
         for n in &mut cluster.nodes {
             n.node.spawn_only()?;
@@ -322,6 +325,11 @@ impl Cluster {
     }
 
     /// The scheduler.
+    /// The cluster's join secret file (what `shoal prewarm --join-secret-file` takes).
+    pub fn join_secret(&self) -> &Path {
+        &self.member_secret
+    }
+
     pub fn scheduler(&self) -> Result<&Scheduler> {
         self.scheduler
             .as_ref()

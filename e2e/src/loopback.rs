@@ -25,6 +25,8 @@ pub struct LoopbackCluster {
     pub image: Image,
     pub scheduler: Scheduler,
     pub nodes: Vec<Node>,
+    /// The join secret every member (and the scheduler) holds.
+    pub join_secret: std::path::PathBuf,
 }
 
 impl LoopbackCluster {
@@ -65,16 +67,25 @@ impl LoopbackCluster {
             image,
             scheduler,
             nodes: started,
+            join_secret: secret,
         })
     }
 
-    /// `shoal prewarm ARGS --scheduler S`.
+    /// `shoal prewarm ARGS --scheduler S --join-secret-file F` (the operator holds the secret).
     pub fn prewarm(&self, args: &[&str]) -> Result<Output> {
-        Command::new(paths::shoal_bin()?)
-            .arg("prewarm")
+        self.prewarm_with(args, Some(&self.join_secret))
+    }
+
+    /// `shoal prewarm ARGS --scheduler S`, signed with `secret` if any.
+    pub fn prewarm_with(&self, args: &[&str], secret: Option<&std::path::Path>) -> Result<Output> {
+        let mut cmd = Command::new(paths::shoal_bin()?);
+        cmd.arg("prewarm")
             .args(args)
-            .args(["--scheduler", &self.scheduler.addr().to_string()])
-            .stdin(Stdio::null())
+            .args(["--scheduler", &self.scheduler.addr().to_string()]);
+        if let Some(secret) = secret {
+            cmd.arg("--join-secret-file").arg(secret);
+        }
+        cmd.stdin(Stdio::null())
             .output()
             .context("running shoal prewarm")
     }

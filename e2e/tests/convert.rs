@@ -526,12 +526,12 @@ fn bad_input_fails_clearly_and_leaves_no_target_tag() {
         println!("{name}: artifact → {msg}");
 
         let bad_ref = with(&["Not A/Reference!", &dst]);
-        let msg = expect_failure(t, &args(&bad_ref), 1, "image reference", target)?;
+        let msg = expect_failure(t, &args(&bad_ref), 2, "image reference", target)?;
         println!("{name}: malformed reference → {msg}");
 
         let dead = format!("127.0.0.1:{}", free_port()?);
         let unreachable = with(&[&format!("{dead}/test/python:1"), &dst]);
-        let msg = expect_failure(t, &args(&unreachable), 2, "cannot reach registry", target)?;
+        let msg = expect_failure(t, &args(&unreachable), 3, "cannot reach registry", target)?;
         println!("{name}: unreachable source → {msg}");
 
         // Wrong source credentials: an htpasswd registry holding the fixture.
@@ -683,7 +683,7 @@ fn an_interrupted_conversion_resumes_and_an_index_stays_an_index() {
         let out = child.wait_with_output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         ensure!(
-            out.status.code() == Some(2) && stderr.contains("cannot reach registry"),
+            out.status.code() == Some(3) && stderr.contains("cannot reach registry"),
             "convert with the target gone: {} {stderr}",
             out.status
         );

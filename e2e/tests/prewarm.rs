@@ -142,19 +142,40 @@ fn prewarm_all_nodes_reads_the_origin_once_and_pulls_are_local() {
 fn prewarm_bad_input_is_reported_clearly() {
     run("prewarm_bad_input_is_reported_clearly", NEEDS, |t| {
         let c = Cluster::start(t, &[])?;
-        // A missing image: every node reports it; the CLI exits 2 naming it.
+        // Without the join secret, or with another one: refused (1), naming why, no job made.
+        let wrong = t.dir().join("wrong-secret");
+        std::fs::write(&wrong, "8".repeat(64))?;
+        for (secret, why) in [
+            (None, "missing x-shoal-auth"),
+            (Some(wrong.as_path()), "refused"),
+        ] {
+            let out = c.prewarm_with(&[&c.image_ref(), "--wait"], secret)?;
+            ensure!(out.status.code() == Some(1), "{}", text(&out));
+            ensure!(
+                String::from_utf8_lossy(&out.stderr).contains(why),
+                "{}",
+                text(&out)
+            );
+        }
+        let list = c.prewarm(&["list", "--json"])?;
+        ensure!(
+            list.status.success() && !String::from_utf8_lossy(&list.stdout).contains(IMAGE),
+            "an unsigned prewarm made a job: {}",
+            text(&list)
+        );
+        // A missing image: every node reports it; the CLI exits 1 naming it.
         let missing = format!("{}/test/missing:1", c.registry.addr());
         let out = c.prewarm(&[&missing, "--wait"])?;
         let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
         ensure!(
             err.contains("no such image") && err.contains("test/missing:1"),
             "{}",
             text(&out)
         );
-        // Not an image reference at all: refused before anything is sent.
+        // Not an image reference at all: a usage error (2), refused before anything is sent.
         let out = c.prewarm(&["Not An Image!", "--wait"])?;
-        ensure!(out.status.code() == Some(1), "{}", text(&out));
+        ensure!(out.status.code() == Some(2), "{}", text(&out));
         ensure!(
             String::from_utf8_lossy(&out.stderr).contains("image reference"),
             "{}",
@@ -162,7 +183,7 @@ fn prewarm_bad_input_is_reported_clearly() {
         );
         // A registry the nodes do not know.
         let out = c.prewarm(&["unknown.example:5000/a/b:1", "--wait"])?;
-        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
         ensure!(
             String::from_utf8_lossy(&out.stderr).contains("unknown.example:5000"),
             "{}",
@@ -184,12 +205,12 @@ fn prewarm_bad_input_is_reported_clearly() {
             "{}",
             text(&out)
         );
-        // An unreachable scheduler.
+        // An unreachable scheduler: 3.
         let out = Command::new(paths::shoal_bin()?)
             .args(["prewarm", &c.image_ref(), "--scheduler"])
             .arg(format!("127.0.0.1:{}", free_port()?))
             .output()?;
-        ensure!(out.status.code() == Some(1), "{}", text(&out));
+        ensure!(out.status.code() == Some(3), "{}", text(&out));
         ensure!(
             String::from_utf8_lossy(&out.stderr).contains("cannot reach the scheduler"),
             "{}",
@@ -199,7 +220,7 @@ fn prewarm_bad_input_is_reported_clearly() {
         let mut c = c;
         c.registry.stop()?;
         let out = c.prewarm(&[&c.image_ref(), "--wait"])?;
-        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
         ensure!(
             String::from_utf8_lossy(&out.stderr).contains("cannot reach the origin registry"),
             "{}",
@@ -217,7 +238,7 @@ fn prewarm_refused_credentials_are_reported() {
         let (registry, image) = setup::private_origin(t, "alice", "correct horse")?;
         let c = Cluster::start_with(t, registry, image, &[])?;
         let out = c.prewarm(&[&c.image_ref(), "--wait"])?;
-        ensure!(out.status.code() == Some(2), "{}", text(&out));
+        ensure!(out.status.code() == Some(1), "{}", text(&out));
         let err = String::from_utf8_lossy(&out.stderr);
         ensure!(
             err.contains("refused this node's credentials") && err.contains("401"),
@@ -272,7 +293,7 @@ fn prewarm_cancel_stops_the_job() {
             text(&out)
         );
         let out = c.prewarm(&["status", &id, "--wait"])?;
-        ensure!(out.status.code() == Some(3), "{}", text(&out));
+        ensure!(out.status.code() == Some(4), "{}", text(&out));
         ensure!(
             String::from_utf8_lossy(&out.stderr).contains("was cancelled"),
             "{}",

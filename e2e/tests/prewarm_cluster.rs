@@ -223,6 +223,8 @@ fn prewarm(cluster: &Cluster, args: &[&str]) -> Result<Warmed> {
         .arg("prewarm")
         .args(args)
         .args(["--scheduler", &scheduler])
+        .arg("--join-secret-file")
+        .arg(cluster.join_secret())
         .stdin(Stdio::null())
         .output()
         .context("running shoal prewarm")?;

@@ -978,6 +978,8 @@ fn default_settings_keep_a_small_disk_below_its_high_watermark() {
                 t,
                 NodeOptions {
                     data_dir: Some(mnt.join("data")),
+                    // The default: watermarks of the data dir's filesystem, no byte quota.
+                    filesystem_quota: true,
                     ..NodeOptions::upstream(&registry.url())
                 },
             )?;

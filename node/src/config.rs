@@ -46,7 +46,10 @@ pub struct FileConfig {
     pub store: StoreSection,
     pub mirror: MirrorSection,
     /// Origin registries. `default = true` marks the one used when a request
-    /// names no registry; without one, the first entry is the default.
+    /// names no registry; without one, the first entry is the default. With
+    /// none at all, Docker Hub (`docker.io` at https://registry-1.docker.io) is
+    /// the default, so `shoal node` with no flags mirrors Docker Hub and (with
+    /// `mirror.allow_unlisted_upstreams`) any registry a client names.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamSection>,
     pub p2p: P2pSection,
@@ -343,6 +346,48 @@ impl FileConfig {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// Set one field by its dotted path, as `--set mirror.max_tunnels=64` does: the value is read
+    /// as TOML (`64`, `true`, `"a b"`, `["x", "y"]`) and otherwise taken as a string (`10GiB`,
+    /// `/var/lib/shoal`). Every field of the file can be set this way except the `[[upstream]]`
+    /// tables (their flag is `--upstream`); an unknown field is an error naming it.
+    pub fn with_setting(self, setting: &str) -> Result<Self, ConfigError> {
+        let bad = |message: String| invalid(format!("--set {setting}"), message);
+        let Some((path, raw)) = setting.split_once('=') else {
+            return Err(bad("expected KEY=VALUE, e.g. mirror.max_tunnels=64".into()));
+        };
+        let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(bad("empty key".into()));
+        }
+        if keys[0] == "upstream" {
+            return Err(bad("upstreams are set with --upstream [HOST=]URL".into()));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+        let toml::Value::Table(mut table) =
+            toml::Value::try_from(&self).map_err(|e| bad(e.to_string()))?
+        else {
+            return Err(bad("the config is not a table".into()));
+        };
+        let (last, parents) = keys.split_last().unwrap_or((&"", &[]));
+        let mut at = &mut table;
+        for k in parents {
+            let next = at
+                .entry((*k).to_owned())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(t) = next else {
+                return Err(bad(format!("{k} is not a section")));
+            };
+            at = t;
+        }
+        at.insert((*last).to_owned(), value);
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.message().to_owned()))
+    }
+
     /// Add an upstream from the command-line form `[HOST=]URL`. Without
     /// HOST it becomes the default upstream.
     pub fn add_upstream_flag(&mut self, flag: &str) {
@@ -420,8 +465,17 @@ impl FileConfig {
         if self.listen == self.admin {
             return Err(invalid("admin", "must differ from listen"));
         }
-        let mut upstreams = Vec::with_capacity(self.upstreams.len());
-        for (i, u) in self.upstreams.into_iter().enumerate() {
+        let mut sections = self.upstreams;
+        if sections.is_empty() {
+            sections.push(UpstreamSection {
+                host: Some("docker.io".into()),
+                url: "https://registry-1.docker.io".into(),
+                default: true,
+                ..UpstreamSection::default()
+            });
+        }
+        let mut upstreams = Vec::with_capacity(sections.len());
+        for (i, u) in sections.into_iter().enumerate() {
             upstreams.push(validate_upstream(i, u)?);
         }
         if upstreams.iter().filter(|u| u.default).count() > 1 {
@@ -657,6 +711,7 @@ pub(crate) fn is_root() -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -667,7 +722,11 @@ mod tests {
             .validate()
             .expect("valid");
         assert_eq!(c.listen.port(), 5050);
-        assert!(c.upstreams.is_empty());
+        // With no upstream at all, Docker Hub is the default.
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].host, "docker.io");
+        assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
+        assert!(c.upstreams[0].default);
     }
 
     #[test]
@@ -698,6 +757,83 @@ mod tests {
         assert!(c.upstreams[0].default);
         assert_eq!(c.upstreams[1].host, "docker.io");
         assert!(!c.upstreams[1].default);
+    }
+
+    /// Every field of the file has a flag: `--set` reaches each one (the leaves of the default
+    /// config, and the fields that are unset by default), and refuses what is not a field.
+    #[test]
+    fn set_reaches_every_field() {
+        fn leaves(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+            for (k, v) in t {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(t) => leaves(&path, t, out),
+                    v => out.push((path, v.clone())),
+                }
+            }
+        }
+        let default = FileConfig::default();
+        let mut all = Vec::new();
+        leaves(
+            "",
+            &toml::Table::try_from(&default).expect("serializes"),
+            &mut all,
+        );
+        for (k, v) in [
+            ("data_dir", "/srv/shoal"),
+            ("control", "/run/x.sock"),
+            ("control_group", "shoal"),
+            ("store.quota", "\"10GiB\""),
+            ("store.high_watermark", "0.9"),
+            ("store.low_watermark", "0.5"),
+            ("p2p.join_secret_file", "/etc/shoal/secret"),
+            ("p2p.dht_listen", "0.0.0.0:7000"),
+            ("p2p.advertise", "10.0.0.1:5052"),
+            ("p2p.zone", "eu-1"),
+            ("p2p.embedded_scheduler", "127.0.0.1:5060"),
+        ] {
+            let set = FileConfig::default()
+                .with_setting(&format!("{k}={v}"))
+                .unwrap_or_else(|e| panic!("{k}: {e}"));
+            assert!(
+                toml::to_string(&set)
+                    .unwrap()
+                    .contains(v.trim_matches('"').trim_matches('\\')),
+                "{k}"
+            );
+        }
+        assert!(all.len() >= 25, "{all:?}");
+        for (path, value) in all {
+            if path.starts_with("upstream") {
+                continue;
+            }
+            let setting = format!("{path}={value}");
+            FileConfig::default()
+                .with_setting(&setting)
+                .unwrap_or_else(|e| panic!("{setting}: {e}"));
+        }
+        let set = FileConfig::default()
+            .with_setting("mirror.max_tunnels=7")
+            .and_then(|c| c.with_setting("mirror.proxy_allow=[\"a.example\", \"b.example:443\"]"))
+            .and_then(|c| c.with_setting("p2p.upload_rate=100MiB"))
+            .expect("valid settings");
+        assert_eq!(set.mirror.max_tunnels, 7);
+        assert_eq!(set.mirror.proxy_allow, ["a.example", "b.example:443"]);
+        assert_eq!(set.p2p.upload_rate.0, 100 << 20);
+        for bad in [
+            "mirror.max_tunels=7",
+            "mirror",
+            "mirror.max_tunnels=many",
+            "upstream.url=x",
+            "listen.port=1",
+        ] {
+            let e = FileConfig::default().with_setting(bad).expect_err(bad);
+            assert!(e.to_string().starts_with("--set "), "{bad}: {e}");
+        }
     }
 
     #[test]

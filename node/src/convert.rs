@@ -89,11 +89,14 @@ pub enum ConvertError {
 }
 
 impl ConvertError {
-    /// The process exit code: 2 when a registry could not be reached, 1 otherwise.
+    /// The process exit code (`cli::exit`): 2 for a malformed reference, 3 when a registry
+    /// could not be reached, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
+        use crate::cli::exit;
         match self {
-            ConvertError::Registry(RegistryError::Unreachable { .. }) => 2,
-            _ => 1,
+            ConvertError::Reference(_) | ConvertError::TargetDigest { .. } => exit::USAGE,
+            ConvertError::Registry(RegistryError::Unreachable { .. }) => exit::UNREACHABLE,
+            _ => exit::FAILED,
         }
     }
 }

@@ -258,9 +258,7 @@ fn finish(
         let done = files::apply(root, &plan)?;
         report(&done);
         if done.iter().any(|(_, o)| *o != Outcome::Unchanged) {
-            for n in &plan.notes {
-                eprintln!("note: {n}");
-            }
+            notes(&plan.notes);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -272,11 +270,21 @@ fn finish(
     if plan.files.is_empty() {
         println!("# nothing to change");
     }
-    for n in &plan.notes {
+    notes(&plan.notes);
+    if !super::Verbosity::get().quiet {
+        eprintln!("(printed only; --write writes these files with a backup, --undo restores it)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The plan's notes on stderr, unless `-q`.
+fn notes(notes: &[String]) {
+    if super::Verbosity::get().quiet {
+        return;
+    }
+    for n in notes {
         eprintln!("note: {n}");
     }
-    eprintln!("(printed only; --write writes these files with a backup, --undo restores it)");
-    Ok(ExitCode::SUCCESS)
 }
 
 fn report(done: &[(PathBuf, Outcome)]) {

@@ -94,9 +94,8 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let result = rt.block_on(async {
-        let (progress, renderer) = progress::start(tty);
+        let (progress, renderer) = progress::start(super::bars::Bars::for_command(args.json));
         let result = convert::convert(opts, progress).await;
         let _ = renderer.await;
         result

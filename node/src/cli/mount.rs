@@ -2,8 +2,8 @@
 //! control socket (root, the node's user or its control group only), to lazily mount an image,
 //! unmount it, or list mounts with their numbers.
 //!
-//! Exit codes: 0 done; 1 the node refused or failed (its message is printed); 2 the node could
-//! not be reached.
+//! Exit codes (`cli::exit`): 0 done; 1 the node refused or failed (its message is printed); 3 the
+//! node could not be reached.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -48,6 +48,9 @@ pub struct MountArgs {
     /// The node's control socket [default: /run/shoal/control.sock as root].
     #[arg(long, env = "SHOAL_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Print the mount as JSON (the control API's answer) instead of a line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Unmount a lazy mount and forget it (it is not restored at the next node start).
@@ -87,10 +90,14 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<ExitCode> {
     let body = serde_json::to_vec(&req)?;
     let sent = call(&socket, Method::POST, "/api/v1/mounts", Some(body))?;
     let Some((status, body)) = reachable(sent) else {
-        return Ok(ExitCode::from(2));
+        return Ok(ExitCode::from(super::exit::UNREACHABLE));
     };
     if !status.is_success() {
         return Ok(refused(&body));
+    }
+    if args.json {
+        println!("{body}");
+        return Ok(ExitCode::SUCCESS);
     }
     let info: MountInfo = serde_json::from_str(&body)?;
     println!(
@@ -111,7 +118,7 @@ pub fn run_umount(args: UmountArgs) -> anyhow::Result<ExitCode> {
     let path_and_query = format!("{}?{}", uri.path(), uri.query().unwrap_or(""));
     let sent = call(&socket, Method::DELETE, &path_and_query, None)?;
     let Some((status, body)) = reachable(sent) else {
-        return Ok(ExitCode::from(2));
+        return Ok(ExitCode::from(super::exit::UNREACHABLE));
     };
     if !status.is_success() {
         return Ok(refused(&body));
@@ -124,7 +131,7 @@ pub fn run_mounts(args: MountsArgs) -> anyhow::Result<ExitCode> {
     let socket = args.control.unwrap_or_else(control::default_path);
     let sent = call(&socket, Method::GET, "/api/v1/mounts", None)?;
     let Some((status, body)) = reachable(sent) else {
-        return Ok(ExitCode::from(2));
+        return Ok(ExitCode::from(super::exit::UNREACHABLE));
     };
     if !status.is_success() {
         return Ok(refused(&body));

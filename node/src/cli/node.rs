@@ -47,8 +47,13 @@ pub struct NodeArgs {
     pub control: Option<PathBuf>,
     /// Origin registry: `URL` sets the default origin, `HOST=URL` the origin
     /// for registry HOST (as containerd names it in ?ns=). http:// means
-    /// plain HTTP. Repeatable (config: [[upstream]]).
-    #[arg(long, value_name = "[HOST=]URL")]
+    /// plain HTTP. Repeatable; SHOAL_UPSTREAM takes a comma-separated list (config: [[upstream]]).
+    #[arg(
+        long,
+        value_name = "[HOST=]URL",
+        env = "SHOAL_UPSTREAM",
+        value_delimiter = ','
+    )]
     pub upstream: Vec<String>,
     /// Where peers reach this node's QUIC data plane, `IP:PORT` (config:
     /// p2p.listen) [default: 0.0.0.0:5052]. The DHT listens on TCP at the
@@ -56,12 +61,17 @@ pub struct NodeArgs {
     #[arg(long, env = "SHOAL_P2P", value_name = "ADDR")]
     pub p2p: Option<SocketAddr>,
     /// A scheduler, `host:port`; repeatable, the same list on every node
-    /// (config: p2p.schedulers).
-    #[arg(long, value_name = "ADDR")]
+    /// (config: p2p.schedulers). SHOAL_SCHEDULER takes a comma-separated list.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "SHOAL_SCHEDULER",
+        value_delimiter = ','
+    )]
     pub scheduler: Vec<String>,
     /// A DHT bootstrap peer, `host:port` of its DHT listener; repeatable
-    /// (config: p2p.peers).
-    #[arg(long, value_name = "ADDR")]
+    /// (config: p2p.peers). SHOAL_PEER takes a comma-separated list.
+    #[arg(long, value_name = "ADDR", env = "SHOAL_PEER", value_delimiter = ',')]
     pub peer: Vec<String>,
     /// The cluster join secret (64+ hex characters, e.g. from `openssl
     /// rand -hex 32`). Without it the node is standalone (config:
@@ -78,12 +88,24 @@ pub struct NodeArgs {
     /// RUST_LOG wins).
     #[arg(long, env = "SHOAL_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Set any config field by its dotted name, e.g. `--set mirror.max_tunnels=64` or `--set
+    /// p2p.upload_rate=100MiB` (every field of deploy/node.toml; the value is TOML or a plain
+    /// string). Repeatable, applied after the file and before the other flags; SHOAL_SET takes
+    /// a `;`-separated list.
+    #[arg(
+        long,
+        value_name = "KEY=VALUE",
+        env = "SHOAL_SET",
+        value_delimiter = ';'
+    )]
+    pub set: Vec<String>,
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
     let file = file_config(args)?;
     let cfg = file.validate()?;
-    init_tracing(cfg.log.format == LogFormat::Json, &cfg.log.level);
+    let level = super::Verbosity::get().level().unwrap_or(&cfg.log.level);
+    init_tracing(cfg.log.format == LogFormat::Json, level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -98,6 +120,9 @@ pub fn file_config(args: NodeArgs) -> anyhow::Result<FileConfig> {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
     };
+    for setting in args.set.iter().filter(|s| !s.trim().is_empty()) {
+        file = file.with_setting(setting.trim())?;
+    }
     if let Some(d) = args.data_dir {
         file.data_dir = Some(d);
     }
@@ -138,7 +163,7 @@ pub fn file_config(args: NodeArgs) -> anyhow::Result<FileConfig> {
 
 /// Logs to stderr as text or JSON; `RUST_LOG` overrides `level`. Shared by
 /// the long-running subcommands.
-pub(crate) fn init_tracing(json: bool, level: &str) {
+pub fn init_tracing(json: bool, level: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))

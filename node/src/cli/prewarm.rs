@@ -1,11 +1,11 @@
 //! `shoal prewarm IMAGE`, `shoal prewarm status|cancel JOB`, `shoal prewarm list`: submit a
 //! cluster-wide prewarm job to a scheduler, follow it, cancel it.
 //!
-//! Exit codes: 0 submitted (or, with `--wait`, every node done); 1 bad input, the scheduler
-//! refused or could not be reached; 2 some node failed; 3 the job was cancelled.
+//! Exit codes (`cli::exit`): 0 submitted (or, with `--wait`, every node done); 1 the scheduler
+//! refused or some node failed; 2 bad input; 3 the scheduler could not be reached; 4 the job was
+//! cancelled.
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -35,9 +35,9 @@ const UNREACHABLE_GRACE: Duration = Duration::from_secs(15);
 ///
 /// Also: `shoal prewarm status JOB`, `shoal prewarm cancel JOB`, `shoal prewarm list`.
 ///
-/// Exit codes: 0 submitted, or with `--wait` done on every node; 1 bad input, or the scheduler
-/// refused or could not be reached; 2 the job failed on some node (each node's reason is
-/// printed); 3 the job was cancelled.
+/// Exit codes: 0 submitted, or with `--wait` done on every node; 1 the scheduler refused, or the
+/// job failed on some node (each node's reason is printed); 2 bad input; 3 the scheduler could
+/// not be reached; 4 the job was cancelled.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct PrewarmArgs {
@@ -100,7 +100,7 @@ pub fn run(args: PrewarmArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_async(args: PrewarmArgs) -> anyhow::Result<ExitCode> {
     let mut client = SchedulerClient::new(&args.scheduler, &ClientOptions::default())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| super::exit::usage(format!("--scheduler {}: {e}", args.scheduler)))?;
     if let Some(path) = &args.join_secret_file {
         let contents = std::fs::read(path)
             .map_err(|e| anyhow::anyhow!("--join-secret-file {}: {e}", path.display()))?;
@@ -153,7 +153,7 @@ async fn run_async(args: PrewarmArgs) -> anyhow::Result<ExitCode> {
         }
         None => {
             let image = args.image.unwrap_or_default();
-            ImageRef::parse(&image).map_err(|e| anyhow::anyhow!("{e}"))?;
+            ImageRef::parse(&image).map_err(|e| super::exit::usage(e.to_string()))?;
             let req = JobRequest {
                 image,
                 nodes: args.nodes,
@@ -194,14 +194,14 @@ async fn run_async(args: PrewarmArgs) -> anyhow::Result<ExitCode> {
 fn parse_job(raw: &str) -> anyhow::Result<JobId> {
     raw.trim()
         .parse()
-        .map_err(|e| anyhow::anyhow!("{e} (job ids look like 3f2a9c0b1d4e5f60)"))
+        .map_err(|e| super::exit::usage(format!("{e} (job ids look like 3f2a9c0b1d4e5f60)")))
 }
 
 fn exit_code(state: JobState) -> ExitCode {
     match state {
         JobState::Running | JobState::Done => ExitCode::SUCCESS,
-        JobState::Failed | JobState::Unknown => ExitCode::from(2),
-        JobState::Cancelled => ExitCode::from(3),
+        JobState::Failed | JobState::Unknown => ExitCode::from(super::exit::FAILED),
+        JobState::Cancelled => ExitCode::from(super::exit::CANCELLED),
     }
 }
 
@@ -213,8 +213,7 @@ struct Ui {
 impl Ui {
     /// Follow job `id` until it is final; print progress as it goes.
     async fn follow(&self, client: &SchedulerClient, id: JobId) -> anyhow::Result<ExitCode> {
-        let tty = !self.json && std::io::stderr().is_terminal();
-        let mut drawn = 0usize;
+        let mut view = JobView::new(super::bars::Bars::for_command(self.json));
         let mut last_states: Vec<NodeJobState> = Vec::new();
         let mut unreachable_since: Option<Instant> = None;
         loop {
@@ -226,34 +225,30 @@ impl Ui {
                 Err(e) if e.is_transient() => {
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > UNREACHABLE_GRACE {
+                        view.bars.clear();
                         return Err(self.error(e, Some(id)));
                     }
                     tokio::time::sleep(POLL).await;
                     continue;
                 }
-                Err(e) => return Err(self.error(e, Some(id))),
+                Err(e) => {
+                    view.bars.clear();
+                    return Err(self.error(e, Some(id)));
+                }
             };
-            if tty {
-                let mut out = String::new();
-                if drawn > 0 {
-                    let _ = write!(out, "\x1b[{drawn}A");
-                }
-                for n in &status.nodes {
-                    let _ = writeln!(out, "\x1b[2K{}", node_line(n, true));
-                }
-                eprint!("{out}");
-                let _ = std::io::stderr().flush();
-                drawn = status.nodes.len();
-            } else if !self.json {
+            if view.bars.shown() {
+                view.update(&status);
+            } else if !self.json && !super::Verbosity::get().quiet {
                 // Plain output: a line per node whenever its state changes.
                 for (i, n) in status.nodes.iter().enumerate() {
                     if last_states.get(i) != Some(&n.state) {
-                        eprintln!("{}", node_line(n, false));
+                        eprintln!("{}", node_line(n));
                     }
                 }
                 last_states = status.nodes.iter().map(|n| n.state).collect();
             }
             if status.state.is_final() {
+                view.bars.clear();
                 return Ok(self.finish(&status));
             }
             tokio::time::sleep(POLL).await;
@@ -315,7 +310,7 @@ impl Ui {
         }
         println!("{}", job_line(s));
         for n in &s.nodes {
-            println!("  {}", node_line(n, false));
+            println!("  {}", node_line(n));
         }
     }
 
@@ -323,9 +318,9 @@ impl Ui {
     fn error(&self, e: ClientError, job: Option<JobId>) -> anyhow::Error {
         let addr = &self.addr;
         match &e {
-            ClientError::Unreachable { .. } | ClientError::Timeout { .. } => anyhow::anyhow!(
+            ClientError::Unreachable { .. } | ClientError::Timeout { .. } => super::exit::unreachable(format!(
                 "cannot reach the scheduler at {addr}: {e}\n(is `shoal scheduler` running there? set --scheduler or SHOAL_SCHEDULER)"
-            ),
+            )),
             ClientError::Rejected {
                 code: ErrorCode::NotFound,
                 ..
@@ -343,6 +338,80 @@ impl Ui {
     }
 }
 
+/// Above this many nodes the live view summarizes by state instead of a bar per node.
+const BARS_PER_NODE_UP_TO: usize = 8;
+
+/// The live view of a job on a terminal: a bar per node for a few nodes; for many, one bar of
+/// nodes finished with the count in each state, and one of bytes across the cluster.
+struct JobView {
+    bars: super::bars::Bars,
+    nodes: Vec<indicatif::ProgressBar>,
+    summary: Option<(indicatif::ProgressBar, indicatif::ProgressBar)>,
+}
+
+impl JobView {
+    fn new(bars: super::bars::Bars) -> Self {
+        Self {
+            bars,
+            nodes: Vec::new(),
+            summary: None,
+        }
+    }
+
+    fn update(&mut self, s: &JobStatus) {
+        if s.nodes.len() > BARS_PER_NODE_UP_TO {
+            let (nodes, bytes) = self.summary.get_or_insert_with(|| {
+                (
+                    self.bars.count("nodes", s.nodes.len() as u64),
+                    self.bars.bytes("bytes", None),
+                )
+            });
+            nodes.set_length(s.nodes.len() as u64);
+            nodes.set_position(s.nodes.iter().filter(|n| n.state.is_final()).count() as u64);
+            nodes.set_message(state_counts(&s.nodes));
+            super::bars::set_total(bytes, (s.bytes_total > 0).then_some(s.bytes_total));
+            bytes.set_position(s.bytes_done);
+            return;
+        }
+        while self.nodes.len() < s.nodes.len() {
+            let n = &s.nodes[self.nodes.len()];
+            let prefix = format!("node {}", n.node.short());
+            self.nodes.push(self.bars.bytes(prefix, None));
+        }
+        for (bar, n) in self.nodes.iter().zip(&s.nodes) {
+            super::bars::set_total(bar, (n.bytes_total > 0).then_some(n.bytes_total));
+            bar.set_position(n.bytes_done);
+            let mut msg = format!(
+                "{} {}/{} blobs",
+                n.state.as_str(),
+                n.blobs_done,
+                n.blobs_total
+            );
+            if let Some(m) = &n.message {
+                let _ = write!(msg, " — {m}");
+            }
+            bar.set_message(msg);
+        }
+    }
+}
+
+/// `1 failed, 12 done, 3 running`: how many nodes are in each state, by state name.
+fn state_counts(nodes: &[JobNodeStatus]) -> String {
+    let mut counts: Vec<(NodeJobState, usize)> = Vec::new();
+    for n in nodes {
+        match counts.iter_mut().find(|(s, _)| *s == n.state) {
+            Some((_, c)) => *c += 1,
+            None => counts.push((n.state, 1)),
+        }
+    }
+    counts.sort_by_key(|(s, _)| s.as_str());
+    counts
+        .iter()
+        .map(|(s, c)| format!("{c} {}", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn job_line(j: &JobStatus) -> String {
     format!(
         "{}  {:9}  {}{}  nodes {} ({})  {}/{}  {:.1}s",
@@ -358,7 +427,7 @@ fn job_line(j: &JobStatus) -> String {
     )
 }
 
-fn node_line(n: &JobNodeStatus, bar: bool) -> String {
+fn node_line(n: &JobNodeStatus) -> String {
     let frac = if n.bytes_total > 0 {
         n.bytes_done as f64 / n.bytes_total as f64
     } else if n.state == NodeJobState::Done {
@@ -367,11 +436,6 @@ fn node_line(n: &JobNodeStatus, bar: bool) -> String {
         0.0
     };
     let mut line = format!("node {} {:9}", n.node.short(), n.state.as_str());
-    if bar {
-        const W: usize = 24;
-        let filled = ((frac * W as f64) as usize).min(W);
-        let _ = write!(line, " [{}{}]", "#".repeat(filled), "-".repeat(W - filled));
-    }
     let _ = write!(
         line,
         " {:>5.1}% {}/{} ({}/{} blobs)",
@@ -401,6 +465,7 @@ mod tests {
         let p = |args: &[&str]| crate::cli::Cli::try_parse_from(args);
         let Ok(crate::cli::Cli {
             command: crate::cli::Command::Prewarm(a),
+            ..
         }) = p(&[
             "shoal",
             "prewarm",
@@ -417,6 +482,7 @@ mod tests {
         assert!(a.wait && a.command.is_none());
         let Ok(crate::cli::Cli {
             command: crate::cli::Command::Prewarm(a),
+            ..
         }) = p(&[
             "shoal",
             "prewarm",
@@ -433,5 +499,26 @@ mod tests {
         assert!(p(&["shoal", "prewarm"]).is_err(), "IMAGE is required");
         assert!(p(&["shoal", "prewarm", "x:1", "--nodes", "0"]).is_err());
         assert!(parse_job("nope").is_err());
+    }
+
+    #[test]
+    fn many_nodes_are_summarized_by_state() {
+        let node = |i: u8, state| JobNodeStatus {
+            node: shoal_proto::node_id::NodeId::from([i; 32]),
+            zone: None,
+            state,
+            bytes_done: 0,
+            bytes_total: 0,
+            blobs_done: 0,
+            blobs_total: 0,
+            message: None,
+            finished_after_ms: None,
+        };
+        let mut nodes: Vec<JobNodeStatus> = (0..12).map(|i| node(i, NodeJobState::Done)).collect();
+        nodes.push(node(12, NodeJobState::Running));
+        nodes.push(node(13, NodeJobState::Failed));
+        nodes.push(node(14, NodeJobState::Running));
+        assert_eq!(state_counts(&nodes), "12 done, 1 failed, 2 running");
+        assert_eq!(state_counts(&[]), "");
     }
 }

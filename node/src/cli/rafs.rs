@@ -154,29 +154,15 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
                         .collect()
                 }
             };
-            // A progress line on stderr when a person is watching (input bytes
-            // read, of the file's size when it is a file).
-            let show = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            // A bar on stderr when a person is watching (input bytes read, of the file's size
+            // when it is a file).
+            let bars = super::bars::Bars::for_command(json);
             let total = std::fs::metadata(&layer_tar)
                 .map(|m| m.len())
                 .ok()
                 .filter(|&t| t > 0);
-            let started = std::time::Instant::now();
-            let bar = |read: u64| {
-                if !show {
-                    return;
-                }
-                let mib = read as f64 / 1048576.0;
-                let rate = mib / started.elapsed().as_secs_f64().max(0.001);
-                match total {
-                    Some(t) => eprint!(
-                        "\r  building: {:5.1}%  {mib:8.1} of {:.1} MiB  {rate:6.1} MiB/s",
-                        read as f64 * 100.0 / t as f64,
-                        t as f64 / 1048576.0
-                    ),
-                    None => eprint!("\r  building: {mib:8.1} MiB read  {rate:6.1} MiB/s"),
-                }
-            };
+            let progress = bars.bytes("building", total);
+            let bar = |read: u64| progress.set_position(read);
             let extras = build::BuildExtras {
                 chunk_dict: dict.as_ref(),
                 prefetch,
@@ -191,9 +177,7 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
                 build::build_layer_with(f, &opts, &output, &extras)
             }
             .with_context(|| format!("building RAFS from {}", layer_tar.display()))?;
-            if show {
-                eprintln!();
-            }
+            progress.finish_and_clear();
             if json {
                 emit(&serde_json::to_string_pretty(&out)?)?;
             } else {

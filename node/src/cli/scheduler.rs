@@ -98,10 +98,8 @@ pub fn run(args: SchedulerArgs) -> anyhow::Result<std::process::ExitCode> {
         file.log.level = l;
     }
     let cfg = file.validate()?;
-    init_tracing(
-        matches!(cfg.log.format, SchedLogFormat::Json),
-        &cfg.log.level,
-    );
+    let level = super::Verbosity::get().level().unwrap_or(&cfg.log.level);
+    init_tracing(matches!(cfg.log.format, SchedLogFormat::Json), level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -27,8 +27,12 @@ pub fn run(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
         let resp = reqwest::get(&url).await?.error_for_status()?;
         resp.text().await
     });
-    let body = body
-        .map_err(|e| anyhow::anyhow!("cannot reach the node's admin API at {}: {e}", args.node))?;
+    let body = body.map_err(|e| {
+        super::exit::unreachable(format!(
+            "cannot reach the node's admin API at {}: {e}",
+            args.node
+        ))
+    })?;
     if args.json {
         println!("{body}");
         return Ok(std::process::ExitCode::SUCCESS);
