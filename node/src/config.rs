@@ -53,6 +53,42 @@ pub struct FileConfig {
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamSection>,
     pub p2p: P2pSection,
+    pub snapshotter: SnapshotterSection,
+}
+
+/// containerd's snapshotter (`[proxy_plugins.shoal]` in containerd's config).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SnapshotterSection {
+    /// The Unix socket serving containerd's snapshots API (mode 0600, the node's user; root
+    /// and the node's user may connect). Default `/run/shoal/snapshotter.sock` as root, else
+    /// `$XDG_RUNTIME_DIR/shoal/snapshotter.sock` (or `snapshotter.sock` in the data dir).
+    pub socket: Option<PathBuf>,
+    /// Where snapshots (unpacked layers, containers' writes) and the image mounts under
+    /// containers live. It must be a filesystem overlayfs takes as an upper directory (ext4,
+    /// xfs, btrfs). Default `<data_dir>/snapshotter`.
+    pub root: Option<PathBuf>,
+    /// How Nydus images are mounted under containers: `auto` (EROFS where the kernel has
+    /// file-backed EROFS, Linux 6.12+; FUSE otherwise), `fuse` or `erofs`. Default `auto`.
+    pub mode: SnapshotterMode,
+}
+
+/// `snapshotter.mode`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotterMode {
+    #[default]
+    Auto,
+    Fuse,
+    Erofs,
+}
+
+/// The snapshotter's settings, validated.
+#[derive(Clone, Debug)]
+pub struct Snapshotter {
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub mode: crate::mount::MountMode,
 }
 
 impl Default for FileConfig {
@@ -69,6 +105,7 @@ impl Default for FileConfig {
             mirror: MirrorSection::default(),
             upstreams: Vec::new(),
             p2p: P2pSection::default(),
+            snapshotter: SnapshotterSection::default(),
         }
     }
 }
@@ -279,6 +316,7 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// `None`: standalone (no join secret).
     pub p2p: Option<P2p>,
+    pub snapshotter: Snapshotter,
 }
 
 /// The sharing settings of a node with a join secret.
@@ -498,6 +536,7 @@ impl FileConfig {
             None => default_control(&data_dir),
         };
         let p2p = validate_p2p(self.p2p)?;
+        let snapshotter = validate_snapshotter(self.snapshotter, &data_dir)?;
         Ok(Config {
             data_dir,
             listen: self.listen,
@@ -510,8 +549,52 @@ impl FileConfig {
             mirror: self.mirror,
             upstreams,
             p2p,
+            snapshotter,
         })
     }
+}
+
+fn validate_snapshotter(
+    s: SnapshotterSection,
+    data_dir: &Path,
+) -> Result<Snapshotter, ConfigError> {
+    let absolute = |field: &'static str, p: Option<PathBuf>| match p {
+        Some(p) if p.as_os_str().is_empty() || p.is_relative() => {
+            Err(invalid(field, "must be an absolute path"))
+        }
+        other => Ok(other),
+    };
+    let socket = absolute("snapshotter.socket", s.socket)?
+        .unwrap_or_else(|| default_socket(data_dir, "snapshotter.sock"));
+    let root =
+        absolute("snapshotter.root", s.root)?.unwrap_or_else(|| data_dir.join("snapshotter"));
+    let mode = match s.mode {
+        SnapshotterMode::Fuse => crate::mount::MountMode::Fuse,
+        SnapshotterMode::Erofs => crate::mount::MountMode::Erofs,
+        SnapshotterMode::Auto if file_backed_erofs() => crate::mount::MountMode::Erofs,
+        SnapshotterMode::Auto => crate::mount::MountMode::Fuse,
+    };
+    Ok(Snapshotter { socket, root, mode })
+}
+
+/// Whether this kernel mounts EROFS images from files: Linux 6.12+, with erofs registered or
+/// available as a module.
+pub fn file_backed_erofs() -> bool {
+    let uname = rustix::system::uname();
+    let release = uname.release().to_string_lossy().into_owned();
+    let mut parts = release
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let registered = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| {
+        f.lines()
+            .any(|l| l.split_whitespace().last() == Some("erofs"))
+    });
+    let module = Path::new("/lib/modules")
+        .join(&release)
+        .join("kernel/fs/erofs")
+        .exists();
+    version >= (6, 12) && (registered || module)
 }
 
 fn validate_store(s: &StoreSection) -> Result<StoreLimits, ConfigError> {
@@ -550,12 +633,17 @@ fn group_id(name: &str) -> Option<u32> {
 
 /// `/run/shoal/control.sock` as root; else under `$XDG_RUNTIME_DIR`, or the data dir.
 fn default_control(data_dir: &Path) -> PathBuf {
+    default_socket(data_dir, "control.sock")
+}
+
+/// `/run/shoal/NAME` as root; else `$XDG_RUNTIME_DIR/shoal/NAME`, or NAME in the data dir.
+fn default_socket(data_dir: &Path, name: &str) -> PathBuf {
     if is_root() {
-        return PathBuf::from("/run/shoal/control.sock");
+        return PathBuf::from("/run/shoal").join(name);
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("shoal/control.sock"),
-        _ => data_dir.join("control.sock"),
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("shoal").join(name),
+        _ => data_dir.join(name),
     }
 }
 

@@ -129,6 +129,38 @@ impl ControlListener {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The accepted connections whose peer `policy` allows, as a stream (for servers other
+    /// than axum's: the snapshotter's gRPC); refused peers are logged and dropped.
+    pub fn into_incoming(
+        self,
+        policy: Policy,
+    ) -> impl futures::Stream<Item = std::io::Result<UnixStream>> + Send + 'static {
+        futures::stream::unfold(self.inner, move |listener| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let peer = stream.peer_cred().ok().map(|c| Peer {
+                            uid: c.uid(),
+                            gid: c.gid(),
+                            pid: c.pid(),
+                        });
+                        if peer.is_some_and(|p| policy.allows(&p)) {
+                            return Some((Ok(stream), listener));
+                        }
+                        tracing::warn!(
+                            ?peer,
+                            "connection refused: the caller is not the node's administrator"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        })
+    }
 }
 
 /// The socket's directory must not let others replace the socket: owned by us or root, and not

@@ -38,6 +38,14 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// A snapshotter request: `op` (the gRPC method) and `outcome` (`ok` or containerd's error
+/// class).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpOutcomeLabels {
+    pub op: &'static str,
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub route: &'static str,
@@ -79,6 +87,12 @@ pub struct Metrics {
     pub scheduler_requests: Family<KindLabels, Counter>,
     pub scheduler_errors: Family<KindLabels, Counter>,
     pub scheduler_duration: Family<KindLabels, Histogram>,
+    /// The containerd snapshotter: snapshots by kind, live lazy image mounts, requests by
+    /// operation and outcome, and Nydus layers it provided (containerd downloaded nothing).
+    pub snapshots: Family<KindLabels, Gauge>,
+    pub snapshotter_images: Gauge,
+    pub snapshotter_requests: Family<OpOutcomeLabels, Counter>,
+    pub snapshotter_layers_provided: Counter,
     /// The data plane's per-peer counters (`shoal_p2p_*`).
     pub p2p: crate::p2p::P2pMetrics,
     /// Totals kept for `shoal status` without parsing the registry.
@@ -258,9 +272,40 @@ impl Metrics {
             "Latency of scheduler requests, by operation",
             scheduler_duration.clone(),
         );
+        let snapshots = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "snapshots",
+            "Snapshots the containerd snapshotter holds, by kind (active, view, committed)",
+            snapshots.clone(),
+        );
+        for kind in ["active", "view", "committed"] {
+            let _ = snapshots.get_or_create(&KindLabels { kind });
+        }
+        let snapshotter_images = Gauge::default();
+        registry.register(
+            "snapshotter_image_mounts",
+            "Lazily mounted Nydus images under containers (one per image)",
+            snapshotter_images.clone(),
+        );
+        let snapshotter_requests = Family::<OpOutcomeLabels, Counter>::default();
+        registry.register(
+            "snapshotter_requests",
+            "containerd snapshots API calls, by operation and outcome",
+            snapshotter_requests.clone(),
+        );
+        let snapshotter_layers_provided = Counter::default();
+        registry.register(
+            "snapshotter_layers_provided",
+            "Nydus data layers the snapshotter provided, so containerd downloaded nothing for them",
+            snapshotter_layers_provided.clone(),
+        );
         let p2p = crate::p2p::P2pMetrics::default();
         p2p.register(registry);
         Self {
+            snapshots,
+            snapshotter_images,
+            snapshotter_requests,
+            snapshotter_layers_provided,
             registry: root,
             origin_errors,
             store,

@@ -53,7 +53,7 @@ use chunks::{BlobSpec, ChunkBackend, SourceSnapshot};
 use fs::Mounted;
 use image::{ImageError, ImageRef};
 use prefetch::{Background, PrefetchSnapshot};
-pub use table::{MountMode, MountRecord};
+pub use table::{MountMode, MountRecord, Owner};
 
 /// Why a mount operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,9 @@ pub struct MountInfo {
     pub mounted_at_ms: Option<u64>,
     #[serde(default)]
     pub stats: Option<MountStats>,
+    /// `user` (`shoal mount`) or `snapshotter` (containers of the image).
+    #[serde(default)]
+    pub owner: Owner,
 }
 
 /// Per-mount numbers: what programs read, where chunks came from, read latency.
@@ -185,7 +188,7 @@ enum Cmd {
         Result<Box<Live>, MountError>,
         Option<Reply<MountInfo>>,
     ),
-    Unmount(PathBuf, Reply<()>),
+    Unmount(PathBuf, Owner, Reply<()>),
     List(oneshot::Sender<Vec<MountInfo>>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -237,14 +240,32 @@ impl Mounts {
             mode: req.mode,
             platform: image::platform_or_host(req.platform.as_deref()),
             prefetch_rate: req.prefetch_rate,
+            owner: Owner::User,
+            bootstrap_file: None,
         };
         self.ask(|r| Cmd::Mount(record, r)).await?
     }
 
-    /// Unmount the shoal mount at `dir` and forget it.
+    /// Mount for another part of the node (the snapshotter), at a directory it made and owns:
+    /// no mount-point rules (the directory is inside the data directory on purpose), not
+    /// persisted in the mount table.
+    pub async fn mount_owned(&self, record: MountRecord) -> Result<MountInfo, MountError> {
+        ImageRef::parse(&record.image)?;
+        debug_assert!(!record.owner.is_user());
+        self.ask(|r| Cmd::Mount(record, r)).await?
+    }
+
+    /// Unmount the shoal mount at `dir` and forget it (a person's: the snapshotter's mounts
+    /// are refused, containers stand on them).
     pub async fn unmount(&self, dir: &Path) -> Result<(), MountError> {
         let dir = canonical(dir).await.unwrap_or_else(|_| dir.to_path_buf());
-        self.ask(|r| Cmd::Unmount(dir, r)).await?
+        self.ask(|r| Cmd::Unmount(dir, Owner::User, r)).await?
+    }
+
+    /// Unmount a mount `owner` made with [`Mounts::mount_owned`].
+    pub async fn unmount_owned(&self, dir: &Path, owner: Owner) -> Result<(), MountError> {
+        self.ask(|r| Cmd::Unmount(dir.to_path_buf(), owner, r))
+            .await?
     }
 
     /// Every mount, with live numbers.
@@ -330,7 +351,8 @@ struct Live {
     backend: Arc<ChunkBackend>,
     /// Recording (the image's first run) or prefetching (later runs).
     background: Background,
-    manifest: Digest,
+    /// The manifest the image was resolved to (none for a bootstrap file).
+    manifest: Option<Digest>,
     mounted_at_ms: u64,
     _pins: Vec<PinGuard>,
     /// Stops the background work when the mount goes.
@@ -406,8 +428,8 @@ impl Actor {
                 self.prepare(rec, Some(reply));
             }
             Cmd::Prepared(rec, result, reply) => self.prepared(rec, result, reply).await,
-            Cmd::Unmount(dir, reply) => {
-                let _ = reply.send(self.unmount(&dir).await);
+            Cmd::Unmount(dir, owner, reply) => {
+                let _ = reply.send(self.unmount(&dir, owner).await);
             }
             Cmd::List(reply) => {
                 let _ = reply.send(self.list());
@@ -448,7 +470,7 @@ impl Actor {
                 send(reply, Err(MountError::ShuttingDown));
             }
             Ok(live) => {
-                tracing::info!(image = %rec.image, dir = %rec.dir.display(), manifest = %live.manifest, "mounted");
+                tracing::info!(image = %rec.image, dir = %rec.dir.display(), manifest = ?live.manifest.as_ref().map(ToString::to_string), "mounted");
                 let Some((_, slot)) = self.slots.get_mut(&rec.dir) else {
                     unmount_live(*live).await;
                     return;
@@ -470,7 +492,17 @@ impl Actor {
         }
     }
 
-    async fn unmount(&mut self, dir: &Path) -> Result<(), MountError> {
+    async fn unmount(&mut self, dir: &Path, owner: Owner) -> Result<(), MountError> {
+        if self
+            .slots
+            .get(dir)
+            .is_some_and(|(rec, _)| rec.owner != owner)
+        {
+            return Err(MountError::Dir {
+                dir: dir.to_path_buf(),
+                reason: "belongs to the containerd snapshotter (containers use it); it goes with the last container of the image".into(),
+            });
+        }
         let Some((rec, slot)) = self.slots.remove(dir) else {
             return Err(MountError::NotMounted {
                 dir: dir.to_path_buf(),
@@ -514,7 +546,7 @@ impl Actor {
     }
 
     async fn persist_add(&mut self, rec: &MountRecord) -> Result<(), MountError> {
-        if self.records.contains(rec) {
+        if !rec.owner.is_user() || self.records.contains(rec) {
             return Ok(());
         }
         self.records.retain(|r| r.dir != rec.dir);
@@ -547,8 +579,21 @@ async fn unmount_live(live: Live) {
     }
 }
 
-/// Resolve the image, fetch its bootstrap, and mount it.
-async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountError> {
+/// Where a mount's image comes from, ready to mount.
+struct Opened {
+    origin: Arc<crate::upstream::Origin>,
+    repo: shoal_proto::RepoName,
+    boot: shoal_rafs::Bootstrap,
+    /// Data blob sizes the manifest gives (the bootstrap's own are used for the rest).
+    sizes: Vec<(Digest, u64)>,
+    /// Names the image's access list: the bootstrap layer's digest, or the bootstrap file's.
+    key: Digest,
+    manifest: Option<Digest>,
+    pins: Vec<PinGuard>,
+}
+
+/// Resolve the image and fetch its bootstrap layer through the node.
+async fn open_resolved(deps: &MountDeps, rec: &MountRecord) -> Result<Opened, MountError> {
     let image = ImageRef::parse(&rec.image)?;
     let cache = resolve::Cache {
         store: &deps.store,
@@ -556,34 +601,119 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
     };
     let resolved = resolve::resolve(&deps.upstreams, &cache, &image, &rec.platform).await?;
     let boot = resolve::bootstrap(&deps.store, &deps.downloads, &resolved).await?;
-    let mut pins = vec![deps.store.pin(&resolved.layers.bootstrap.digest)];
+    let digest = resolved.layers.bootstrap.digest.clone();
+    Ok(Opened {
+        pins: vec![deps.store.pin(&digest)],
+        origin: resolved.origin,
+        repo: resolved.repo,
+        boot,
+        sizes: resolved
+            .layers
+            .blobs
+            .iter()
+            .map(|d| (d.digest.clone(), d.size))
+            .collect(),
+        key: digest,
+        manifest: Some(resolved.manifest_digest),
+    })
+}
+
+/// Open a bootstrap file already on disk; `rec.image` names where its blobs are.
+async fn open_file(deps: &MountDeps, rec: &MountRecord, file: &Path) -> Result<Opened, MountError> {
+    let image = ImageRef::parse(&rec.image)?;
+    let origin = deps.upstreams.select(image.host.as_deref(), None)?;
+    let path = file.to_path_buf();
+    let bytes = tokio::task::spawn_blocking(move || read_regular(&path))
+        .await
+        .map_err(|e| MountError::Table(format!("bootstrap read task failed: {e}")))?
+        .map_err(|reason| MountError::Dir {
+            dir: file.to_path_buf(),
+            reason,
+        })?;
+    let key = Digest::of(shoal_proto::DigestAlgorithm::Sha256, &bytes);
+    let boot = shoal_rafs::Bootstrap::from_bytes(bytes).map_err(|e| MountError::Bootstrap {
+        digest: key.clone(),
+        reason: format!("not a usable RAFS bootstrap: {e}"),
+    })?;
+    Ok(Opened {
+        origin,
+        repo: image.repo,
+        boot,
+        sizes: Vec::new(),
+        key,
+        manifest: None,
+        pins: Vec::new(),
+    })
+}
+
+/// The bytes of a regular file, refusing a symbolic link at the last component and anything
+/// larger than a bootstrap may be.
+fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > shoal_rafs::MAX_BOOTSTRAP_SIZE {
+        return Err(format!("a bootstrap of {} bytes is too large", meta.len()));
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    f.take(shoal_rafs::MAX_BOOTSTRAP_SIZE)
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Open the image (resolve it, or read its bootstrap file), then mount it.
+async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountError> {
+    let opened = match &rec.bootstrap_file {
+        Some(file) => open_file(deps, rec, file).await?,
+        None => open_resolved(deps, rec).await?,
+    };
+    let Opened {
+        origin,
+        repo,
+        boot,
+        sizes,
+        key,
+        manifest,
+        mut pins,
+    } = opened;
     let mut blobs = Vec::new();
     for b in boot.blobs() {
         let id: Digest =
             format!("sha256:{}", b.blob_id)
                 .parse()
                 .map_err(|e| MountError::Bootstrap {
-                    digest: resolved.layers.bootstrap.digest.clone(),
+                    digest: key.clone(),
                     reason: format!("blob id {:?}: {e}", b.blob_id),
                 })?;
-        let size = match resolved.layers.blobs.iter().find(|d| d.digest == id) {
-            Some(d) => d.size,
+        let size = match sizes.iter().find(|(d, _)| *d == id) {
+            Some((_, size)) => *size,
             None => {
-                tracing::warn!(blob = %id, "data blob not listed in the manifest; using the bootstrap's size");
+                if manifest.is_some() {
+                    tracing::warn!(blob = %id, "data blob not listed in the manifest; using the bootstrap's size");
+                }
                 b.compressed_size
             }
         };
         let chunks = boot
             .blob_chunks(b.index)
             .map_err(|e| MountError::Bootstrap {
-                digest: resolved.layers.bootstrap.digest.clone(),
+                digest: key.clone(),
                 reason: e.to_string(),
             })?;
         pins.push(deps.store.pin(&id));
         blobs.push((BlobSpec { id, size }, chunks));
     }
     let boot = Arc::new(boot);
-    let list_path = prefetch::list_path(&deps.data_dir, &resolved.layers.bootstrap.digest);
+    let list_path = prefetch::list_path(&deps.data_dir, &key);
     let mut background = tokio::task::spawn_blocking(move || Background::prepare(&list_path))
         .await
         .map_err(|e| MountError::Table(format!("access list task failed: {e}")))?;
@@ -591,8 +721,8 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         chunks::Deps {
             rt: tokio::runtime::Handle::current(),
             store: deps.store.clone(),
-            origin: resolved.origin.clone(),
-            repo: resolved.repo.clone(),
+            origin,
+            repo,
             metrics: deps.metrics.clone(),
             cancel: deps.cancel.clone(),
             peering: deps.peering.clone(),
@@ -643,7 +773,7 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         backend,
         background,
         _stop: stop.drop_guard(),
-        manifest: resolved.manifest_digest,
+        manifest,
         mounted_at_ms: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
@@ -662,6 +792,7 @@ fn info(rec: &MountRecord, slot: &Slot) -> MountInfo {
         manifest: None,
         mounted_at_ms: None,
         stats: None,
+        owner: rec.owner,
     };
     match slot {
         Slot::Mounting => {}
@@ -671,7 +802,7 @@ fn info(rec: &MountRecord, slot: &Slot) -> MountInfo {
         }
         Slot::Mounted(live) => {
             i.state = "mounted".into();
-            i.manifest = Some(live.manifest.to_string());
+            i.manifest = live.manifest.as_ref().map(ToString::to_string);
             i.mounted_at_ms = Some(live.mounted_at_ms);
             i.stats = Some(stats(live));
         }

@@ -31,6 +31,7 @@ use crate::mount::{MountDeps, Mounts};
 use crate::p2p::Identity;
 use crate::peering::Peering;
 use crate::prewarm::Prewarm;
+use crate::snapshotter::{Snapshotter, SnapshotterConfig, SnapshotterDeps};
 use crate::store::{Backend, Store, StoreConfig};
 use crate::upstream::Upstreams;
 
@@ -147,6 +148,21 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         cancel: work.clone(),
         tracker: tracker.clone(),
     });
+    let snapshotter = Snapshotter::start(
+        SnapshotterConfig {
+            root: cfg.snapshotter.root.clone(),
+            mode: cfg.snapshotter.mode,
+        },
+        SnapshotterDeps {
+            store: store.clone(),
+            mounts: mounts.clone(),
+            metrics: metrics.clone(),
+            tracker: tracker.clone(),
+            cancel: work.clone(),
+        },
+    )
+    .await
+    .context("the containerd snapshotter (snapshotter.root)")?;
     let passthrough = reqwest::Client::builder()
         .use_rustls_tls()
         .redirect(reqwest::redirect::Policy::none())
@@ -184,6 +200,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
     };
+    let metrics_for_snapshotter = metrics.clone();
     let admin_state = AdminState {
         store: store.clone(),
         downloads,
@@ -208,7 +225,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         uid: rustix::process::geteuid().as_raw(),
         group: cfg.control_group.as_ref().map(|(_, gid)| *gid),
     };
-    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, control = %cfg.control.display(), "node ready");
+    // containerd (root) is the snapshotter's one client: no group.
+    let snapshotter_listener = ControlListener::bind(&cfg.snapshotter.socket, None)
+        .context("the snapshotter socket (snapshotter.socket)")?;
+    let snapshotter_policy = Policy {
+        uid: policy.uid,
+        group: None,
+    };
+    tracing::info!(listen = %cfg.listen, admin = %cfg.admin, control = %cfg.control.display(), snapshotter = %cfg.snapshotter.socket.display(), "node ready");
 
     let servers = TaskTracker::new();
     let s = stop_accepting.clone();
@@ -234,6 +258,19 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             s.cancelled_owned(),
         )
         .await
+    });
+    let s = stop_accepting.clone();
+    let (snap, snap_metrics) = (snapshotter.clone(), metrics_for_snapshotter);
+    servers.spawn(async move {
+        crate::snapshotter::service::serve(
+            snapshotter_listener,
+            snapshotter_policy,
+            snap,
+            snap_metrics,
+            s.cancelled_owned(),
+        )
+        .await
+        .map_err(std::io::Error::other)
     });
     servers.close();
 

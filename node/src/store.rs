@@ -144,6 +144,23 @@ pub struct Store {
     shared: Arc<Shared>,
 }
 
+/// A stored snapshot record: its name and the snapshotter's encoding of it.
+pub type SnapshotEntry = (String, Vec<u8>);
+
+/// One change to the snapshot table ([`Store::write_snapshots`]).
+#[derive(Clone, Debug)]
+pub enum SnapshotWrite {
+    Put {
+        name: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        name: String,
+    },
+    /// The last snapshot id handed out.
+    Seq(u64),
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `cfg.dir`, recovers it (see
     /// `recovery`), and evicts if it is over its quota.
@@ -354,6 +371,39 @@ impl Store {
             to_json(rec),
             Durability::Sync,
         )?;
+        Ok(())
+    }
+
+    /// Every snapshot record (name → the snapshotter's encoding) and the last snapshot id handed
+    /// out. The store keeps these bytes for `snapshotter::state`, which owns their meaning.
+    pub fn snapshots(&self) -> Result<(Vec<SnapshotEntry>, u64), StoreError> {
+        let db = &self.shared.db;
+        let mut out = Vec::new();
+        for (key, value) in db.scan(&keys::Table::Snapshot.prefix())? {
+            if let Some(name) = keys::decode_snapshot(&key) {
+                out.push((name, value));
+            }
+        }
+        let seq = db
+            .get(&keys::snapshot_seq())?
+            .and_then(|v| Some(u64::from_be_bytes(v.as_slice().try_into().ok()?)))
+            .unwrap_or(0);
+        Ok((out, seq))
+    }
+
+    /// Applies snapshot record changes atomically and durably.
+    pub fn write_snapshots(&self, writes: Vec<SnapshotWrite>) -> Result<(), StoreError> {
+        let mut batch = meta::Batch::default();
+        for w in writes {
+            match w {
+                SnapshotWrite::Put { name, value } => batch.put(keys::snapshot(&name), value),
+                SnapshotWrite::Delete { name } => batch.delete(keys::snapshot(&name)),
+                SnapshotWrite::Seq(seq) => {
+                    batch.put(keys::snapshot_seq(), seq.to_be_bytes().to_vec())
+                }
+            }
+        }
+        self.shared.db.write(batch, Durability::Sync)?;
         Ok(())
     }
 

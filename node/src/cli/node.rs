@@ -45,6 +45,11 @@ pub struct NodeArgs {
     /// [default: /run/shoal/control.sock as root].
     #[arg(long, env = "SHOAL_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// The Unix socket serving containerd's snapshots API: containerd's `[proxy_plugins.shoal]`
+    /// (type "snapshot") points here, and `--snapshotter shoal` uses it (config:
+    /// snapshotter.socket) [default: /run/shoal/snapshotter.sock as root].
+    #[arg(long, env = "SHOAL_SNAPSHOTTER_SOCKET", value_name = "PATH")]
+    pub snapshotter_socket: Option<PathBuf>,
     /// Origin registry: `URL` sets the default origin, `HOST=URL` the origin
     /// for registry HOST (as containerd names it in ?ns=). http:// means
     /// plain HTTP. Repeatable; SHOAL_UPSTREAM takes a comma-separated list (config: [[upstream]]).
@@ -137,6 +142,9 @@ pub fn file_config(args: NodeArgs) -> anyhow::Result<FileConfig> {
     }
     if let Some(c) = args.control {
         file.control = Some(c);
+    }
+    if let Some(s) = args.snapshotter_socket {
+        file.snapshotter.socket = Some(s);
     }
     if let Some(f) = args.log_format {
         file.log.format = f;

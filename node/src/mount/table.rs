@@ -47,6 +47,32 @@ pub struct MountRecord {
     /// Prefetch rate, origin bytes per second (`None`: the default; 0: no prefetch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch_rate: Option<u64>,
+    /// Who asked for it: a person (persisted here, restored at start) or the snapshotter (which
+    /// keeps its own records and brings its mounts back itself).
+    #[serde(default, skip_serializing_if = "Owner::is_user")]
+    pub owner: Owner,
+    /// A RAFS bootstrap already on disk (the snapshotter's: `image/image.boot` of the layer
+    /// containerd unpacked and verified) to mount instead of resolving `image`; `image` then only
+    /// names the registry and repository the data blobs come from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap_file: Option<PathBuf>,
+}
+
+/// Who a mount belongs to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    /// `shoal mount` (the control socket).
+    #[default]
+    User,
+    /// The containerd snapshotter: the lower directory of containers of the image.
+    Snapshotter,
+}
+
+impl Owner {
+    pub fn is_user(&self) -> bool {
+        *self == Owner::User
+    }
 }
 
 #[derive(Serialize, Deserialize, Default)]
@@ -107,6 +133,18 @@ pub fn is_shoal_mount(dir: &Path, erofs_root: &Path) -> bool {
             _ => false,
         }
     })
+}
+
+/// Every mount point at or below `dir` (any filesystem), per `/proc/self/mountinfo`.
+pub fn mount_points_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect()
 }
 
 /// Lazily unmount stale shoal mounts at `dir` (left by a node that died); several may be stacked.
@@ -174,6 +212,8 @@ mod tests {
             mode: MountMode::Fuse,
             platform: "linux/amd64".into(),
             prefetch_rate: None,
+            owner: Owner::User,
+            bootstrap_file: None,
         }];
         save(d.path(), &recs).expect("save");
         assert_eq!(load(d.path()).expect("load"), recs);

@@ -10,6 +10,8 @@
 //! | `BlobRepos`  | `0x04` | digest                                     | JSON `StoredRepos` (provenance: upstream, repo, open) |
 //! | `Manifest`   | `0x10` | digest                                     | JSON `ManifestRecord` |
 //! | `Tag`        | `0x11` | upstream, repo, tag (each escaped)         | JSON `TagRecord` |
+//! | `Snapshot`   | `0x20` | snapshot key or name (escaped)             | JSON snapshot record (`snapshotter::state`) |
+//! | `SnapshotSeq`| `0x21` | —                                          | u64 BE: the last snapshot id handed out |
 //!
 //! A blob is spread over four tables so that each has one kind of writer: the
 //! blob's single `BlobWriter` (`Blob`, `PieceHash`), readers (`Access`, small
@@ -35,6 +37,8 @@ pub enum Table {
     BlobRepos = 0x04,
     Manifest = 0x10,
     Tag = 0x11,
+    Snapshot = 0x20,
+    SnapshotSeq = 0x21,
 }
 
 impl Table {
@@ -101,6 +105,32 @@ pub fn tag(upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<u8> {
     key
 }
 
+/// `Snapshot` key of the snapshot named `name` (containerd's key of an active snapshot, or the
+/// name of a committed one).
+pub fn snapshot(name: &str) -> Vec<u8> {
+    let mut key = vec![Table::Snapshot as u8];
+    push_string(&mut key, name.as_bytes());
+    key
+}
+
+/// The snapshot name of a `Snapshot` key (None for a malformed key).
+pub fn decode_snapshot(key: &[u8]) -> Option<String> {
+    let (&prefix, rest) = key.split_first()?;
+    if prefix != Table::Snapshot as u8 {
+        return None;
+    }
+    let (bytes, rest) = pop_string(rest)?;
+    if !rest.is_empty() {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// The key of the snapshot id counter.
+pub fn snapshot_seq() -> Vec<u8> {
+    vec![Table::SnapshotSeq as u8]
+}
+
 fn digest_key(table: Table, digest: &Digest) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + digest.bytes().len());
     key.push(table as u8);
@@ -140,6 +170,26 @@ fn push_string(key: &mut Vec<u8>, s: &[u8]) {
     key.extend_from_slice(&[0x00, 0x01]);
 }
 
+/// The inverse of [`push_string`]: the string's bytes and what follows it.
+fn pop_string(bytes: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    loop {
+        let b = *bytes.get(i)?;
+        if b != 0 {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        match *bytes.get(i + 1)? {
+            0xFF => out.push(0),
+            0x01 => return Some((out, &bytes[i + 2..])),
+            _ => return None,
+        }
+        i += 2;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +217,12 @@ mod tests {
         "[a-c0-1][a-c._-]{0,3}".prop_map(|s| s.parse().expect("valid tag"))
     }
 
+    fn tag_key_of(s: &str) -> Vec<u8> {
+        let mut k = snapshot(s);
+        k[0] = Table::Tag as u8;
+        k
+    }
+
     #[test]
     fn blob_key_round_trips() {
         let id = Digest::sha256(b"x");
@@ -188,6 +244,13 @@ mod tests {
         fn piece_key_order_is_logical(a in any_digest(), b in any_digest(), i in any::<u64>(), j in any::<u64>()) {
             prop_assert_eq!(piece_hash(&a, i).cmp(&piece_hash(&b, j)), (&a, i).cmp(&(&b, j)));
             prop_assert!(piece_hash(&a, i).starts_with(&piece_hash_prefix(&a)));
+        }
+
+        #[test]
+        fn snapshot_key_order_is_name_order_and_round_trips(a in "[a\\x00/ :]{0,6}", b in "[a\\x00/ :]{0,6}") {
+            prop_assert_eq!(snapshot(&a).cmp(&snapshot(&b)), a.cmp(&b));
+            prop_assert_eq!(decode_snapshot(&snapshot(&a)), Some(a.clone()));
+            prop_assert_eq!(decode_snapshot(&tag_key_of(&a)), None);
         }
 
         #[test]
