@@ -13,9 +13,11 @@
 //!    credentials thus open content only where that upstream itself serves it to them.
 //! 3. The upstream is **not configured** (an unlisted host the request named: `?ns=`,
 //!    `X-Shoal-Registry`, a proxy URL): its word proves nothing, since the requester may run it.
-//!    Only a proof of possession counts (`possession`): it returns the right bytes for ranges the
-//!    node picks at random (small blobs: the whole blob, digest-checked). Remembered per
-//!    (credential, upstream, repository, digest) for `mirror.access_ttl`.
+//!    Only a proof of possession counts (`possession`), and only for a *complete* blob (a proof
+//!    over part of it says nothing of the rest): it returns the right bytes for ranges the node
+//!    picks at random (small blobs: the whole blob, digest-checked). Remembered per
+//!    (credential, upstream, repository, digest) for `mirror.access_ttl`. Such an origin never
+//!    feeds a shared download (`download`): what it sends goes to its requester alone.
 //!
 //! When nothing can be proven (an unlisted origin and no held bytes to compare), the decision is
 //! [`Decision::OriginOnly`]: the client may have what its origin sends, fetched for it alone,
@@ -92,10 +94,11 @@ pub struct Access {
     ttl: Duration,
     samples: u64,
     store: Store,
-    /// (upstream, repo) → readable with the node's own credentials (configured upstreams).
-    repo_open: Memo<(String, RepoName), bool>,
-    /// (credential, upstream, repo) → the origin accepted the credential (configured upstreams).
-    grants: Memo<([u8; 32], String, RepoName), ()>,
+    /// (upstream, object path) → readable with the node's own credentials (configured upstreams).
+    open: Memo<(String, String), bool>,
+    /// (credential, upstream, object path) → the origin let the credential read the object
+    /// (configured upstreams).
+    grants: Memo<([u8; 32], String, String), ()>,
     /// (credential or none, upstream, repo, digest) → possession proven (unlisted upstreams).
     proofs: Memo<([u8; 32], String, RepoName, BlobId), ()>,
     metrics: Arc<Metrics>,
@@ -108,7 +111,7 @@ impl Access {
             ttl,
             samples: samples.max(1),
             store,
-            repo_open: Memo::default(),
+            open: Memo::default(),
             grants: Memo::default(),
             proofs: Memo::default(),
             metrics,
@@ -159,9 +162,9 @@ impl Access {
         client_auth: Option<&HeaderValue>,
     ) -> Decision {
         let path = object.path(repo);
-        let repo_key = (origin.host.clone(), repo.clone());
+        let open_key = (origin.host.clone(), path.clone());
         let Some(cred) = client_auth else {
-            match self.repo_open.get(&repo_key, self.ttl) {
+            match self.open.get(&open_key, self.ttl) {
                 Some(true) => {
                     self.count("cached");
                     return Decision::Cache {
@@ -178,7 +181,7 @@ impl Access {
             }
             return match self.head(origin, repo, &path, &AuthMode::Node).await {
                 Ok((s, _)) if s.is_success() => {
-                    self.repo_open.put(repo_key, true);
+                    self.open.put(open_key, true);
                     self.count("public");
                     Decision::Cache {
                         auth: AuthMode::Node,
@@ -186,14 +189,14 @@ impl Access {
                     }
                 }
                 Ok((s, ch)) if s == StatusCode::UNAUTHORIZED || s == StatusCode::FORBIDDEN => {
-                    self.repo_open.put(repo_key, false);
+                    self.open.put(open_key, false);
                     self.count("unauthorized");
                     Decision::Denied(Denial::Unauthorized(ch))
                 }
                 other => self.refused(other),
             };
         };
-        let grant_key = (cred_hash(cred), origin.host.clone(), repo.clone());
+        let grant_key = (cred_hash(cred), origin.host.clone(), path.clone());
         let mode = AuthMode::Client(cred.clone());
         if self.grants.get(&grant_key, self.ttl).is_some() {
             self.count("cached");
@@ -241,10 +244,16 @@ impl Access {
         let store = self.store.clone();
         let id = digest.clone();
         let reader = tokio::task::spawn_blocking(move || store.open_reader(&id)).await;
+        // Only a complete blob can be proven: a proof over part of it would open the rest,
+        // which the requester never showed it knows.
         let Ok(Ok(Some(reader))) = reader else {
             self.count("origin_only");
             return Decision::OriginOnly { auth };
         };
+        if !reader.record().complete {
+            self.count("origin_only");
+            return Decision::OriginOnly { auth };
+        }
         let outcome =
             possession::prove(origin, repo, digest, &auth, Arc::new(reader), self.samples).await;
         match outcome {
@@ -275,30 +284,40 @@ impl Access {
     }
 
     /// Whether anonymous (or node-credential) reads of `object` work at a configured `origin`
-    /// (cached per repository). Always false for an unlisted origin, whose answer proves nothing.
+    /// (remembered per object). Always false for an unlisted origin, whose answer proves nothing.
     pub async fn is_open(&self, origin: &Origin, repo: &RepoName, object: Object<'_>) -> bool {
         if !origin.configured {
             return false;
         }
-        let key = (origin.host.clone(), repo.clone());
-        if let Some(p) = self.repo_open.get(&key, self.ttl) {
+        let path = object.path(repo);
+        let key = (origin.host.clone(), path.clone());
+        if let Some(p) = self.open.get(&key, self.ttl) {
             return p;
         }
-        let path = object.path(repo);
         let open = matches!(
             self.head(origin, repo, &path, &AuthMode::Node).await,
             Ok((s, _)) if s.is_success()
         );
-        self.repo_open.put(key, open);
+        self.open.put(key, open);
         open
     }
 
-    /// Record that `client_auth` fetched from `repo` at a configured `origin` successfully (the
-    /// fetch itself was the check).
-    pub fn granted(&self, origin: &Origin, repo: &RepoName, client_auth: &HeaderValue) {
+    /// Record that `client_auth` fetched `object` from `repo` at a configured `origin`
+    /// successfully (the fetch itself was the check).
+    pub fn granted(
+        &self,
+        origin: &Origin,
+        repo: &RepoName,
+        object: Object<'_>,
+        client_auth: &HeaderValue,
+    ) {
         if origin.configured {
             self.grants.put(
-                (cred_hash(client_auth), origin.host.clone(), repo.clone()),
+                (
+                    cred_hash(client_auth),
+                    origin.host.clone(),
+                    object.path(repo),
+                ),
                 (),
             );
         }

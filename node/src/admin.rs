@@ -146,17 +146,37 @@ async fn guard(hosts: Arc<Vec<String>>, req: Request, next: Next) -> Response {
 /// Whether a `Host` value (`name[:port]`, `[v6][:port]`) is an IP literal, `localhost` or one of
 /// `names`.
 fn host_allowed(host: &str, names: &[String]) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((v6, _)) => return v6.parse::<std::net::Ipv6Addr>().is_ok(),
-            None => return false,
+    // `[v6]` or `[v6]:port`; otherwise `name` or `name:port`, the port all digits.
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => return true,
+            p => match p.strip_prefix(':') {
+                Some(port) => return port_ok(port),
+                None => return false,
+            },
         }
     } else {
-        host.rsplit_once(':').map_or(host, |(h, _)| h)
+        match host.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host, None),
+        }
     };
+    if port.is_some_and(|p| !port_ok(p)) {
+        return false;
+    }
     name.parse::<std::net::Ipv4Addr>().is_ok()
         || name.eq_ignore_ascii_case("localhost")
         || names.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+fn port_ok(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
 }
 
 /// Readiness: this router is served only after the store was opened
@@ -258,6 +278,10 @@ mod tests {
             "127.0.0.1.nip.io",
             "[::1",
             "node-2.example",
+            "[::1]evil",
+            "10.0.0.1:evil",
+            "[::1]:",
+            "127.0.0.1:99999",
         ] {
             assert!(!host_allowed(bad, &names), "{bad}");
         }

@@ -102,7 +102,8 @@ impl ControlListener {
         check_dir(path, dir)?;
         match std::fs::symlink_metadata(path) {
             Ok(m)
-                if m.file_type().is_symlink() || m.uid() != rustix::process::geteuid().as_raw() =>
+                if !std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
+                    || m.uid() != rustix::process::geteuid().as_raw() =>
             {
                 return Err(ControlError::Unsafe {
                     path: path.into(),
@@ -403,6 +404,14 @@ mod tests {
         stop.cancel();
         server.await.expect("join").expect("serve");
         assert!(!path.exists(), "the socket is removed at shutdown");
+        // Refused: replacing a file that is not a socket (a mistyped path must not delete it).
+        let file = dir.path().join("important.conf");
+        std::fs::write(&file, b"keep me").expect("write");
+        assert!(matches!(
+            ControlListener::bind(&file, None),
+            Err(ControlError::Unsafe { .. })
+        ));
+        assert_eq!(std::fs::read(&file).expect("still there"), b"keep me");
         // Refused: a directory others can write to.
         let open = dir.path().join("open");
         std::fs::create_dir(&open).expect("mkdir");

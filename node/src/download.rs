@@ -124,10 +124,18 @@ pub struct Download {
     pub id: BlobId,
     /// `Some` for an isolated download: whose it is.
     isolation: Option<Isolation>,
+    /// Whether it fetches from a configured origin (an operator's, trusted): a request naming a
+    /// configured origin never takes bytes from a download of an origin someone else named.
+    configured_source: bool,
     progress: watch::Sender<Progress>,
     /// The content file being written (replaced if the download restarts).
     raw: Mutex<Option<Arc<RawReader>>>,
 }
+
+/// Isolated downloads at once, at most.
+const ISOLATED_LIMIT: usize = 8;
+/// How often an isolated download checks that someone still follows it.
+const ABANDON_CHECK: Duration = Duration::from_secs(5);
 
 /// The answer of [`Downloads::join`].
 pub enum Join {
@@ -195,6 +203,9 @@ pub(crate) struct Inner {
     no_peers: Mutex<HashMap<BlobId, Instant>>,
     /// Origin fetches allowed at once (`mirror.max_origin_downloads`).
     origin_slots: Arc<tokio::sync::Semaphore>,
+    /// Isolated downloads (from origins requests named) at once: a budget of their own, so
+    /// origins a requester runs cannot hold the slots configured origins need.
+    isolated_slots: Arc<tokio::sync::Semaphore>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
@@ -234,6 +245,9 @@ impl Downloads {
                 active: Mutex::new(HashMap::new()),
                 no_peers: Mutex::new(HashMap::new()),
                 origin_slots: Arc::new(tokio::sync::Semaphore::new(origin_limit.max(1))),
+                isolated_slots: Arc::new(tokio::sync::Semaphore::new(
+                    (origin_limit / 4).clamp(1, ISOLATED_LIMIT),
+                )),
                 tracker,
                 cancel,
             }),
@@ -246,8 +260,10 @@ impl Downloads {
         let mut active = self.inner.active.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = active.get(id) {
             // Bytes flow only within one trust domain: shared downloads among requesters whose
-            // access is proven, an isolated one only to its own requester.
-            if d.isolation == isolation {
+            // access is proven, an isolated one only to its own requester — and a request that
+            // named a configured origin only from a configured origin.
+            let trusted_enough = d.configured_source || !source.origin.configured;
+            if d.isolation == isolation && trusted_enough {
                 return Ok(Join::Download(d.clone()));
             }
             return Ok(Join::Elsewhere);
@@ -271,6 +287,7 @@ impl Downloads {
         let d = Arc::new(Download {
             id: id.clone(),
             isolation,
+            configured_source: source.origin.configured,
             progress: tx,
             raw: Mutex::new(None),
         });
@@ -767,9 +784,15 @@ async fn origin_fill(
     if fill.size.is_some_and(|s| fill.pos >= s) && fill.sink.is_some() {
         return Ok(OriginEnd::Done);
     }
-    // At most `mirror.max_origin_downloads` origin fetches at once; the rest queue here.
+    // At most `mirror.max_origin_downloads` origin fetches at once (a quarter of that, at most
+    // ISOLATED_LIMIT, for isolated ones); the rest queue here.
+    let slots = if src.isolated {
+        &inner.isolated_slots
+    } else {
+        &inner.origin_slots
+    };
     let _slot = tokio::select! {
-        p = inner.origin_slots.clone().acquire_owned() => p.map_err(|_| DownloadError::Shutdown)?,
+        p = slots.clone().acquire_owned() => p.map_err(|_| DownloadError::Shutdown)?,
         _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
     };
     #[cfg(feature = "fault-injection")]
@@ -830,10 +853,21 @@ async fn origin_fill(
         COMMIT_EVERY
     };
     let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    let mut abandon = tokio::time::interval(ABANDON_CHECK);
+    abandon.tick().await;
     loop {
         let chunk = tokio::select! {
             c = resp.chunk() => c.map_err(|e| DownloadError::Origin(e.to_string())),
             _ = inner.cancel.cancelled() => Err(DownloadError::Shutdown),
+            // An isolated download serves only its requesters: when they are all gone, stop
+            // (its bytes could serve no one else, and a slow origin would hold a slot).
+            _ = abandon.tick(), if src.isolated => {
+                if d.progress.receiver_count() == 0 {
+                    Err(DownloadError::Origin("every requester left".into()))
+                } else {
+                    continue;
+                }
+            }
         };
         let chunk = match chunk {
             Ok(c) => c,

@@ -327,12 +327,10 @@ async fn relay_small(resp: reqwest::Response, limit: u64) -> Result<Response, Mi
             status: StatusCode::PAYLOAD_TOO_LARGE,
         });
     }
-    let body = resp
-        .bytes()
+    // A chunked answer has no length up front: stop reading at the limit.
+    let body = crate::upstream::read_at_most(resp, limit)
         .await
-        .map_err(|e| MirrorError::OriginUnavailable {
-            reason: e.to_string(),
-        })?;
+        .map_err(|reason| MirrorError::OriginUnavailable { reason })?;
     let mut out = Response::new(Body::from(body));
     *out.status_mut() = status;
     let h = out.headers_mut();

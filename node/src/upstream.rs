@@ -80,6 +80,8 @@ pub struct Origin {
     pub configured: bool,
     /// Where a configured origin's token realms are recorded for the forward proxy.
     learn: Option<ProxyTargets>,
+    /// An unlisted origin kept off this host (`reach`): its token realms are checked too.
+    guarded: bool,
     client: reqwest::Client,
     credentials: Option<(String, String)>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
@@ -210,6 +212,13 @@ impl Upstreams {
                 host: host.chars().take(100).collect(),
             });
         };
+        // The URL parser reads `127.1`, `0x7f000001` or `2130706433` as the address they mean:
+        // check what it made of the host, not the text.
+        if !self.allow_local && reach::check_url(&url).is_err() {
+            return Err(OriginError::Local {
+                host: host.chars().take(100).collect(),
+            });
+        }
         // Keyed by scheme too: a host named over plain HTTP (a proxy URL) is another origin than
         // the same host over HTTPS (`?ns=`).
         let key = format!("{scheme}://{host}");
@@ -235,6 +244,7 @@ impl Upstreams {
                 host: host.into(),
                 message: e.to_string(),
             })?;
+            origin.guarded = true;
         }
         let origin = Arc::new(origin);
         if learned.len() >= LEARNED_CAP {
@@ -304,6 +314,7 @@ impl Origin {
             base: u.url.clone(),
             configured,
             learn,
+            guarded: false,
             client: b.build()?,
             credentials: u.credentials.clone(),
             tokens: Mutex::new(HashMap::new()),
@@ -438,6 +449,9 @@ impl Origin {
         let Some(ch) = challenge.to_str().ok().and_then(BearerChallenge::parse) else {
             return Ok(None);
         };
+        // Cached under the scope the node asked for, never one the challenge names (an
+        // origin could otherwise grow the cache without bound).
+        let cache_as = scope;
         let scope = ch.scope.as_deref().or(scope);
         let Ok(mut url) = Url::parse(&ch.realm) else {
             return Err(OriginError::Token {
@@ -445,6 +459,16 @@ impl Origin {
                 message: format!("bad realm {:?}", ch.realm),
             });
         };
+        if self.guarded {
+            // The realm is the origin's word, and the origin may be the requester's: it must not
+            // send the node to this host's own services.
+            if let Err(why) = reach::check_url(&url) {
+                return Err(OriginError::Token {
+                    host: self.host.clone(),
+                    message: format!("token realm refused: {why}"),
+                });
+            }
+        }
         {
             let mut q = url.query_pairs_mut();
             if let Some(s) = &ch.service {
@@ -475,10 +499,12 @@ impl Origin {
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let bytes = resp.bytes().await.map_err(|e| OriginError::Token {
-            host: self.host.clone(),
-            message: e.to_string(),
-        })?;
+        let bytes = read_at_most(resp, MAX_TOKEN_ANSWER)
+            .await
+            .map_err(|message| OriginError::Token {
+                host: self.host.clone(),
+                message,
+            })?;
         let body: TokenResponse =
             serde_json::from_slice(&bytes).map_err(|e| OriginError::Token {
                 host: self.host.clone(),
@@ -489,8 +515,15 @@ impl Origin {
         };
         // Renew a little early; the spec's default lifetime is 60 s.
         let life = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(10, 3600));
-        if let Some(s) = scope {
+        if let Some(s) = cache_as {
             let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            if tokens.len() >= TOKEN_CACHE_CAP {
+                let now = Instant::now();
+                tokens.retain(|_, (_, exp)| *exp > now);
+                if tokens.len() >= TOKEN_CACHE_CAP {
+                    tokens.clear();
+                }
+            }
             tokens.insert(
                 s.to_owned(),
                 (
@@ -501,6 +534,26 @@ impl Origin {
         }
         Ok(Some(token))
     }
+}
+
+/// Largest token-service answer read (a token is a few KiB).
+const MAX_TOKEN_ANSWER: u64 = 64 << 10;
+/// Tokens cached per origin at most (one per repository scope in use).
+const TOKEN_CACHE_CAP: usize = 1024;
+
+/// A response body of at most `limit` bytes (a longer one is an error, read no further).
+pub async fn read_at_most(mut resp: reqwest::Response, limit: u64) -> Result<bytes::Bytes, String> {
+    if resp.content_length().is_some_and(|l| l > limit) {
+        return Err(format!("answer larger than {limit} bytes"));
+    }
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        if buf.len() as u64 + chunk.len() as u64 > limit {
+            return Err(format!("answer larger than {limit} bytes"));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.into())
 }
 
 fn bearer(token: &str) -> HeaderValue {

@@ -98,7 +98,9 @@ pub(super) async fn get(
         repo: repo.clone(),
         auth: auth.clone(),
         open,
-        isolated: false,
+        // An origin the request named (not the operator) feeds only its own requester, even
+        // after a proof of possession: what it sends next is unproven.
+        isolated: !ctx.origin.configured,
     };
     follow(st, ctx, repo, digest, source, range_req).await
 }

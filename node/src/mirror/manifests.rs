@@ -216,7 +216,8 @@ async fn fetch(
     let open = match &auth {
         AuthMode::Node => true,
         AuthMode::Client(v) => {
-            st.access.granted(&ctx.origin, repo, v);
+            st.access
+                .granted(&ctx.origin, repo, Object::Manifest(&digest), v);
             st.access
                 .is_open(&ctx.origin, repo, Object::Manifest(&digest))
                 .await

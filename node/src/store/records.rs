@@ -91,13 +91,18 @@ impl Provenance {
     }
 }
 
-/// The JSON form: a list of `{upstream, repo, open}`.
+/// The JSON form: a list of `{upstream, repo, anyone}`.
+///
+/// `anyone` is what [`Provenance::is_open`] says. Records written before 2026-12 carry `open`
+/// instead, which a repository-wide check could set for objects it never asked about (one
+/// public object opened every stored digest under that repository name): it is ignored, so
+/// those entries decode as not open and the next request proves access to the object itself.
 #[derive(Serialize, Deserialize)]
 struct ProvenanceEntry {
     upstream: String,
     repo: RepoName,
     #[serde(default)]
-    open: bool,
+    anyone: bool,
 }
 
 impl Serialize for Provenance {
@@ -105,7 +110,7 @@ impl Serialize for Provenance {
         s.collect_seq(self.0.iter().map(|(k, open)| ProvenanceEntry {
             upstream: k.upstream.clone(),
             repo: k.repo.clone(),
-            open: *open,
+            anyone: *open,
         }))
     }
 }
@@ -123,7 +128,7 @@ impl<'de> Deserialize<'de> for Provenance {
                     upstream: e.upstream,
                     repo: e.repo,
                 },
-                e.open,
+                e.anyone,
             );
         }
         Ok(p)
@@ -421,6 +426,11 @@ mod tests {
         assert!(!p.is_open(&key("b.io", "x")));
         let old = r#"{"repos":[{"upstream":"a.io","repo":"x"}],"public":true}"#;
         let stored: StoredRepos = serde_json::from_str(old).expect("old record");
+        assert!(stored.repos.contains(&key("a.io", "x")));
+        assert!(!stored.repos.is_open(&key("a.io", "x")));
+        // `open` was written by a check that could cover objects it never asked about.
+        let unproven = r#"{"repos":[{"upstream":"a.io","repo":"x","open":true}]}"#;
+        let stored: StoredRepos = serde_json::from_str(unproven).expect("2026-11 record");
         assert!(stored.repos.contains(&key("a.io", "x")));
         assert!(!stored.repos.is_open(&key("a.io", "x")));
         let json = serde_json::to_string(&StoredRepos { repos: p }).expect("json");

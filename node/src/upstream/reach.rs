@@ -62,6 +62,34 @@ pub fn literal_ip(host: &str) -> Option<IpAddr> {
         .ok()
 }
 
+/// Whether the node may send a request for an unlisted origin to `url`: `http`/`https` only,
+/// and an IP host (as the URL parser normalised it: `127.1`, `0x7f000001`, `2130706433`,
+/// `0177.0.0.1` and `0` all arrive here as the address they mean) must not be local. A name
+/// is left to [`GuardedResolver`], which checks what it resolves to; `localhost` and its
+/// subdomains are refused outright. This is the one check for every URL a requester can steer:
+/// the origin itself, its token realms and its redirects.
+pub fn check_url(url: &reqwest::Url) -> Result<(), String> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("scheme {:?} refused (http or https only)", url.scheme()));
+    }
+    let ip = match url.host() {
+        Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
+        Some(url::Host::Ipv6(v6)) => IpAddr::V6(v6),
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            if d == "localhost" || d.ends_with(".localhost") {
+                return Err(format!("{d} is this host"));
+            }
+            return Ok(());
+        }
+        None => return Err("a URL without a host".into()),
+    };
+    if is_local(ip) {
+        return Err(format!("{ip} is an address of this host (loopback, link-local or its own)"));
+    }
+    Ok(())
+}
+
 /// A DNS resolver that drops local addresses (see [`is_local`]) from every answer, and fails a
 /// name that resolves to nothing else.
 #[derive(Debug, Clone, Copy, Default)]
@@ -91,13 +119,8 @@ impl Resolve for GuardedResolver {
 /// resolver) and follows at most 10.
 pub fn guarded_redirects() -> reqwest::redirect::Policy {
     reqwest::redirect::Policy::custom(|attempt| {
-        let local = attempt
-            .url()
-            .host_str()
-            .and_then(literal_ip)
-            .is_some_and(is_local);
-        if local {
-            attempt.error("redirect to an address of this host refused")
+        if let Err(why) = check_url(attempt.url()) {
+            attempt.error(format!("redirect refused: {why}"))
         } else if attempt.previous().len() >= 10 {
             attempt.error("too many redirects")
         } else {
@@ -251,6 +274,34 @@ mod tests {
         }
         assert_eq!(literal_ip("[::1]"), Some("::1".parse().expect("ip")));
         assert_eq!(literal_ip("registry.example"), None);
+    }
+
+    #[test]
+    fn every_spelling_of_a_local_address_is_refused_after_parsing() {
+        let check = |u: &str| check_url(&reqwest::Url::parse(u).expect("url"));
+        for u in [
+            "http://127.1:5000/v2/",
+            "http://0x7f000001/",
+            "http://2130706433/",
+            "http://0177.0.0.1/",
+            "http://0x7f.1/",
+            "http://0/",
+            "http://127.0.0.1./",
+            "https://[::1]/",
+            "https://[::ffff:7f00:1]/",
+            "http://0251.0376.0251.0376/latest/meta-data",
+            "http://169.254.169.254/",
+            "http://localhost:5000/",
+            "http://LOCALHOST./",
+            "http://registry.localhost/",
+            "ftp://203.0.113.7/",
+            "file:///etc/passwd",
+        ] {
+            assert!(check(u).is_err(), "{u} allowed");
+        }
+        for u in ["https://203.0.113.7/token", "https://registry.example/v2/", "http://[2001:db8::1]:5000/"] {
+            assert!(check(u).is_ok(), "{u} refused");
+        }
     }
 
     #[test]
