@@ -36,6 +36,9 @@ use shoal_e2e::{run, skopeo, Need, TestCtx};
 const PRIVATE: &str = "private/app";
 const PUBLIC: &str = "public/base";
 const BOB_REPO: &str = "bob/other";
+/// A repository of P that anyone may pull (the base image): a public object in the same
+/// registry as the secrets.
+const OPEN_REPO: &str = "open/base";
 
 const NEEDS: &[Need] = &[
     Need::Shoal,
@@ -126,14 +129,17 @@ fn scene(t: &TestCtx) -> Result<Scene> {
                 &[
                     ("private/*", &["pull", "push"]),
                     ("bob/*", &["pull", "push"]),
+                    ("open/*", &["pull", "push"]),
                 ],
             )
             .user("alice", "alice-pw", &[(PRIVATE, &["pull"])])
-            .user("bob", "bob-pw", &[("bob/*", &["pull"])]),
+            .user("bob", "bob-pw", &[("bob/*", &["pull"])])
+            .anonymous(&[("open/*", &["pull"])]),
     )?;
     let private = Registry::start_token(t, &tokens, Creds::new("admin", "admin-pw"))?;
     skopeo::push_fixture(t, &private, &format!("{PRIVATE}:1"))?;
     skopeo::push_fixture_ref(t, &private, "base", &format!("{BOB_REPO}:1"))?;
+    skopeo::push_fixture_ref(t, &private, "base", &format!("{OPEN_REPO}:1"))?;
     let creds_reg = Registry::start_htpasswd(t, "nodeuser", "node-pw")?;
     let c_blob = creds_reg.push_blob("c/stuff", b"only C holds this".repeat(100))?;
     let public = Registry::start(t)?;
@@ -228,7 +234,15 @@ fn hostile(s: &Scene, secrets: &[Secret], phase: &str) -> Result<()> {
     let garbage = "Bearer not.a.token".to_owned();
     // (via, origin host, repository, credentials)
     let mut cases: Vec<(Via, &str, &str, Option<&str>)> = Vec::new();
+    warm_neighbours(s, &bob_other)?;
     for via in [Via::Mirror, Via::Ns, Via::Header, Via::Proxy] {
+        // Repositories where the asker may read *something*: a secret's digest asked there
+        // must still be refused (access is per object, not per repository).
+        cases.push((via, &p, OPEN_REPO, None));
+        cases.push((via, &p, BOB_REPO, Some(bob_other.as_str())));
+        if !matches!(via, Via::Mirror) {
+            cases.push((via, &c, "c/stuff", None));
+        }
         for cred in [
             None,
             Some(wrong_basic.as_str()),
@@ -268,6 +282,11 @@ fn hostile(s: &Scene, secrets: &[Secret], phase: &str) -> Result<()> {
         };
         for (via, host, repo, cred) in &cases {
             for reference in &refs {
+                // A tag names that repository's own image; only the secret's digest is asked
+                // of the neighbouring repositories.
+                if *reference == "1" && *repo != PRIVATE {
+                    continue;
+                }
                 for range in &ranges {
                     let got = ask(
                         s,
@@ -295,6 +314,56 @@ fn hostile(s: &Scene, secrets: &[Secret], phase: &str) -> Result<()> {
         }
     }
     println!("{phase}: {asked} hostile requests, 0 secret bytes; statuses {statuses:?}");
+    Ok(())
+}
+
+/// Reads, through the node and as each asker may, something that is theirs to read in a
+/// neighbouring repository: a public object of P's open repository (anonymously), bob's own
+/// image (bob's token), C's own blob (node credentials) — so that any shortcut keyed by
+/// repository rather than object is in place when the secrets are asked for there.
+fn warm_neighbours(s: &Scene, bob: &str) -> Result<()> {
+    let p = s.private.addr();
+    let c = s.creds_reg.addr();
+    let base_layer = s
+        .base
+        .layers
+        .first()
+        .map(|d| d.digest.clone())
+        .context("the base image has a layer")?;
+    for (via, host, repo, kind, reference, cred) in [
+        (
+            Via::Mirror,
+            p.as_str(),
+            OPEN_REPO,
+            "blobs",
+            base_layer.as_str(),
+            None,
+        ),
+        (Via::Ns, p.as_str(), OPEN_REPO, "manifests", "1", None),
+        (
+            Via::Mirror,
+            p.as_str(),
+            BOB_REPO,
+            "manifests",
+            "1",
+            Some(bob),
+        ),
+        (
+            Via::Ns,
+            c.as_str(),
+            "c/stuff",
+            "blobs",
+            s.c_blob.as_str(),
+            None,
+        ),
+    ] {
+        let got = ask(s, via, host, repo, kind, reference, cred, Some(0..16))?;
+        ensure!(
+            got.status.is_success(),
+            "{repo} {kind} {reference} should be readable to its asker: {}",
+            got.short()
+        );
+    }
     Ok(())
 }
 
@@ -684,6 +753,9 @@ fn the_proxy_carries_registry_traffic_only() {
         |t| {
             let registry = Registry::start(t)?;
             let node = Node::start(t, &registry.url())?;
+            let local_registry = Registry::start(t)?;
+            let local_blob =
+                local_registry.push_blob("x/y", b"local-registry-secret".repeat(64))?;
             // A local service that is not a registry, with something to steal.
             let www = t.subdir("www")?;
             std::fs::write(www.join("secret.txt"), b"the-local-secret")?;
@@ -731,6 +803,65 @@ fn the_proxy_carries_registry_traffic_only() {
                     "?ns= a local service: {}",
                     ns.short()
                 );
+                // A registry on this host that the operator did not configure, named in every
+                // spelling a URL parser reads as 127.0.0.1: never reached.
+                let port = local_registry
+                    .addr()
+                    .rsplit_once(':')
+                    .map(|(_, p)| p.to_owned());
+                let port = port.context("registry port")?;
+                let secret_path = format!("/v2/x/y/blobs/{local_blob}");
+                let mark = local_registry.log()?.requests.len();
+                for host in [
+                    "127.0.0.1",
+                    "127.1",
+                    "0x7f000001",
+                    "2130706433",
+                    "0177.0.0.1",
+                    "0x7f.1",
+                    "127.0.0.1.",
+                    "localhost",
+                    "[::ffff:7f00:1]",
+                ] {
+                    let authority = format!("{host}:{port}");
+                    for (how, got) in [
+                        (
+                            "proxy",
+                            http::fetch(proxy.get(format!("http://{authority}{secret_path}"))),
+                        ),
+                        (
+                            "?ns=",
+                            http::fetch(
+                                http::client()?
+                                    .get(format!("{}{secret_path}?ns={authority}", node.url())),
+                            ),
+                        ),
+                        (
+                            "X-Shoal-Registry",
+                            http::fetch(
+                                http::client()?
+                                    .get(format!("{}{secret_path}", node.url()))
+                                    .header("X-Shoal-Registry", &authority),
+                            ),
+                        ),
+                    ] {
+                        let got = got?;
+                        ensure!(
+                            !got.status.is_success()
+                                && !got.text().contains("local-registry-secret"),
+                            "{how} {authority} reached the local registry: {}",
+                            got.short()
+                        );
+                    }
+                }
+                let asked = local_registry.log()?.requests[mark..]
+                    .iter()
+                    .filter(|r| r.uri.starts_with(&secret_path))
+                    .count();
+                ensure!(
+                    asked == 0,
+                    "the unconfigured local registry was asked for its blob {asked} times"
+                );
                 // CONNECT: refused to the local service and the node's own listeners; a
                 // configured registry gets a working tunnel.
                 for target in [service.clone(), node.admin_addr(), node.listen_addr()] {
@@ -767,6 +898,153 @@ fn the_proxy_carries_registry_traffic_only() {
         },
     );
 }
+
+/// An attacker's registry on another host answers every request with a Bearer challenge whose
+/// token realm is a service on the node's own host (in every spelling of 127.0.0.1): the node
+/// never asks that service, so nothing it would answer reaches the attacker.
+#[test]
+fn an_origin_a_request_names_cannot_send_the_node_to_this_host() {
+    run(
+        "an_origin_a_request_names_cannot_send_the_node_to_this_host",
+        &[
+            Need::Root,
+            Need::Shoal,
+            Need::Bin("docker-registry"),
+            Need::Bin("python3"),
+            Need::Bin("ip"),
+        ],
+        |t| {
+            if let Some(why) = shoal_e2e::netns::unavailable() {
+                anyhow::bail!("network namespaces: {why}");
+            }
+            let registry = Registry::start(t)?;
+            let node = Node::start(t, &registry.url())?;
+            // The service on this host an attacker would like the node to ask for a token.
+            let svc_port = shoal_e2e::wait::free_port()?;
+            let svc_log = t.dir().join("service.log");
+            let mut service = Command::new("python3")
+                .args(["-c", LOCAL_TOKEN_SERVICE, &svc_port.to_string()])
+                .arg(&svc_log)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let mut net = shoal_e2e::netns::Net::new()?;
+            let attacker = net.add_host()?;
+            let realms: Vec<String> = [
+                "127.0.0.1",
+                "127.1",
+                "0x7f000001",
+                "2130706433",
+                "localhost",
+            ]
+            .iter()
+            .map(|h| format!("http://{h}:{svc_port}/creds"))
+            .collect();
+            let att_log = t.dir().join("attacker.log");
+            let att_port = 8000;
+            let mut origin = net
+                .command(&attacker, "python3")
+                .args([
+                    "-c",
+                    CHALLENGING_ORIGIN,
+                    &att_port.to_string(),
+                    &realms.join(","),
+                ])
+                .arg(&att_log)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()?;
+            let outcome = (|| -> Result<()> {
+                let att = format!("{}:{att_port}", attacker.ip);
+                shoal_e2e::wait::poll(
+                    "the attacker's origin",
+                    std::time::Duration::from_secs(20),
+                    || Ok(std::net::TcpStream::connect(&att).ok().map(|_| ())),
+                )?;
+                shoal_e2e::wait::poll(
+                    "the local service",
+                    std::time::Duration::from_secs(20),
+                    || {
+                        Ok(std::net::TcpStream::connect(("127.0.0.1", svc_port))
+                            .ok()
+                            .map(|_| ()))
+                    },
+                )?;
+                let proxy = http::proxy_client(&node.listen_addr())?;
+                for i in 0..realms.len() {
+                    let url = format!("http://{att}/v2/r{i}/x/manifests/latest");
+                    let got = http::fetch(proxy.get(&url))?;
+                    ensure!(!got.status.is_success(), "{url}: {}", got.short());
+                }
+                let asked = std::fs::read_to_string(&att_log).unwrap_or_default();
+                ensure!(
+                    asked.lines().count() >= realms.len(),
+                    "the attacker's origin was not asked: {asked:?}"
+                );
+                ensure!(
+                    !asked.contains("INTERNAL-SECRET"),
+                    "the local service's token reached the attacker: {asked}"
+                );
+                let served = std::fs::read_to_string(&svc_log).unwrap_or_default();
+                ensure!(
+                    served.is_empty(),
+                    "the node asked the local service: {served}"
+                );
+                Ok(())
+            })();
+            let _ = origin.kill();
+            let _ = origin.wait();
+            let _ = service.kill();
+            let _ = service.wait();
+            outcome?;
+            println!(
+                "token realms on this host ({} spellings) were never asked",
+                realms.len()
+            );
+            Ok(())
+        },
+    );
+}
+
+/// `python3 -c LOCAL_TOKEN_SERVICE PORT LOG`: a loopback service that hands a token to anyone
+/// asking, and writes every request it gets to LOG.
+const LOCAL_TOKEN_SERVICE: &str = r#"
+import http.server, sys
+port, log = int(sys.argv[1]), sys.argv[2]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        open(log, "a").write(self.path + "\n")
+        body = b'{"token": "INTERNAL-SECRET-42"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"#;
+
+/// `python3 -c CHALLENGING_ORIGIN PORT REALMS LOG`: a registry that answers every request
+/// `/v2/r<i>/...` with a Bearer challenge naming realm i of the comma-separated REALMS, and
+/// writes each request and its Authorization header to LOG.
+const CHALLENGING_ORIGIN: &str = r#"
+import http.server, sys
+port, realms, log = int(sys.argv[1]), sys.argv[2].split(","), sys.argv[3]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        open(log, "a").write("%s auth=%s\n" % (self.path, self.headers.get("Authorization")))
+        parts = self.path.split("/")
+        i = int(parts[2][1:]) if len(parts) > 2 and parts[2][1:].isdigit() else 0
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Bearer realm="%s",service="x",scope="repository:y:pull"' % realms[i % len(realms)])
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    do_HEAD = do_GET
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", port), H).serve_forever()
+"#;
 
 /// Sends `CONNECT target` to the proxy at `proxy`: the status and the connection.
 fn connect(proxy: &str, target: &str) -> Result<(u16, std::net::TcpStream)> {

@@ -176,7 +176,10 @@ fn host_allowed(host: &str, names: &[String]) -> bool {
 }
 
 fn port_ok(p: &str) -> bool {
-    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+    !p.is_empty()
+        && p.len() <= 5
+        && p.bytes().all(|b| b.is_ascii_digit())
+        && p.parse::<u16>().is_ok()
 }
 
 /// Readiness: this router is served only after the store was opened

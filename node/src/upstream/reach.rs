@@ -70,7 +70,10 @@ pub fn literal_ip(host: &str) -> Option<IpAddr> {
 /// the origin itself, its token realms and its redirects.
 pub fn check_url(url: &reqwest::Url) -> Result<(), String> {
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!("scheme {:?} refused (http or https only)", url.scheme()));
+        return Err(format!(
+            "scheme {:?} refused (http or https only)",
+            url.scheme()
+        ));
     }
     let ip = match url.host() {
         Some(url::Host::Ipv4(v4)) => IpAddr::V4(v4),
@@ -85,7 +88,9 @@ pub fn check_url(url: &reqwest::Url) -> Result<(), String> {
         None => return Err("a URL without a host".into()),
     };
     if is_local(ip) {
-        return Err(format!("{ip} is an address of this host (loopback, link-local or its own)"));
+        return Err(format!(
+            "{ip} is an address of this host (loopback, link-local or its own)"
+        ));
     }
     Ok(())
 }
@@ -299,7 +304,11 @@ mod tests {
         ] {
             assert!(check(u).is_err(), "{u} allowed");
         }
-        for u in ["https://203.0.113.7/token", "https://registry.example/v2/", "http://[2001:db8::1]:5000/"] {
+        for u in [
+            "https://203.0.113.7/token",
+            "https://registry.example/v2/",
+            "http://[2001:db8::1]:5000/",
+        ] {
             assert!(check(u).is_ok(), "{u} refused");
         }
     }
