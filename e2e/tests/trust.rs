@@ -736,7 +736,78 @@ fn only_the_administrator_changes_the_node_and_the_admin_listener_is_read_only()
             "root's umount: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        println!("{name}: nobody was refused on every listener; root mounted and unmounted");
+        drop(node);
+
+        // A node whose control group is nobody's group: nobody may use the socket now, but
+        // only on directories of its own, and never with --force (a mount over /etc, or over
+        // an empty drop-in directory the system reads, would make it root).
+        let socket2 = shared.0.join("control2.sock");
+        let _node2 = Node::start_with(
+            t,
+            NodeOptions {
+                control: Some(socket2.clone()),
+                extra_args: vec!["--set".into(), "control_group=nogroup".into()],
+                ..NodeOptions::upstream(&registry.url())
+            },
+        )?;
+        let sock2 = socket2.to_string_lossy().into_owned();
+        let member = |args: &[&str]| -> Result<Output> {
+            Command::new("setpriv")
+                .args(["--reuid", "65534", "--regid", "65534", "--groups", "65534"])
+                .arg(shoal_e2e::paths::shoal_bin()?)
+                .args(args)
+                .output()
+                .context("running shoal as a control-group member")
+        };
+        let out = member(&["mounts", "--control", &sock2])?;
+        ensure!(
+            out.status.success(),
+            "a control-group member could not list mounts: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let own = shared.0.join("nobodys");
+        std::fs::create_dir(&own)?;
+        std::os::unix::fs::chown(&own, Some(65534), Some(65534))?;
+        let own_s = own.to_string_lossy().into_owned();
+        for (args, why) in [
+            (
+                vec!["mount", &reference, "/etc", "--force"],
+                "--force over /etc",
+            ),
+            (vec!["mount", &reference, &mnt_s], "a directory root owns"),
+            (
+                vec!["mount", &reference, &own_s, "--force"],
+                "--force on its own directory",
+            ),
+        ] {
+            let mut args = args;
+            args.extend(["--control", sock2.as_str()]);
+            let out = member(&args)?;
+            ensure!(
+                !out.status.success(),
+                "a control-group member was allowed {why}: {out:?}"
+            );
+        }
+        ensure!(
+            !is_mounted(&mnt) && !is_mounted(Path::new("/etc")),
+            "a refused mount happened"
+        );
+        let out = member(&["mount", &reference, &own_s, "--control", &sock2])?;
+        ensure!(
+            out.status.success() && is_mounted(&own),
+            "a control-group member's mount on its own directory: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = member(&["umount", &own_s, "--control", &sock2])?;
+        ensure!(
+            out.status.success() && !is_mounted(&own),
+            "the member's umount: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!(
+            "{name}: nobody was refused on every listener; root mounted and unmounted; a \
+             control-group member mounted only on its own directory, never with --force"
+        );
         Ok(())
     });
 }

@@ -251,7 +251,16 @@ async fn authorize(policy: Policy, req: Request, next: Next) -> Response {
         .get::<ConnectInfo<PeerInfo>>()
         .and_then(|c| c.0 .0);
     match peer {
-        Some(p) if policy.allows(&p) => next.run(req).await,
+        Some(p) if policy.allows(&p) => {
+            let mut req = req;
+            let caller = if p.uid == 0 || p.uid == policy.uid {
+                crate::mount::Caller::Administrator
+            } else {
+                crate::mount::Caller::Member(p.uid)
+            };
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
         other => {
             tracing::warn!(peer = ?other, path = %req.uri().path(), "control call refused: caller is not the node's administrator");
             (

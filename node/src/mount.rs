@@ -223,12 +223,12 @@ impl Mounts {
     }
 
     /// Mount `req.image` at `req.dir` (which must exist; made canonical here; see
-    /// [`check_mount_point`]).
-    pub async fn mount(&self, req: MountRequest) -> Result<MountInfo, MountError> {
+    /// [`check_mount_point`]) for `caller`.
+    pub async fn mount(&self, req: MountRequest, caller: Caller) -> Result<MountInfo, MountError> {
         ImageRef::parse(&req.image)?;
         let dir = canonical(&req.dir).await?;
         let (d, data_dir, force) = (dir.clone(), self.data_dir.clone(), req.force);
-        tokio::task::spawn_blocking(move || check_mount_point(&d, &data_dir, force))
+        tokio::task::spawn_blocking(move || check_mount_point(&d, &data_dir, force, caller))
             .await
             .map_err(|e| MountError::Dir {
                 dir: dir.clone(),
@@ -300,21 +300,49 @@ const SYSTEM_TREES: [&str; 12] = [
     "/sys", "/usr",
 ];
 
+/// Who asks for a mount (from the control socket's peer credentials).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Root or the node's own user: any mount point the rules allow, `force` included.
+    Administrator,
+    /// A member of the control group with this uid: only a directory that user owns, never
+    /// `force` (a mount over a directory the system reads — `/etc`, a cron or sudoers drop-in
+    /// directory — would hand that user the host).
+    Member(u32),
+}
+
 /// A mount point (canonical) must be a directory, not a system directory, not inside the
 /// node's data directory, and empty — the last two rules waived by `force` except for the
-/// data directory, which is never covered.
-pub fn check_mount_point(dir: &Path, data_dir: &Path, force: bool) -> Result<(), MountError> {
+/// data directory, which is never covered. A control-group member's mount point must be a
+/// directory of their own, and `force` is not theirs to use.
+pub fn check_mount_point(
+    dir: &Path,
+    data_dir: &Path,
+    force: bool,
+    caller: Caller,
+) -> Result<(), MountError> {
     let refuse = |reason: &str| MountError::Dir {
         dir: dir.to_path_buf(),
         reason: reason.to_owned(),
     };
-    let meta = std::fs::metadata(dir).map_err(|e| refuse(&e.to_string()))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| refuse(&e.to_string()))?;
     if !meta.is_dir() {
         return Err(refuse("not a directory"));
     }
     let data = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     if dir.starts_with(&data) || data.starts_with(dir) {
         return Err(refuse("covers or is inside the node's data directory"));
+    }
+    if let Caller::Member(uid) = caller {
+        use std::os::unix::fs::MetadataExt as _;
+        if force {
+            return Err(refuse("--force is for root and the node's user only"));
+        }
+        if meta.uid() != uid {
+            return Err(refuse(
+                "is not yours: members of the control group mount only on their own directories",
+            ));
+        }
     }
     if force {
         return Ok(());
@@ -330,6 +358,30 @@ pub fn check_mount_point(dir: &Path, data_dir: &Path, force: bool) -> Result<(),
     if entries.next().is_some() {
         return Err(refuse(
             "is not empty (pass --force to hide its contents under the mount)",
+        ));
+    }
+    Ok(())
+}
+
+/// Right before mounting (seconds after [`check_mount_point`], the image resolved meanwhile):
+/// the mount point must still be that canonical path — a component swapped for a symbolic link
+/// (to the data directory, to `/etc`) in between is refused.
+fn still_the_checked_dir(dir: &Path, data_dir: &Path) -> Result<(), MountError> {
+    let refuse = |reason: String| MountError::Dir {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let now = std::fs::canonicalize(dir).map_err(|e| refuse(e.to_string()))?;
+    if now != dir {
+        return Err(refuse(format!(
+            "changed while the image was resolved: it now leads to {}",
+            now.display()
+        )));
+    }
+    let data = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    if dir.starts_with(&data) || data.starts_with(dir) {
+        return Err(refuse(
+            "covers or is inside the node's data directory".into(),
         ));
     }
     Ok(())
@@ -477,8 +529,18 @@ impl Actor {
                 };
                 *slot = Slot::Mounted(live);
                 let info = info(&rec, slot);
-                let saved = self.persist_add(&rec).await;
-                send(reply, saved.map(|()| info));
+                match self.persist_add(&rec).await {
+                    Ok(()) => send(reply, Ok(info)),
+                    Err(e) => {
+                        // A mount the table does not hold would not come back, nor be found by
+                        // `umount`: take it down again.
+                        if let Some((_, Slot::Mounted(live))) = self.slots.remove(&rec.dir) {
+                            unmount_live(*live).await;
+                        }
+                        self.records.retain(|r| r.dir != rec.dir);
+                        send(reply, Err(e));
+                    }
+                }
             }
             Err(e) if restoring => {
                 tracing::warn!(image = %rec.image, dir = %rec.dir.display(), error = %e, "mount not restored");
@@ -738,9 +800,15 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         boot.clone(),
     );
     let mode = rec.mode;
-    let fs = tokio::task::spawn_blocking(move || fs::mount(mode, &data_dir, b, source, &dir))
-        .await
-        .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
+    let user = rec.owner.is_user();
+    let fs = tokio::task::spawn_blocking(move || {
+        if user {
+            still_the_checked_dir(&dir, &data_dir)?;
+        }
+        fs::mount(mode, &data_dir, b, source, &dir)
+    })
+    .await
+    .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
     let stop = deps.cancel.child_token();
     let span = tracing::info_span!("mount-background", dir = %rec.dir.display());
     background.start(

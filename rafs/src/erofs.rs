@@ -223,9 +223,9 @@ impl Drop for ErofsMount {
 }
 
 fn unmount_or_detach(dir: &Path) -> Result<(), ErofsError> {
-    let r = match rustix::mount::unmount(dir, UnmountFlags::empty()) {
+    let r = match rustix::mount::unmount(dir, UnmountFlags::NOFOLLOW) {
         Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
-        Err(_) => rustix::mount::unmount(dir, UnmountFlags::DETACH),
+        Err(_) => rustix::mount::unmount(dir, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW),
     };
     r.map_err(|e| ErofsError::Unmount {
         dir: dir.to_path_buf(),

@@ -13,7 +13,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{MountError, MountInfo, MountRequest, Mounts};
+use super::{Caller, MountError, MountInfo, MountRequest, Mounts};
 use crate::mount::image::ImageError;
 use shoal_rafs::erofs::ErofsError;
 
@@ -47,8 +47,15 @@ async fn list(State(m): State<Mounts>) -> Response {
     }
 }
 
-async fn create(State(m): State<Mounts>, Json(req): Json<MountRequest>) -> Response {
-    match m.mount(req).await {
+async fn create(
+    State(m): State<Mounts>,
+    caller: Option<axum::extract::Extension<Caller>>,
+    Json(req): Json<MountRequest>,
+) -> Response {
+    // The control socket's authorization layer says who the caller is; without it (a router
+    // served elsewhere) the caller is treated as a group member with no directory of its own.
+    let caller = caller.map_or(Caller::Member(u32::MAX), |c| c.0);
+    match m.mount(req, caller).await {
         Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
         Err(e) => error(&e),
     }

@@ -41,7 +41,7 @@ pub(crate) fn mount<FS: Filesystem>(
         .and_then(Session::spawn)
         .map(Mounted::Direct)
         .inspect_err(|_| {
-            let _ = rustix::mount::unmount(dir, UnmountFlags::DETACH);
+            let _ = rustix::mount::unmount(dir, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW);
         })
 }
 
@@ -59,20 +59,22 @@ pub(crate) fn raise_readahead(dir: &Path, bytes: u32) -> io::Result<()> {
 /// Unmount; detach lazily if the mount is busy.
 pub(crate) fn unmount(m: Mounted, dir: &Path) -> io::Result<()> {
     match m {
-        Mounted::Direct(session) => match rustix::mount::unmount(dir, UnmountFlags::empty()) {
+        Mounted::Direct(session) => match rustix::mount::unmount(dir, UnmountFlags::NOFOLLOW) {
             // EINVAL: no longer a mount point (someone ran umount); the session is ending.
             // Either way the event loops see ENODEV and end, then the filesystem is dropped.
             Ok(()) | Err(rustix::io::Errno::INVAL) => session.join(),
             Err(_) => {
                 // Busy: detach now; the session thread lives on until the last user lets go.
                 drop(session);
-                rustix::mount::unmount(dir, UnmountFlags::DETACH).map_err(io::Error::from)
+                rustix::mount::unmount(dir, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW)
+                    .map_err(io::Error::from)
             }
         },
         // fuser detaches with `fusermount3 -u -z` itself when umount(2) is refused (EPERM).
         Mounted::Fuser(session) => session.umount_and_join().or_else(|e| {
             if rustix::process::geteuid().is_root() {
-                rustix::mount::unmount(dir, UnmountFlags::DETACH).map_err(io::Error::from)
+                rustix::mount::unmount(dir, UnmountFlags::DETACH | UnmountFlags::NOFOLLOW)
+                    .map_err(io::Error::from)
             } else {
                 Err(e)
             }
