@@ -5,7 +5,9 @@
 //! anything that mutates. A request whose `Host` header names something other
 //! than an IP literal, `localhost` or one of `admin_hosts` is refused, so a
 //! web page cannot read it through DNS rebinding. Bound to loopback by
-//! default: the status tells what is cached.
+//! default: the status tells what is cached — digests and sizes, never the
+//! (possibly private) repository names they came from, which only the control
+//! socket's `/api/v1/status` lists (`shoal status --control`).
 
 use std::sync::Arc;
 
@@ -30,6 +32,7 @@ pub struct AdminState {
     pub peering: Option<crate::peering::Peering>,
     /// Host names accepted besides IP literals and `localhost` (`admin_hosts`).
     pub hosts: Arc<Vec<String>>,
+    pub snapshotter: Option<crate::snapshotter::Snapshotter>,
 }
 
 /// Static facts about the running node.
@@ -56,6 +59,9 @@ pub struct Status {
     /// The node's cluster side; absent on a standalone node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub p2p: Option<P2pStatus>,
+    /// containerd's snapshotter: snapshots and the images mounted under containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshotter: Option<crate::snapshotter::SnapshotterStatus>,
     pub blobs: Vec<BlobStatus>,
 }
 
@@ -97,7 +103,9 @@ pub struct BlobStatus {
     pub complete: bool,
     pub present_bytes: u64,
     /// Where it was fetched or confirmed: `upstream/repo`, with ` (open)` where any client of
-    /// that upstream and repository may read it.
+    /// that upstream and repository may read it. Listed on the control socket only (empty on
+    /// the admin listener: repository names may be private).
+    #[serde(default)]
     pub repos: Vec<String>,
 }
 
@@ -207,6 +215,20 @@ async fn metrics(State(st): State<AdminState>) -> Response {
 }
 
 async fn status(State(st): State<AdminState>) -> Response {
+    status_of(&st, false).await
+}
+
+/// The control socket's status: the admin listener's, with each blob's repositories.
+pub fn control_router(state: AdminState) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/status",
+            get(|State(st): State<AdminState>| async move { status_of(&st, true).await }),
+        )
+        .with_state(state)
+}
+
+async fn status_of(st: &AdminState, repos: bool) -> Response {
     let store = st.store.clone();
     let blobs = match tokio::task::spawn_blocking(move || store.blobs()).await {
         Ok(Ok(b)) => b,
@@ -238,6 +260,10 @@ async fn status(State(st): State<AdminState>) -> Response {
             Some(p) => Some(p.status().await),
             None => None,
         },
+        snapshotter: match &st.snapshotter {
+            Some(s) => Some(s.status().await),
+            None => None,
+        },
         blobs: blobs
             .into_iter()
             .map(|b| BlobStatus {
@@ -248,6 +274,7 @@ async fn status(State(st): State<AdminState>) -> Response {
                 repos: b
                     .repos
                     .iter()
+                    .filter(|_| repos)
                     .map(|(r, open)| {
                         let open = if open { " (open)" } else { "" };
                         format!("{}/{}{open}", r.upstream, r.repo)

@@ -208,7 +208,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         info: Arc::new(info),
         peering: peering.clone(),
         hosts: Arc::new(cfg.admin_hosts.clone()),
+        snapshotter: Some(snapshotter.clone()),
     };
+    let control_status = admin::control_router(admin_state.clone());
 
     let mirror_listener = TcpListener::bind(cfg.listen)
         .await
@@ -249,7 +251,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             .await
     });
     let s = stop_accepting.clone();
-    let control_routes = crate::mount::api::router(mounts.clone());
+    let control_routes = crate::mount::api::router(mounts.clone()).merge(control_status);
     servers.spawn(async move {
         control::serve(
             control_listener,

@@ -16,23 +16,55 @@ pub struct StatusArgs {
     /// Print JSON (the admin API's /api/v1/status) instead of a summary.
     #[arg(long)]
     pub json: bool,
+    /// Ask over the node's control socket instead (root, the node's user or the control
+    /// group): the same status plus the repositories each blob came from, which the admin
+    /// listener does not show.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+    pub control: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: StatusArgs) -> anyhow::Result<std::process::ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let url = format!("http://{}/api/v1/status", args.node);
-    let body = rt.block_on(async {
-        let resp = reqwest::get(&url).await?.error_for_status()?;
-        resp.text().await
-    });
-    let body = body.map_err(|e| {
-        super::exit::unreachable(format!(
-            "cannot reach the node's admin API at {}: {e}",
-            args.node
-        ))
-    })?;
+    let body = match &args.control {
+        Some(path) => {
+            let path = if path.as_os_str().is_empty() {
+                crate::control::default_path()
+            } else {
+                path.clone()
+            };
+            let (code, bytes) = rt
+                .block_on(crate::control::request(
+                    &path,
+                    axum::http::Method::GET,
+                    "/api/v1/status",
+                    None,
+                ))
+                .map_err(|e| super::exit::unreachable(e.to_string()))?;
+            if !code.is_success() {
+                anyhow::bail!(
+                    "control socket {}: {code} {}",
+                    path.display(),
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        None => {
+            let url = format!("http://{}/api/v1/status", args.node);
+            let body = rt.block_on(async {
+                let resp = reqwest::get(&url).await?.error_for_status()?;
+                resp.text().await
+            });
+            body.map_err(|e| {
+                super::exit::unreachable(format!(
+                    "cannot reach the node's admin API at {}: {e}",
+                    args.node
+                ))
+            })?
+        }
+    };
     if args.json {
         println!("{body}");
         return Ok(std::process::ExitCode::SUCCESS);
@@ -120,6 +152,27 @@ fn render(s: &Status) -> String {
                 },
                 p.dht_addr.as_deref().unwrap_or("off"),
                 p.dht_peers.map_or("?".into(), |n| n.to_string())
+            );
+        }
+    }
+    if let Some(sn) = &s.snapshotter {
+        let _ = writeln!(
+            o,
+            "snapshots: {} active, {} views, {} committed ({} Nydus layers provided without a download); {} images mounted under containers",
+            sn.active,
+            sn.views,
+            sn.committed,
+            sn.provided_layers,
+            sn.images.len()
+        );
+        for i in &sn.images {
+            let _ = writeln!(
+                o,
+                "           {} at {} ({}, {} containers)",
+                i.image,
+                i.dir.display(),
+                i.state,
+                i.containers
             );
         }
     }
