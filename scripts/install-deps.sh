@@ -3,9 +3,11 @@
 set -euo pipefail
 PKGS=(libclang-dev clang docker-registry skopeo umoci containerd erofs-utils fuse3
       debootstrap iproute2 apache2-utils jq curl ca-certificates pkg-config
-      systemd openssl util-linux)
+      systemd openssl util-linux stargz-snapshotter)
 # systemd: `systemd-analyze verify` of deploy/systemd (e2e/tests/deploy.rs); openssl, util-linux
 # (nsenter, unshare): the README's cluster install run on netns hosts (e2e/tests/install.rs).
+# stargz-snapshotter: only its `ctr-remote`, whose `image rpull` pulls a Nydus image with the layer
+# labels the shoal snapshotter needs (e2e/tests/snapshotter.rs; `ctr image pull` passes none).
 # kubectl, when present, also renders the kustomize overlays in deploy.rs (not required).
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,16 +1,19 @@
 //! A private containerd daemon (own root, state, gRPC socket and config under the test's temp dir;
 //! CRI and the snapshotters that need special filesystems disabled) and `ctr image pull` against it
 //! with a `hosts.toml` directory (containerd 1.6: `ctr image pull --hosts-dir DIR --snapshotter
-//! native [--user u:p] REF`).
+//! native [--user u:p] REF`); for snapshotter tests also `ctr-remote image rpull`, `ctr run`,
+//! tasks, containers, images and `ctr snapshots`, each with the snapshotter named.
 //!
-//! Invariant: the daemon is SIGKILLed on drop; nothing outside the temp dir is touched.
+//! Invariants: the daemon is SIGKILLed on drop, after every task it still runs was killed (a
+//! shim outlives its containerd, and its container would keep running); nothing outside the
+//! temp dir is touched.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::registry::Creds;
 use crate::wait::poll;
@@ -20,6 +23,8 @@ use crate::TestCtx;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The containerd namespace the tests use.
 const NAMESPACE: &str = "shoal-e2e";
+/// How long a task may take to start running or to stop after SIGKILL.
+const TASK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running private containerd.
 #[derive(Debug)]
@@ -34,6 +39,41 @@ pub struct Containerd {
 pub struct CtrOutcome {
     pub success: bool,
     pub output: String,
+}
+
+impl CtrOutcome {
+    /// The output if the command succeeded, else an error naming `what` with the output.
+    pub fn ok(self, what: &str) -> Result<String> {
+        ensure!(self.success, "{what} failed: {}", self.output.trim());
+        Ok(self.output)
+    }
+}
+
+/// One row of `ctr snapshots ls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRow {
+    pub key: String,
+    /// Empty for a snapshot without a parent.
+    pub parent: String,
+    /// `Active`, `View` or `Committed`.
+    pub kind: String,
+}
+
+/// Where an image's layers come from in a pull: a `hosts.toml` directory (the node as mirror),
+/// or the registry itself over plain HTTP.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a> {
+    Hosts(&'a Path),
+    Direct,
+}
+
+impl Source<'_> {
+    fn add_to(self, cmd: &mut Command) {
+        match self {
+            Source::Hosts(dir) => cmd.arg("--hosts-dir").arg(dir),
+            Source::Direct => cmd.arg("--plain-http"),
+        };
+    }
 }
 
 impl Containerd {
@@ -147,15 +187,169 @@ impl Containerd {
     ) -> Result<CtrOutcome> {
         let mut cmd = self.ctr();
         cmd.args(["image", "pull", "--snapshotter", "native"]);
-        match hosts_dir {
-            Some(dir) => cmd.arg("--hosts-dir").arg(dir),
-            None => cmd.arg("--plain-http"),
-        };
+        hosts_dir
+            .map_or(Source::Direct, Source::Hosts)
+            .add_to(&mut cmd);
         if let Some(c) = creds {
             cmd.arg("--user").arg(c.colon());
         }
         cmd.arg(reference);
         run(cmd)
+    }
+
+    /// `ctr image pull --snapshotter SNAPSHOTTER SOURCE REF`: fetch every blob, then unpack
+    /// (without layer labels: containerd 1.6's `ctr image pull` passes none to the snapshotter).
+    pub fn pull_into(
+        &self,
+        snapshotter: &str,
+        source: Source<'_>,
+        reference: &str,
+    ) -> Result<CtrOutcome> {
+        let mut cmd = self.ctr();
+        cmd.args(["image", "pull", "--snapshotter", snapshotter]);
+        source.add_to(&mut cmd);
+        cmd.arg(reference);
+        run(cmd)
+    }
+
+    /// `ctr-remote image rpull --snapshotter SNAPSHOTTER SOURCE REF`: containerd's client-side
+    /// unpack with each layer's annotations (and stargz's reference labels) on its `Prepare`, so
+    /// a remote snapshotter can provide layers without a download.
+    pub fn rpull(
+        &self,
+        snapshotter: &str,
+        source: Source<'_>,
+        reference: &str,
+    ) -> Result<CtrOutcome> {
+        let mut cmd = self.command("ctr-remote");
+        cmd.args(["image", "rpull", "--snapshotter", snapshotter]);
+        source.add_to(&mut cmd);
+        cmd.arg(reference);
+        run(cmd)
+    }
+
+    /// `ctr run --rm --snapshotter SNAPSHOTTER REF ID ARGS…`: the container's output, its exit
+    /// status as success.
+    pub fn run(
+        &self,
+        snapshotter: &str,
+        reference: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<CtrOutcome> {
+        let mut cmd = self.ctr();
+        cmd.args(["run", "--rm", "--snapshotter", snapshotter, reference, id]);
+        cmd.args(args);
+        run(cmd)
+    }
+
+    /// `ctr run -d --snapshotter SNAPSHOTTER REF ID ARGS…`, then waits until its task runs.
+    pub fn run_detached(
+        &self,
+        snapshotter: &str,
+        reference: &str,
+        id: &str,
+        args: &[&str],
+    ) -> Result<()> {
+        let mut cmd = self.ctr();
+        cmd.args(["run", "-d", "--snapshotter", snapshotter, reference, id]);
+        cmd.args(args);
+        run(cmd)?.ok(&format!("ctr run -d {reference} {id}"))?;
+        poll(&format!("task {id} to run"), TASK_TIMEOUT, || {
+            Ok((self.task_status(id)?.as_deref() == Some("RUNNING")).then_some(()))
+        })
+    }
+
+    /// The status of container `id`'s task (`RUNNING`, `STOPPED`, …), `None` without one.
+    pub fn task_status(&self, id: &str) -> Result<Option<String>> {
+        Ok(self.task(id)?.map(|(_, status)| status))
+    }
+
+    /// The host pid of container `id`'s init process, if it has a task.
+    pub fn task_pid(&self, id: &str) -> Result<Option<u32>> {
+        Ok(self.task(id)?.and_then(|(pid, _)| pid.parse().ok()))
+    }
+
+    /// (pid, status) of container `id`'s task, from `ctr task ls` (`TASK PID STATUS`).
+    fn task(&self, id: &str) -> Result<Option<(String, String)>> {
+        let mut cmd = self.ctr();
+        cmd.args(["task", "ls"]);
+        let out = run(cmd)?.ok("ctr task ls")?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .find_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+                [task, pid, status] if task == id => Some((pid.to_owned(), status.to_owned())),
+                _ => None,
+            }))
+    }
+
+    /// `ctr task kill -s SIGKILL ID`, `ctr task rm ID` once it stopped, `ctr container rm ID`.
+    pub fn kill_and_remove(&self, id: &str) -> Result<()> {
+        let mut cmd = self.ctr();
+        cmd.args(["task", "kill", "-s", "SIGKILL", id]);
+        run(cmd)?.ok(&format!("ctr task kill {id}"))?;
+        poll(&format!("task {id} to stop"), TASK_TIMEOUT, || {
+            Ok((self.task_status(id)?.as_deref() == Some("STOPPED")).then_some(()))
+        })?;
+        let mut cmd = self.ctr();
+        cmd.args(["task", "rm", id]);
+        run(cmd)?.ok(&format!("ctr task rm {id}"))?;
+        let mut cmd = self.ctr();
+        cmd.args(["container", "rm", id]);
+        run(cmd)?.ok(&format!("ctr container rm {id}"))?;
+        Ok(())
+    }
+
+    /// `ctr image rm REF…`.
+    pub fn remove_images(&self, references: &[String]) -> Result<()> {
+        if references.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = self.ctr();
+        cmd.args(["image", "rm"]).args(references);
+        run(cmd)?.ok("ctr image rm")?;
+        Ok(())
+    }
+
+    /// `ctr snapshots --snapshotter SNAPSHOTTER ls` (containerd's view: the test namespace's
+    /// snapshots).
+    pub fn snapshots(&self, snapshotter: &str) -> Result<Vec<SnapshotRow>> {
+        let mut cmd = self.ctr();
+        cmd.args(["snapshots", "--snapshotter", snapshotter, "ls"]);
+        let out = run(cmd)?.ok("ctr snapshots ls")?;
+        Ok(out
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let (key, parent, kind) = match f.as_slice() {
+                    [k, p, kind] => (k, *p, kind),
+                    [k, kind] => (k, "", kind),
+                    _ => return None,
+                };
+                Some(SnapshotRow {
+                    key: (*key).to_owned(),
+                    parent: parent.to_owned(),
+                    kind: (*kind).to_owned(),
+                })
+            })
+            .collect())
+    }
+
+    /// `ctr snapshots --snapshotter SNAPSHOTTER mounts TARGET KEY`: the mount command line that
+    /// would mount snapshot `key` (`mount -t overlay overlay TARGET -o …`).
+    pub fn snapshot_mounts(&self, snapshotter: &str, key: &str) -> Result<String> {
+        let mut cmd = self.ctr();
+        cmd.args([
+            "snapshots",
+            "--snapshotter",
+            snapshotter,
+            "mounts",
+            "/mnt",
+            key,
+        ]);
+        run(cmd)?.ok(&format!("ctr snapshots mounts {key}"))
     }
 
     /// `ctr image ls -q` in the test namespace.
@@ -170,7 +364,12 @@ impl Containerd {
     }
 
     fn ctr(&self) -> Command {
-        let mut cmd = Command::new("ctr");
+        self.command("ctr")
+    }
+
+    /// `ctr` or a program built on it (`ctr-remote`) with this daemon's socket and namespace.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
         cmd.arg("--address")
             .arg(&self.socket)
             .args(["--namespace", NAMESPACE]);
@@ -196,6 +395,18 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // Best effort: a task left by a failed test would outlive the daemon in its shim.
+        if self.child.is_some() {
+            let mut cmd = self.ctr();
+            cmd.args(["task", "ls", "-q"]);
+            if let Ok(out) = run(cmd) {
+                for id in out.output.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    let mut kill = self.ctr();
+                    kill.args(["task", "rm", "--force", id]);
+                    let _ = run(kill);
+                }
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

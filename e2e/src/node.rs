@@ -215,6 +215,13 @@ impl Node {
         Ok(self.data_dir.join("blobs").join(alg).join(hex))
     }
 
+    /// The node's whole log so far (lossy UTF-8; empty if it cannot be read).
+    pub fn log_text(&self) -> String {
+        std::fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
     /// The last `lines` lines of the node's log.
     pub fn log_tail(&self, lines: usize) -> String {
         crate::ctx::tail(&self.log_path, lines)

@@ -21,7 +21,9 @@
 //!
 //! Invariants: a snapshot record is written only after its directories exist, and removed before
 //! they are (a crash leaves at most an orphan directory, which `Cleanup` removes); a `Prepare`
-//! that cannot get its image mounted leaves no snapshot behind; ids are never reused.
+//! that cannot get its image mounted leaves no snapshot behind; nothing is made on Nydus data
+//! layers without their bootstrap above them, except the unpack of that bootstrap layer itself;
+//! ids are never reused.
 
 pub mod api;
 pub mod filter;
@@ -450,8 +452,8 @@ impl Actor {
             return;
         }
         if let Some(p) = parent.as_deref() {
-            if let Err(e) = self.check_chain(p) {
-                let _ = reply.send(Err(e));
+            if let Err(e) = check_chain(&self.table, p, &labels) {
+                let _ = reply.send(Err(e.into()));
                 return;
             }
         }
@@ -475,31 +477,6 @@ impl Actor {
             return;
         }
         self.answer_or_wait(key, reply, true).await;
-    }
-
-    /// Refuses a parent chain holding Nydus data layers without their bootstrap above them: a
-    /// container there would see an empty tree (an image whose bootstrap layer is missing, or
-    /// unpacked by another snapshotter).
-    fn check_chain(&self, parent: &str) -> Result<(), SnapError> {
-        let Some(p) = self.table.get(parent) else {
-            return Ok(()); // plan_create reports the missing parent
-        };
-        let mut chain = vec![p];
-        chain.extend(self.table.ancestors(parent).into_iter().map(|(_, r)| r));
-        for r in chain {
-            if labels::is_bootstrap(&r.labels) {
-                return Ok(());
-            }
-            if r.labels.contains_key(labels::PROVIDED) {
-                return Err(state::Error::FailedPrecondition(format!(
-                    "{parent} stands on Nydus data layers without a Nydus bootstrap layer \
-                     (containerd.io/snapshot/nydus-bootstrap) above them: the image lacks its \
-                     bootstrap, or was not pulled with its layer annotations"
-                ))
-                .into());
-            }
-        }
-        Ok(())
     }
 
     /// Records a Nydus data layer as committed under `target` (its bytes are read lazily
@@ -1037,6 +1014,38 @@ fn info(name: &str, r: &Record) -> Info {
     }
 }
 
+/// Refuses a new snapshot (with `labels`) on `parent` when the chain holds Nydus data layers
+/// without their bootstrap above them: a container there would see an empty tree (an image whose
+/// bootstrap layer is missing, or unpacked by another snapshotter). The bootstrap layer's own
+/// unpack is what puts the bootstrap above them, so it passes.
+fn check_chain(
+    table: &Table,
+    parent: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), state::Error> {
+    if labels::classify(labels) == Prepared::Layer && labels::is_bootstrap(labels) {
+        return Ok(());
+    }
+    let Some(p) = table.get(parent) else {
+        return Ok(()); // plan_create reports the missing parent
+    };
+    let mut chain = vec![p];
+    chain.extend(table.ancestors(parent).into_iter().map(|(_, r)| r));
+    for r in chain {
+        if labels::is_bootstrap(&r.labels) {
+            return Ok(());
+        }
+        if r.labels.contains_key(labels::PROVIDED) {
+            return Err(state::Error::FailedPrecondition(format!(
+                "{parent} is or stands on Nydus data layers without a Nydus bootstrap layer \
+                 (containerd.io/snapshot/nydus-bootstrap) above them: the image lacks its \
+                 bootstrap, or was not pulled with its layer annotations"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The RAFS bootstrap inside an unpacked Nydus bootstrap layer: `image/image.boot` (or the
 /// older `image.boot`), a regular file reached through real directories only — the layer's
 /// content is the image author's, and a symbolic link there must not lead anywhere else.
@@ -1081,6 +1090,48 @@ fn now_ns() -> u64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn data_layers_need_their_bootstrap_above_them() {
+        let mut t = Table::default();
+        let add = |t: &mut Table, name: &str, parent: Option<&str>, kv: &[(&str, &str)]| {
+            let (c, _) = t.plan_provided(name, parent, map(kv), 1).unwrap();
+            t.apply(&c);
+        };
+        add(&mut t, "base", None, &[]);
+        add(&mut t, "blob1", Some("base"), &[(labels::PROVIDED, "x")]);
+        add(&mut t, "blob2", Some("blob1"), &[(labels::PROVIDED, "x")]);
+        let container = map(&[]);
+        let err = check_chain(&t, "blob2", &container).unwrap_err();
+        assert!(err.to_string().contains("nydus-bootstrap"), "{err}");
+        assert!(check_chain(&t, "base", &container).is_ok(), "plain layers");
+        // The bootstrap layer's unpack on the data layers is what completes the image.
+        let unpack = map(&[
+            (labels::TARGET_REF, "sha256:top"),
+            (labels::NYDUS_BOOTSTRAP, "true"),
+        ]);
+        check_chain(&t, "blob2", &unpack).unwrap();
+        let other_layer = map(&[(labels::TARGET_REF, "sha256:top")]);
+        assert!(check_chain(&t, "blob2", &other_layer).is_err());
+        let labelled_container = map(&[(labels::NYDUS_BOOTSTRAP, "true")]);
+        assert!(
+            check_chain(&t, "blob2", &labelled_container).is_err(),
+            "a container does not pass by carrying the label"
+        );
+        add(
+            &mut t,
+            "boot",
+            Some("blob2"),
+            &[(labels::NYDUS_BOOTSTRAP, "true")],
+        );
+        check_chain(&t, "boot", &container).unwrap();
+    }
 
     #[test]
     fn the_bootstrap_file_is_a_regular_file_behind_real_directories() {
