@@ -16,6 +16,7 @@ pub mod node;
 pub mod p2p;
 pub mod peering;
 pub mod prewarm;
+pub mod serve;
 pub mod snapshotter;
 pub mod store;
 pub use shoal_proto::units;

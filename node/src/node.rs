@@ -240,15 +240,17 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let s = stop_accepting.clone();
     servers.spawn(async move {
         let app = mirror::router(mirror_state);
-        axum::serve(mirror_listener, app)
-            .with_graceful_shutdown(s.cancelled_owned())
-            .await
+        crate::serve::serve(mirror_listener, app, crate::serve::Limits::MIRROR, s).await
     });
     let s = stop_accepting.clone();
     servers.spawn(async move {
-        axum::serve(admin_listener, admin::router(admin_state))
-            .with_graceful_shutdown(s.cancelled_owned())
-            .await
+        crate::serve::serve(
+            admin_listener,
+            admin::router(admin_state),
+            crate::serve::Limits::ADMIN,
+            s,
+        )
+        .await
     });
     let s = stop_accepting.clone();
     let control_routes = crate::mount::api::router(mounts.clone()).merge(control_status);
