@@ -776,6 +776,29 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
     }
     let boot = Arc::new(boot);
     let list_path = prefetch::list_path(&deps.data_dir, &key);
+    if let Some(p) = &deps.peering {
+        // No list of our own yet: another node of the cluster may have recorded one.
+        let local = list_path.clone();
+        let have = tokio::task::spawn_blocking(move || local.exists())
+            .await
+            .unwrap_or(true);
+        if !have {
+            if let Some(chunks) = p.shared_access_list(&key).await {
+                let (path, n) = (list_path.clone(), chunks.len());
+                match tokio::task::spawn_blocking(move || prefetch::write_list(&path, chunks)).await
+                {
+                    Ok(Ok(())) => {
+                        tracing::info!(
+                            chunks = n,
+                            "prefetching the access list another node shared"
+                        )
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot keep a shared access list"),
+                    Err(e) => tracing::warn!(error = %e, "shared access list task failed"),
+                }
+            }
+        }
+    }
     let mut background = tokio::task::spawn_blocking(move || Background::prepare(&list_path))
         .await
         .map_err(|e| MountError::Table(format!("access list task failed: {e}")))?;
@@ -811,6 +834,13 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
     .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
     let stop = deps.cancel.child_token();
     let span = tracing::info_span!("mount-background", dir = %rec.dir.display());
+    let share: Option<prefetch::Share> = deps.peering.clone().map(|p| {
+        let (key, tracker) = (key.clone(), deps.tracker.clone());
+        Arc::new(move |chunks: Vec<prefetch::ChunkKey>| {
+            let (p, key) = (p.clone(), key.clone());
+            tracker.spawn(async move { p.share_access_list(&key, &chunks).await });
+        }) as prefetch::Share
+    });
     background.start(
         &deps.tracker,
         &backend,
@@ -818,6 +848,7 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         rec.prefetch_rate.unwrap_or(prefetch::DEFAULT_RATE),
         &stop,
         span,
+        share,
     );
     let series = deps.metrics.mount_series.clone();
     series.add(

@@ -279,6 +279,45 @@ impl Peering {
         }
     }
 
+    /// The access list another node of the cluster shared for the image whose bootstrap has
+    /// digest `key` (from that key's scheduler), or `None` (none shared, or no answer within a
+    /// few seconds: a mount does not wait longer for a prefetch hint).
+    pub async fn shared_access_list(&self, key: &shoal_proto::Digest) -> Option<Vec<(u32, u64)>> {
+        let client = self.inner.schedulers.as_ref()?.for_blob(key)?;
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(3), client.access_list(key)).await;
+        match result {
+            Ok(Ok(found)) => {
+                self.observe("access_list", started, true);
+                found.map(|l| l.chunks)
+            }
+            Ok(Err(e)) => {
+                self.observe("access_list", started, false);
+                tracing::debug!(error = %e, "access list request failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Shares the access list of the image whose bootstrap has digest `key` with the cluster
+    /// (its first [`shoal_proto::sched::MAX_SHARED_ACCESS`] chunks).
+    pub async fn share_access_list(&self, key: &shoal_proto::Digest, chunks: &[(u32, u64)]) {
+        let Some(client) = self.inner.schedulers.as_ref().and_then(|s| s.for_blob(key)) else {
+            return;
+        };
+        let n = chunks.len().min(shoal_proto::sched::MAX_SHARED_ACCESS);
+        let list = shoal_proto::sched::AccessList {
+            chunks: chunks[..n].to_vec(),
+        };
+        let started = Instant::now();
+        let result = client.put_access_list(key, &list).await;
+        self.observe("share_access_list", started, result.is_ok());
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "sharing the access list failed");
+        }
+    }
+
     /// `range` of `blob` from a peer holding all of it (the scheduler's
     /// holders first, then the DHT's), or `None` if no peer could give it.
     /// The bytes are NOT verified: the caller checks them (lazy mounts

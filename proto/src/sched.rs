@@ -531,6 +531,21 @@ pub enum ErrorCode {
 }
 
 // ---------------------------------------------------------------------------
+// Shared access lists
+
+/// Most chunks a shared access list holds (the first ones an image's first run touched: what a
+/// container's start-up needs).
+pub const MAX_SHARED_ACCESS: usize = 50_000;
+
+/// `PUT`/`GET /api/v1/access-lists/{image key}`: the chunks an image's first run read, in
+/// first-touch order, as (blob table index, compressed offset) pairs. The key is the sha256 of the
+/// image's RAFS bootstrap, so every node that mounts the same image finds the same list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessList {
+    pub chunks: Vec<(u32, u64)>,
+}
+
+// ---------------------------------------------------------------------------
 // Status
 
 /// `GET /api/v1/status`.

@@ -12,8 +12,8 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shoal_proto::sched::{
-    check_version, pick_scheduler, AnnounceRequest, AnnounceResponse, ErrorBody, ErrorCode,
-    FailureAck, FailureReport, JobId, JobList, JobRequest, JobStatus, ParentsRequest,
+    check_version, pick_scheduler, AccessList, AnnounceRequest, AnnounceResponse, ErrorBody,
+    ErrorCode, FailureAck, FailureReport, JobId, JobList, JobRequest, JobStatus, ParentsRequest,
     ParentsResponse, StatusResponse, VersionError, API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION,
 };
 use shoal_proto::BlobId;
@@ -194,6 +194,33 @@ impl SchedulerClient {
             .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string());
         let req = self.sign(req, "DELETE", &full_path, b"");
         self.send(req).await
+    }
+
+    /// Share the access list of the image whose bootstrap has digest `key`.
+    pub async fn put_access_list(
+        &self,
+        key: &BlobId,
+        list: &AccessList,
+    ) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(list).map_err(|e| self.bad(format!("encoding: {e}")))?;
+        let full_path = format!("{API_PREFIX}/access-lists/{key}");
+        let req = self
+            .http
+            .put(format!("{}{full_path}", self.base))
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .header("content-type", "application/json");
+        let req = self.sign(req, "PUT", &full_path, &body);
+        let _: serde_json::Value = self.send(req.body(body)).await?;
+        Ok(())
+    }
+
+    /// The access list another node shared for the image whose bootstrap has digest `key`.
+    pub async fn access_list(&self, key: &BlobId) -> Result<Option<AccessList>, ClientError> {
+        match self.get(&format!("/access-lists/{key}")).await {
+            Ok(list) => Ok(Some(list)),
+            Err(ClientError::Rejected { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Adds the signature header when this client has a key.

@@ -50,6 +50,10 @@ pub fn router_with_auth(handle: SchedulerHandle, auth_key: Option<[u8; 32]>) -> 
         .route("/api/v1/status", get(status))
         .route("/api/v1/jobs", post(create_job).get(list_jobs))
         .route("/api/v1/jobs/{id}", get(job).delete(cancel_job))
+        .route(
+            "/api/v1/access-lists/{key}",
+            get(get_access_list).put(put_access_list),
+        )
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -261,6 +265,36 @@ async fn failure(
 
 async fn status(State(h): State<SchedulerHandle>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(h.status().await?))
+}
+
+#[tracing::instrument(level = "debug", skip_all, fields(key = %raw))]
+async fn put_access_list(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let key = blob_id(&raw)?;
+    let list: shoal_proto::sched::AccessList = json(&body)?;
+    if list.chunks.len() > shoal_proto::sched::MAX_SHARED_ACCESS {
+        return Err(ApiError::BadRequest(format!(
+            "an access list of {} chunks (at most {})",
+            list.chunks.len(),
+            shoal_proto::sched::MAX_SHARED_ACCESS
+        )));
+    }
+    h.put_access_list(key, list).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn get_access_list(
+    State(h): State<SchedulerHandle>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let key = blob_id(&raw)?;
+    match h.access_list(key).await? {
+        Some(list) => Ok(Json(list).into_response()),
+        None => Ok(StatusCode::NOT_FOUND.into_response()),
+    }
 }
 
 fn job_id(raw: &str) -> Result<JobId, ApiError> {

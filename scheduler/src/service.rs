@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::sched::{
-    AnnounceRequest, AnnounceResponse, FailureAck, FailureReport, JobId, JobRequest, JobStatus,
-    ParentsRequest, ParentsResponse, SchedulerInfo, StatusResponse, PROTOCOL_VERSION,
+    AccessList, AnnounceRequest, AnnounceResponse, FailureAck, FailureReport, JobId, JobRequest,
+    JobStatus, ParentsRequest, ParentsResponse, SchedulerInfo, StatusResponse, PROTOCOL_VERSION,
 };
 use shoal_proto::BlobId;
 use tokio::sync::{mpsc, oneshot};
@@ -77,6 +77,15 @@ enum Command {
     },
     /// Answered at once: the actor is taking requests (`/healthz`).
     Ping { reply: oneshot::Sender<()> },
+    PutAccess {
+        key: BlobId,
+        list: AccessList,
+        reply: oneshot::Sender<()>,
+    },
+    GetAccess {
+        key: BlobId,
+        reply: oneshot::Sender<Option<AccessList>>,
+    },
 }
 
 /// Start the actor on `tracker`; it stops when `cancel` fires or every
@@ -92,6 +101,7 @@ pub fn spawn(
         start: Instant::now(),
         state: State::new(cfg, 0),
         metrics: metrics.clone(),
+        access: AccessLists::default(),
     };
     tracker.spawn(
         actor
@@ -157,6 +167,22 @@ impl SchedulerHandle {
             .await
     }
 
+    /// Keep `list` as the access list of the image with bootstrap digest `key`.
+    pub async fn put_access_list(&self, key: BlobId, list: AccessList) -> Result<(), Closed> {
+        self.call("put_access_list", |reply| Command::PutAccess {
+            key,
+            list,
+            reply,
+        })
+        .await
+    }
+
+    /// The access list of the image with bootstrap digest `key`, if a node shared one.
+    pub async fn access_list(&self, key: BlobId) -> Result<Option<AccessList>, Closed> {
+        self.call("access_list", |reply| Command::GetAccess { key, reply })
+            .await
+    }
+
     /// Whether the actor answers (it is running and its queue moves).
     pub async fn ping(&self) -> Result<(), Closed> {
         self.call("ping", |reply| Command::Ping { reply }).await
@@ -181,6 +207,41 @@ struct Actor {
     start: Instant,
     state: State,
     metrics: Arc<Metrics>,
+    access: AccessLists,
+}
+
+/// The access lists nodes shared, at most [`ACCESS_LISTS`] of them (the least recently stored
+/// goes first). Not part of [`State`]: they are hints for prefetch, lost with a restart and shared
+/// again by the next node that records one.
+#[derive(Debug, Default)]
+struct AccessLists {
+    lists: std::collections::HashMap<BlobId, (u64, AccessList)>,
+    seq: u64,
+}
+
+/// Images whose access lists a scheduler keeps.
+const ACCESS_LISTS: usize = 4096;
+
+impl AccessLists {
+    fn put(&mut self, key: BlobId, mut list: AccessList) {
+        list.chunks.truncate(shoal_proto::sched::MAX_SHARED_ACCESS);
+        if self.lists.len() >= ACCESS_LISTS && !self.lists.contains_key(&key) {
+            let oldest = self
+                .lists
+                .iter()
+                .min_by_key(|(_, (seq, _))| *seq)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.lists.remove(&k);
+            }
+        }
+        self.seq += 1;
+        self.lists.insert(key, (self.seq, list));
+    }
+
+    fn get(&self, key: &BlobId) -> Option<AccessList> {
+        self.lists.get(key).map(|(_, l)| l.clone())
+    }
 }
 
 impl Actor {
@@ -251,6 +312,13 @@ impl Actor {
             }
             Command::CancelJob { id, reply } => {
                 let _ = reply.send(self.state.cancel_job(id, now));
+            }
+            Command::PutAccess { key, list, reply } => {
+                self.access.put(key, list);
+                let _ = reply.send(());
+            }
+            Command::GetAccess { key, reply } => {
+                let _ = reply.send(self.access.get(&key));
             }
         }
     }

@@ -819,3 +819,59 @@ async fn prewarm_jobs_over_http() {
     assert!(a.announce(false, vec![]).await.jobs.is_empty());
     s.stop().await;
 }
+
+#[tokio::test]
+async fn access_lists_are_shared_among_members_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "5a".repeat(32)).unwrap();
+    let cfg = format!(
+        "{FAST}\njoin_secret_file = {:?}\n",
+        secret.display().to_string()
+    );
+    let s = Running::start(&cfg).await;
+    let key = shoal_proto::auth::derive_key(&[0x5a; 32], shoal_proto::auth::SCHEDULER_LABEL);
+    let member = FakeNode::new(1, s.addr);
+    let member = member.client.clone().with_auth(key);
+    let outsider = FakeNode::new(2, s.addr).client;
+    let image = blob(9);
+    assert_eq!(
+        member.access_list(&image).await.unwrap(),
+        None,
+        "none shared yet"
+    );
+    let list = shoal_proto::sched::AccessList {
+        chunks: vec![(0, 4096), (1, 0), (0, 0)],
+    };
+    member.put_access_list(&image, &list).await.unwrap();
+    assert_eq!(
+        member.access_list(&image).await.unwrap(),
+        Some(list.clone())
+    );
+    // Outsiders neither read nor write lists.
+    let err = outsider.access_list(&image).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 401, .. }),
+        "{err}"
+    );
+    let err = outsider
+        .put_access_list(&image, &shoal_proto::sched::AccessList { chunks: vec![] })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 401, .. }),
+        "{err}"
+    );
+    assert_eq!(member.access_list(&image).await.unwrap(), Some(list));
+    // A list longer than a start-up needs is refused.
+    let huge = shoal_proto::sched::AccessList {
+        chunks: (0..shoal_proto::sched::MAX_SHARED_ACCESS as u64 + 1)
+            .map(|i| (0, i))
+            .collect(),
+    };
+    let err = member.put_access_list(&blob(10), &huge).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Rejected { status: 400, .. }),
+        "{err}"
+    );
+}

@@ -106,6 +106,7 @@ impl Background {
 
     /// Start the saver task and the prefetch thread (`rate` 0: no prefetch); both stop when
     /// `stop` is cancelled.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &mut self,
         tracker: &TaskTracker,
@@ -114,10 +115,12 @@ impl Background {
         rate: u64,
         stop: &CancellationToken,
         span: tracing::Span,
+        share: Option<Share>,
     ) {
         if let Some(log) = &self.recording {
             tracker.spawn(
-                keep_saved(log.clone(), self.stats.clone(), stop.clone()).instrument(span.clone()),
+                keep_saved(log.clone(), self.stats.clone(), stop.clone(), share)
+                    .instrument(span.clone()),
             );
         }
         if rate == 0 {
@@ -196,10 +199,10 @@ impl AccessLog {
             .len()
     }
 
-    /// Write the list if it changed since the last save (blocking).
-    pub fn save(&self) -> io::Result<()> {
+    /// Write the list if it changed since the last save (blocking); the list written, if any.
+    pub fn save(&self) -> io::Result<Option<Vec<ChunkKey>>> {
         if !self.dirty.swap(false, Relaxed) {
-            return Ok(());
+            return Ok(None);
         }
         let chunks = self
             .inner
@@ -207,13 +210,25 @@ impl AccessLog {
             .unwrap_or_else(PoisonError::into_inner)
             .order
             .clone();
-        let r = write_atomic(&self.path, &ListFile { chunks });
-        if r.is_err() {
-            self.dirty.store(true, Relaxed);
+        let list = ListFile { chunks };
+        match write_atomic(&self.path, &list) {
+            Ok(()) => Ok(Some(list.chunks)),
+            Err(e) => {
+                self.dirty.store(true, Relaxed);
+                Err(e)
+            }
         }
-        r
     }
 }
+
+/// Writes `chunks` as the access list at `path` (one another node of the cluster shared), so
+/// this mount prefetches it instead of recording its own.
+pub fn write_list(path: &Path, chunks: Vec<ChunkKey>) -> io::Result<()> {
+    write_atomic(path, &ListFile { chunks })
+}
+
+/// Hands a freshly saved access list to the cluster.
+pub type Share = Arc<dyn Fn(Vec<ChunkKey>) + Send + Sync>;
 
 fn write_atomic(path: &Path, list: &ListFile) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -402,8 +417,14 @@ fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> bool {
     cancel.is_cancelled()
 }
 
-/// Keep `log` saved while `cancel` is not cancelled, and once more at the end.
-pub async fn keep_saved(log: Arc<AccessLog>, stats: Arc<PrefetchStats>, cancel: CancellationToken) {
+/// Keep `log` saved while `cancel` is not cancelled, and once more at the end; each saved list
+/// goes to `share` too.
+pub async fn keep_saved(
+    log: Arc<AccessLog>,
+    stats: Arc<PrefetchStats>,
+    cancel: CancellationToken,
+    share: Option<Share>,
+) {
     loop {
         let stop = tokio::select! {
             _ = tokio::time::sleep(SAVE_EVERY) => false,
@@ -412,7 +433,12 @@ pub async fn keep_saved(log: Arc<AccessLog>, stats: Arc<PrefetchStats>, cancel: 
         stats.recorded.store(log.len() as u64, Relaxed);
         let l = log.clone();
         match tokio::task::spawn_blocking(move || l.save()).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(Some(chunks))) => {
+                if let Some(share) = &share {
+                    share(chunks);
+                }
+            }
+            Ok(Ok(None)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "cannot save the access list"),
             Err(e) => tracing::warn!(error = %e, "access list save task failed"),
         }
