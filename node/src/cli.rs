@@ -5,6 +5,7 @@ pub mod complete;
 pub mod config;
 pub mod convert;
 pub mod exit;
+pub mod image_server;
 pub mod mount;
 pub mod node;
 pub mod prewarm;
@@ -67,6 +68,9 @@ pub enum Command {
     Completions(complete::CompletionsArgs),
     /// Write man pages: shoal(1) and one per subcommand.
     Man(complete::ManArgs),
+    /// Internal: hold one image mount of the containerd snapshotter for the node.
+    #[command(hide = true)]
+    ImageServer(image_server::ImageServerArgs),
 }
 
 /// How much a command says, from `-v`/`-q` (set once by `main`).

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         Command::Config(c) => cli::config::run(c),
         Command::Completions(a) => cli::complete::run_completions(a),
         Command::Man(a) => cli::complete::run_man(a),
+        Command::ImageServer(a) => cli::image_server::run(a),
     };
     match result {
         Ok(code) => code,

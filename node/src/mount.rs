@@ -28,6 +28,7 @@ pub mod exporter;
 pub mod fs;
 pub mod image;
 pub mod prefetch;
+pub mod remote;
 pub mod resolve;
 pub mod table;
 
@@ -169,6 +170,17 @@ pub struct MountDeps {
     /// Cancelled after the mounts are gone (shutdown step "cancel work").
     pub cancel: CancellationToken,
     pub tracker: TaskTracker,
+    /// Where image servers (mounts in processes of their own) read chunks, and the mounts they
+    /// may read.
+    pub remote: Option<RemoteDeps>,
+}
+
+/// What mounts held by image servers need.
+#[derive(Clone)]
+pub struct RemoteDeps {
+    /// The chunk socket image servers connect to.
+    pub socket: PathBuf,
+    pub registry: remote::Registry,
 }
 
 /// Handle to the mount manager. Cheap to clone.
@@ -242,6 +254,7 @@ impl Mounts {
             prefetch_rate: req.prefetch_rate,
             owner: Owner::User,
             bootstrap_file: None,
+            own_process: false,
         };
         self.ask(|r| Cmd::Mount(record, r)).await?
     }
@@ -407,6 +420,8 @@ struct Live {
     manifest: Option<Digest>,
     mounted_at_ms: u64,
     _pins: Vec<PinGuard>,
+    /// Serves an image server this mount's chunks while the mount lives.
+    _served: Option<remote::Registration>,
     /// Stops the background work when the mount goes.
     _stop: tokio_util::sync::DropGuard,
     _series: SeriesGuard,
@@ -601,7 +616,7 @@ impl Actor {
         for (_, slot) in self.slots.values_mut() {
             let old = std::mem::replace(slot, Slot::Failed("node shut down".into()));
             match old {
-                Slot::Mounted(live) => unmount_live(*live).await,
+                Slot::Mounted(live) => release_live(*live).await,
                 other => *slot = other,
             }
         }
@@ -636,6 +651,17 @@ async fn unmount_live(live: Live) {
     let fs = live.fs;
     match tokio::task::spawn_blocking(move || fs.unmount()).await {
         Ok(Ok(())) => tracing::info!(dir = %dir.display(), "unmounted"),
+        Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "unmount failed"),
+        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "unmount task failed"),
+    }
+}
+
+/// At shutdown: unmount, except what an image server holds (containers stand on it).
+async fn release_live(live: Live) {
+    let dir = live.fs.dir().to_path_buf();
+    let fs = live.fs;
+    match tokio::task::spawn_blocking(move || fs.release()).await {
+        Ok(Ok(())) => tracing::info!(dir = %dir.display(), "released"),
         Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "unmount failed"),
         Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "unmount task failed"),
     }
@@ -824,11 +850,22 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
     );
     let mode = rec.mode;
     let user = rec.owner.is_user();
+    let served = match (&deps.remote, rec.own_process) {
+        (Some(r), true) => Some(r.registry.register(&rec.dir, boot.clone(), backend.clone())),
+        _ => None,
+    };
+    let remote = match (&deps.remote, &rec.bootstrap_file) {
+        (Some(r), Some(file)) if rec.own_process => Some((r.socket.clone(), file.clone())),
+        _ => None,
+    };
     let fs = tokio::task::spawn_blocking(move || {
         if user {
             still_the_checked_dir(&dir, &data_dir)?;
         }
-        fs::mount(mode, &data_dir, b, source, &dir)
+        match remote {
+            Some((socket, file)) => fs::mount_remote(mode, &data_dir, &file, &dir, &socket),
+            None => fs::mount(mode, &data_dir, b, source, &dir),
+        }
     })
     .await
     .map_err(|e| MountError::Table(format!("mount task failed: {e}")))??;
@@ -871,6 +908,7 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         fs,
         backend,
         background,
+        _served: served,
         _stop: stop.drop_guard(),
         manifest,
         mounted_at_ms: SystemTime::now()

@@ -137,6 +137,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             work.clone(),
         ));
     }
+    let chunk_registry = crate::mount::remote::Registry::default();
     let mounts = Mounts::start(MountDeps {
         data_dir: cfg.data_dir.clone(),
         store: store.clone(),
@@ -147,6 +148,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tag_ttl: cfg.mirror.tag_ttl.0,
         cancel: work.clone(),
         tracker: tracker.clone(),
+        remote: Some(crate::mount::RemoteDeps {
+            socket: crate::mount::remote::socket_for(&cfg.control),
+            registry: chunk_registry.clone(),
+        }),
     });
     let snapshotter = Snapshotter::start(
         SnapshotterConfig {
@@ -234,6 +239,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         uid: policy.uid,
         group: None,
     };
+    // Image servers (the snapshotter's mounts, in processes of their own) read chunks here.
+    let chunk_listener =
+        ControlListener::bind(&crate::mount::remote::socket_for(&cfg.control), None)
+            .context("the image servers' chunk socket (next to control)")?;
     tracing::info!(listen = %cfg.listen, admin = %cfg.admin, control = %cfg.control.display(), snapshotter = %cfg.snapshotter.socket.display(), "node ready");
 
     let servers = TaskTracker::new();
@@ -275,6 +284,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         )
         .await
         .map_err(std::io::Error::other)
+    });
+    let s = stop_accepting.clone();
+    servers.spawn(async move {
+        crate::mount::remote::serve(chunk_listener, snapshotter_policy, chunk_registry, s).await;
+        Ok::<(), std::io::Error>(())
     });
     servers.close();
 

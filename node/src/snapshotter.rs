@@ -566,6 +566,8 @@ impl Actor {
             prefetch_rate: None,
             owner: Owner::Snapshotter,
             bootstrap_file: None,
+            // Containers stand on it: it must outlive a restart of the node.
+            own_process: true,
         };
         let waiters = self
             .images

@@ -21,7 +21,7 @@ mod v5;
 mod v6;
 mod walk;
 
-pub use blob::decode::{decode_chunk, VerifiedChunk};
+pub use blob::decode::{decode_chunk, verify_decoded, VerifiedChunk};
 pub use blob::decoded::write_decoded_blob;
 pub use blob::meta::{decode_blob_meta, parse_ci_header, CiEntry, CiHeader, CI_HEADER_SIZE};
 pub use blob::source::{ChunkSource, LocalBlobDir};

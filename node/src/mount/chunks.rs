@@ -214,6 +214,17 @@ impl ChunkBackend {
         &self.stats
     }
 
+    /// The chunk of blob `blob_index` stored at `compressed_offset`, as this image's bootstrap
+    /// describes it (what a mount served from another process asks for).
+    pub fn chunk_at(&self, blob_index: u32, compressed_offset: u64) -> Option<&ChunkRef> {
+        let entry = self.blobs.get(blob_index as usize)?;
+        let i = entry
+            .chunks
+            .binary_search_by_key(&compressed_offset, |c| c.compressed_offset)
+            .ok()?;
+        entry.chunks.get(i)
+    }
+
     fn entry(&self, blob: &BlobInfo, chunk: &ChunkRef) -> shoal_rafs::Result<&BlobEntry> {
         if chunk.blob_index != blob.index {
             return Err(shoal_rafs::Error::InvalidField {

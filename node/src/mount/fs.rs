@@ -25,15 +25,50 @@ pub fn mount(
     dir: &Path,
 ) -> Result<Mounted, MountError> {
     let root = erofs_root(data_dir);
-    let blobs_dir = root.join(dir_key(dir));
+    let blobs_dir = blobs_dir(data_dir, dir);
     table::clear_stale(dir, &root);
     table::clear_stale(&blobs_dir, &root);
     Mounted::new(mode, boot, source, dir, &blobs_dir)
 }
 
+/// Adopt the image server already holding `dir`, or clear what a dead one left and start one
+/// serving `bootstrap` there.
+pub fn mount_remote(
+    mode: MountMode,
+    data_dir: &Path,
+    bootstrap: &Path,
+    dir: &Path,
+    socket: &Path,
+) -> Result<Mounted, MountError> {
+    if let Some(p) = super::remote::ServerProcess::adopt(dir) {
+        if table::is_shoal_mount(dir, &erofs_root(data_dir)) {
+            tracing::info!(dir = %dir.display(), "adopted the image server still holding the mount");
+            return Ok(Mounted::Remote(p));
+        }
+        let _ = p.stop();
+    }
+    let root = erofs_root(data_dir);
+    let blobs_dir = blobs_dir(data_dir, dir);
+    table::clear_stale(dir, &root);
+    table::clear_stale(&blobs_dir, &root);
+    let p = super::remote::ServerProcess::start(&super::remote::Start {
+        bootstrap,
+        dir,
+        mode,
+        blobs_dir: &blobs_dir,
+        socket,
+    })?;
+    Ok(Mounted::Remote(p))
+}
+
 /// Where EROFS mounts keep their blob filesystems: `<data dir>/erofs/<key of the mount point>`.
 pub fn erofs_root(data_dir: &Path) -> PathBuf {
     data_dir.join("erofs")
+}
+
+/// Where the EROFS blob files of the mount at `dir` are served.
+pub fn blobs_dir(data_dir: &Path, dir: &Path) -> PathBuf {
+    erofs_root(data_dir).join(dir_key(dir))
 }
 
 /// A stable, path-safe name for a mount point.
@@ -43,10 +78,12 @@ fn dir_key(dir: &Path) -> String {
     hex::encode(&h[..8])
 }
 
-/// The filesystem of a live mount, in either mode.
+/// The filesystem of a live mount, in either mode, in this process or an image server's.
 pub enum Mounted {
     Fuse(FuseMount),
     Erofs(ErofsMount),
+    /// Held by a process of its own (`remote`): it outlives this one.
+    Remote(super::remote::ServerProcess),
 }
 
 impl Mounted {
@@ -76,6 +113,7 @@ impl Mounted {
         match self {
             Mounted::Fuse(m) => m.dir(),
             Mounted::Erofs(m) => m.dir(),
+            Mounted::Remote(m) => m.dir(),
         }
     }
 
@@ -85,6 +123,7 @@ impl Mounted {
         match self {
             Mounted::Fuse(m) => m.stats(),
             Mounted::Erofs(m) => m.stats(),
+            Mounted::Remote(m) => m.stats(),
         }
     }
 
@@ -92,6 +131,19 @@ impl Mounted {
         match self {
             Mounted::Fuse(m) => Ok(m.unmount()?),
             Mounted::Erofs(m) => Ok(m.unmount()?),
+            Mounted::Remote(m) => m.stop(),
+        }
+    }
+
+    /// What the node's shutdown does to it: an image server keeps its mount (containers stand
+    /// on it; the next node adopts it), a mount of this process is unmounted.
+    pub fn release(self) -> Result<(), MountError> {
+        match self {
+            Mounted::Remote(m) => {
+                m.keep();
+                Ok(())
+            }
+            other => other.unmount(),
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct MountRecord {
     /// names the registry and repository the data blobs come from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap_file: Option<PathBuf>,
+    /// Held by an image server process of its own (`remote`), which outlives the node: the
+    /// snapshotter's mounts, under running containers. Needs `bootstrap_file`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own_process: bool,
 }
 
 /// Who a mount belongs to.
@@ -214,6 +218,7 @@ mod tests {
             prefetch_rate: None,
             owner: Owner::User,
             bootstrap_file: None,
+            own_process: false,
         }];
         save(d.path(), &recs).expect("save");
         assert_eq!(load(d.path()).expect("load"), recs);

@@ -80,6 +80,24 @@ pub fn decode_chunk(blob: &BlobInfo, chunk: &ChunkRef, stored: &[u8]) -> Result<
             usize_
         )));
     }
+    verify_decoded(blob, chunk, data)
+}
+
+/// Verify already uncompressed bytes of `chunk` (a chunk decoded by another process, which
+/// handed over only its bytes): its size and digest must be the bootstrap's.
+pub fn verify_decoded(blob: &BlobInfo, chunk: &ChunkRef, data: Vec<u8>) -> Result<VerifiedChunk> {
+    if data.len() != chunk.uncompressed_size as usize {
+        return Err(Error::Decode {
+            blob_id: blob.blob_id.clone(),
+            ci_index: chunk.ci_index,
+            compressor: blob.compressor.name(),
+            reason: format!(
+                "{} decoded bytes, expected {}",
+                data.len(),
+                chunk.uncompressed_size
+            ),
+        });
+    }
     let actual = blob.digester.digest(&data);
     if actual != chunk.digest {
         return Err(Error::DigestMismatch {
