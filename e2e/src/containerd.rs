@@ -260,6 +260,14 @@ impl Containerd {
         })
     }
 
+    /// `ctr task exec --exec-id EXEC ID ARGS…` in container `id`'s running task.
+    pub fn exec(&self, id: &str, exec_id: &str, args: &[&str]) -> Result<CtrOutcome> {
+        let mut cmd = self.ctr();
+        cmd.args(["task", "exec", "--exec-id", exec_id, id]);
+        cmd.args(args);
+        run(cmd)
+    }
+
     /// The status of container `id`'s task (`RUNNING`, `STOPPED`, …), `None` without one.
     pub fn task_status(&self, id: &str) -> Result<Option<String>> {
         Ok(self.task(id)?.map(|(_, status)| status))

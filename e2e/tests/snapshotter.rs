@@ -740,6 +740,141 @@ fn unknown_layer_media_types_fail_cleanly() {
     });
 }
 
+/// A node restart while a container runs — a clean stop (SIGTERM), then a crash (SIGKILL): the
+/// container keeps running; a file it never read, read while the node is away, waits for the
+/// node instead of failing or showing zeros, and arrives whole once the node is back; the next
+/// node adopts the image server (no second mount), and new containers start.
+#[test]
+fn containers_outlive_a_node_restart() {
+    run("containers_outlive_a_node_restart", NEEDS, |t| {
+        let mut s = scene(t, true)?;
+        s.containerd
+            .rpull(SN, Source::Hosts(&s.hosts), &s.nydus)?
+            .ok("ctr-remote image rpull")?;
+        s.containerd
+            .run_detached(SN, &s.nydus, "c1", LONG_RUNNING)?;
+        let pid = s.containerd.task_pid("c1")?.context("c1 has no pid")?;
+        let rootfs = PathBuf::from(format!("/proc/{pid}/root"));
+        // Files c1 never read: their chunks are not local yet.
+        let unread = [
+            "usr/lib/python3.11/pydoc_data/topics.py",
+            "usr/lib/python3.11/turtle.py",
+            "usr/lib/python3.11/argparse.py",
+        ];
+        let sizes: Vec<u64> = unread
+            .iter()
+            .map(|f| std::fs::metadata(rootfs.join(f)).map(|m| m.len()))
+            .collect::<std::io::Result<_>>()
+            .context("stat of the image's files in c1's root")?;
+        for (round, (how, file, size)) in [
+            ("SIGTERM", unread[0], sizes[0]),
+            ("SIGKILL", unread[1], sizes[1]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            match how {
+                "SIGTERM" => {
+                    s.node.terminate()?;
+                }
+                _ => s.node.kill()?,
+            }
+            ensure!(
+                s.containerd.task_status("c1")?.as_deref() == Some("RUNNING"),
+                "c1 stopped when the node went ({how})"
+            );
+            // A read while the node is away waits for it.
+            let path = rootfs.join(file);
+            let reader = std::thread::spawn(move || std::fs::read(&path));
+            std::thread::sleep(Duration::from_secs(2));
+            ensure!(
+                !reader.is_finished(),
+                "a read of {file} finished while the node was away ({how})"
+            );
+            s.node.restart()?;
+            let got = reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("reader panicked"))?
+                .with_context(|| format!("reading {file} after the node came back ({how})"))?;
+            ensure!(
+                got.len() as u64 == size && got.iter().any(|&b| b != 0),
+                "{file}: {} bytes after the restart ({how}), expected {size} of text",
+                got.len()
+            );
+            // The running container goes on; new containers start; still one image mount.
+            let out = s
+                .containerd
+                .exec(
+                    "c1",
+                    &format!("e{round}"),
+                    &["python3", "-c", "import argparse, json; print(42)"],
+                )?
+                .ok("ctr task exec in c1")?;
+            ensure!(
+                out.trim() == "42",
+                "exec in c1 after the restart printed {out:?}"
+            );
+            // containerd's client of the snapshotter redials with a backoff (up to 3 s) after
+            // the connection refusals of the restart; a call meanwhile fails as unavailable.
+            let out = poll("a new container after the restart", GC_TIMEOUT, || {
+                let got = s
+                    .containerd
+                    .run(SN, &s.nydus, &format!("py{round}"), PYTHON)?;
+                if !got.success && got.output.contains("unavailable") {
+                    return Ok(None);
+                }
+                got.ok("ctr run after the restart").map(Some)
+            })?;
+            ensure!(
+                out.trim() == "42",
+                "a new container after the restart printed {out:?}"
+            );
+            let servers = image_servers(&s.root());
+            ensure!(
+                servers == 1,
+                "{servers} image servers after the restart ({how}): the mount was not adopted"
+            );
+            let mounts = s.metric("shoal_snapshotter_image_mounts", &[])?;
+            ensure!(
+                mounts == 1.0,
+                "{mounts} image mounts after the restart ({how})"
+            );
+            println!("{}: after a {how} of the node: c1 ran on, a read waited and came whole ({size} bytes), exec and a new container printed 42", t.name());
+        }
+        s.containerd.kill_and_remove("c1")?;
+        s.containerd.remove_images(&s.containerd.images()?)?;
+        s.wait_clean()?;
+        let servers = image_servers(&s.root());
+        ensure!(
+            servers == 0,
+            "{servers} image servers left after the images went"
+        );
+        Ok(())
+    });
+}
+
+/// Running `shoal image-server` processes serving mounts under `root`.
+fn image_servers(root: &Path) -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let want = root.as_os_str().as_encoded_bytes().to_vec();
+    procs
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| {
+            let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+            args.get(1) == Some(&&b"image-server"[..]) && args.iter().any(|a| a.starts_with(&want))
+        })
+        .count()
+}
+
 fn last_line(text: &str) -> &str {
     text.trim().lines().last().unwrap_or_default()
 }

@@ -40,7 +40,8 @@ pub fn mount_remote(
     dir: &Path,
     socket: &Path,
 ) -> Result<Mounted, MountError> {
-    if let Some(p) = super::remote::ServerProcess::adopt(dir) {
+    let state = data_dir.join("servers").join(dir_key(dir));
+    if let Some(p) = super::remote::ServerProcess::adopt(dir, &state) {
         if table::is_shoal_mount(dir, &erofs_root(data_dir)) {
             tracing::info!(dir = %dir.display(), "adopted the image server still holding the mount");
             return Ok(Mounted::Remote(p));
@@ -57,6 +58,7 @@ pub fn mount_remote(
         mode,
         blobs_dir: &blobs_dir,
         socket,
+        state: &state,
     })?;
     Ok(Mounted::Remote(p))
 }

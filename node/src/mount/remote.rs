@@ -9,7 +9,8 @@
 //! registered here by mount point. While the node is away (restarting), the server's reads wait
 //! for it (up to [`PATIENCE`]) instead of failing; once it is back and the snapshotter restored
 //! the mount, they go on. When the node starts, it adopts a server still running for a mount
-//! point (its pid in `<mount point>.server`) instead of mounting again.
+//! point (its pid kept in `<data dir>/servers/<key of the mount point>`) instead of mounting
+//! again.
 //!
 //! Wire (one request at a time per connection, several connections per server):
 //! request `[op=1][u16 dir length][dir][u32 blob index][u64 compressed offset]`, answer
@@ -304,6 +305,8 @@ impl ChunkSource for RemoteChunks {
 pub struct ServerProcess {
     pid: u32,
     dir: PathBuf,
+    /// Where its pid is kept for the next node.
+    state: PathBuf,
     stats: Arc<FuseStats>,
 }
 
@@ -315,16 +318,15 @@ pub struct Start<'a> {
     /// EROFS mode: where its blob files are served.
     pub blobs_dir: &'a Path,
     pub socket: &'a Path,
+    /// Where to keep its pid.
+    pub state: &'a Path,
 }
 
 impl ServerProcess {
-    /// The server already running for `dir` (a node before this one started it), if any.
-    pub fn adopt(dir: &Path) -> Option<ServerProcess> {
-        let pid: u32 = std::fs::read_to_string(state_file(dir))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
+    /// The server already running for `dir` (a node before this one started it, its pid kept in
+    /// `state`), if any.
+    pub fn adopt(dir: &Path, state: &Path) -> Option<ServerProcess> {
+        let pid: u32 = std::fs::read_to_string(state).ok()?.trim().parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         let ours = args.get(1) == Some(&&b"image-server"[..])
@@ -332,6 +334,7 @@ impl ServerProcess {
         ours.then(|| ServerProcess {
             pid,
             dir: dir.to_path_buf(),
+            state: state.to_path_buf(),
             stats: Arc::new(FuseStats::default()),
         })
     }
@@ -388,10 +391,14 @@ impl ServerProcess {
                 line.trim().to_owned()
             }));
         }
-        std::fs::write(state_file(s.dir), pid.to_string()).map_err(|e| fail(e.to_string()))?;
+        if let Some(parent) = s.state.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
+        }
+        std::fs::write(s.state, pid.to_string()).map_err(|e| fail(e.to_string()))?;
         Ok(ServerProcess {
             pid,
             dir: s.dir.to_path_buf(),
+            state: s.state.to_path_buf(),
             stats: Arc::new(FuseStats::default()),
         })
     }
@@ -418,19 +425,12 @@ impl ServerProcess {
         if Path::new(&format!("/proc/{}", self.pid)).exists() {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
-        let _ = std::fs::remove_file(state_file(&self.dir));
+        let _ = std::fs::remove_file(&self.state);
         Ok(())
     }
 
     /// Leaves the server running (the node is going away; containers still use the mount).
     pub fn keep(self) {}
-}
-
-/// Where the pid of `dir`'s image server is kept.
-fn state_file(dir: &Path) -> PathBuf {
-    let mut s = dir.as_os_str().to_owned();
-    s.push(".server");
-    PathBuf::from(s)
 }
 
 #[cfg(test)]
@@ -444,10 +444,10 @@ mod tests {
             socket_for(Path::new("/run/shoal/control.sock")),
             Path::new("/run/shoal/control.sock.chunks")
         );
-        assert_eq!(
-            state_file(Path::new("/var/lib/shoal/snapshotter/images/3")),
-            Path::new("/var/lib/shoal/snapshotter/images/3.server")
-        );
-        assert!(ServerProcess::adopt(Path::new("/nonexistent/mount")).is_none());
+        assert!(ServerProcess::adopt(
+            Path::new("/nonexistent/mount"),
+            Path::new("/nonexistent/state")
+        )
+        .is_none());
     }
 }
