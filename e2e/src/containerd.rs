@@ -23,6 +23,8 @@ use crate::TestCtx;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// The containerd namespace the tests use.
 const NAMESPACE: &str = "shoal-e2e";
+/// Daemons started by this process, for namespaces of their own.
+static DAEMONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 /// How long a task may take to start running or to stop after SIGKILL.
 const TASK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -32,6 +34,10 @@ pub struct Containerd {
     dir: PathBuf,
     socket: PathBuf,
     child: Option<Child>,
+    /// Its containerd namespace, unique to this daemon: runc keeps container state under
+    /// `/run/containerd/runc/<namespace>` whatever the daemon's own state dir, so two daemons
+    /// running a `c1` in one namespace would clash.
+    namespace: String,
 }
 
 /// What a `ctr` run did.
@@ -127,10 +133,12 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .context("starting containerd")?;
+        let n = DAEMONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut daemon = Self {
             dir,
             socket,
             child: Some(child),
+            namespace: format!("{NAMESPACE}-{}-{n}", std::process::id()),
         };
         daemon.wait_ready()?;
         Ok(daemon)
@@ -380,7 +388,7 @@ impl Containerd {
         let mut cmd = Command::new(program);
         cmd.arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", NAMESPACE]);
+            .args(["--namespace", &self.namespace]);
         cmd.env_remove("HTTP_PROXY")
             .env_remove("HTTPS_PROXY")
             .env_remove("http_proxy");

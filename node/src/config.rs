@@ -61,8 +61,8 @@ pub struct FileConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct SnapshotterSection {
     /// The Unix socket serving containerd's snapshots API (mode 0600, the node's user; root
-    /// and the node's user may connect). Default `/run/shoal/snapshotter.sock` as root, else
-    /// `$XDG_RUNTIME_DIR/shoal/snapshotter.sock` (or `snapshotter.sock` in the data dir).
+    /// and the node's user may connect). Default `snapshotter.sock` beside the control socket
+    /// (`/run/shoal/snapshotter.sock` as root).
     pub socket: Option<PathBuf>,
     /// Where snapshots (unpacked layers, containers' writes) and the image mounts under
     /// containers live. It must be a filesystem overlayfs takes as an upper directory (ext4,
@@ -536,7 +536,7 @@ impl FileConfig {
             None => default_control(&data_dir),
         };
         let p2p = validate_p2p(self.p2p)?;
-        let snapshotter = validate_snapshotter(self.snapshotter, &data_dir)?;
+        let snapshotter = validate_snapshotter(self.snapshotter, &data_dir, &control)?;
         Ok(Config {
             data_dir,
             listen: self.listen,
@@ -557,6 +557,7 @@ impl FileConfig {
 fn validate_snapshotter(
     s: SnapshotterSection,
     data_dir: &Path,
+    control: &Path,
 ) -> Result<Snapshotter, ConfigError> {
     let absolute = |field: &'static str, p: Option<PathBuf>| match p {
         Some(p) if p.as_os_str().is_empty() || p.is_relative() => {
@@ -564,8 +565,10 @@ fn validate_snapshotter(
         }
         other => Ok(other),
     };
+    // Beside the control socket (`/run/shoal/snapshotter.sock` by default), so that a node whose
+    // control socket is elsewhere does not take another node's.
     let socket = absolute("snapshotter.socket", s.socket)?
-        .unwrap_or_else(|| default_socket(data_dir, "snapshotter.sock"));
+        .unwrap_or_else(|| control.with_file_name("snapshotter.sock"));
     let root =
         absolute("snapshotter.root", s.root)?.unwrap_or_else(|| data_dir.join("snapshotter"));
     let mode = match s.mode {

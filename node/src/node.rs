@@ -138,6 +138,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         ));
     }
     let chunk_registry = crate::mount::remote::Registry::default();
+    // Image servers (the snapshotter's mounts, in processes of their own) read chunks here.
+    let chunk_socket = crate::mount::remote::socket_for(&cfg.control);
+    let chunk_listener = match ControlListener::bind(&chunk_socket, None) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "no chunk socket for image servers: the snapshotter's mounts live in the node (they go when it stops)");
+            None
+        }
+    };
     let mounts = Mounts::start(MountDeps {
         data_dir: cfg.data_dir.clone(),
         store: store.clone(),
@@ -148,8 +157,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tag_ttl: cfg.mirror.tag_ttl.0,
         cancel: work.clone(),
         tracker: tracker.clone(),
-        remote: Some(crate::mount::RemoteDeps {
-            socket: crate::mount::remote::socket_for(&cfg.control),
+        remote: chunk_listener.as_ref().map(|_| crate::mount::RemoteDeps {
+            socket: chunk_socket.clone(),
             registry: chunk_registry.clone(),
         }),
     });
@@ -233,16 +242,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         group: cfg.control_group.as_ref().map(|(_, gid)| *gid),
     };
     // containerd (root) is the snapshotter's one client: no group.
-    let snapshotter_listener = ControlListener::bind(&cfg.snapshotter.socket, None)
-        .context("the snapshotter socket (snapshotter.socket)")?;
+    let snapshotter_listener = match ControlListener::bind(&cfg.snapshotter.socket, None) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "containerd's snapshotter is not served (snapshotter.socket)");
+            None
+        }
+    };
     let snapshotter_policy = Policy {
         uid: policy.uid,
         group: None,
     };
-    // Image servers (the snapshotter's mounts, in processes of their own) read chunks here.
-    let chunk_listener =
-        ControlListener::bind(&crate::mount::remote::socket_for(&cfg.control), None)
-            .context("the image servers' chunk socket (next to control)")?;
+
     tracing::info!(listen = %cfg.listen, admin = %cfg.admin, control = %cfg.control.display(), snapshotter = %cfg.snapshotter.socket.display(), "node ready");
 
     let servers = TaskTracker::new();
@@ -272,24 +283,28 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         )
         .await
     });
-    let s = stop_accepting.clone();
-    let (snap, snap_metrics) = (snapshotter.clone(), metrics_for_snapshotter);
-    servers.spawn(async move {
-        crate::snapshotter::service::serve(
-            snapshotter_listener,
-            snapshotter_policy,
-            snap,
-            snap_metrics,
-            s.cancelled_owned(),
-        )
-        .await
-        .map_err(std::io::Error::other)
-    });
-    let s = stop_accepting.clone();
-    servers.spawn(async move {
-        crate::mount::remote::serve(chunk_listener, snapshotter_policy, chunk_registry, s).await;
-        Ok::<(), std::io::Error>(())
-    });
+    if let Some(listener) = snapshotter_listener {
+        let s = stop_accepting.clone();
+        let (snap, snap_metrics) = (snapshotter.clone(), metrics_for_snapshotter);
+        servers.spawn(async move {
+            crate::snapshotter::service::serve(
+                listener,
+                snapshotter_policy,
+                snap,
+                snap_metrics,
+                s.cancelled_owned(),
+            )
+            .await
+            .map_err(std::io::Error::other)
+        });
+    }
+    if let Some(listener) = chunk_listener {
+        let s = stop_accepting.clone();
+        servers.spawn(async move {
+            crate::mount::remote::serve(listener, snapshotter_policy, chunk_registry, s).await;
+            Ok::<(), std::io::Error>(())
+        });
+    }
     servers.close();
 
     shutdown.await;

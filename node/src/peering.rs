@@ -313,8 +313,9 @@ impl Peering {
         let started = Instant::now();
         let result = client.put_access_list(key, &list).await;
         self.observe("share_access_list", started, result.is_ok());
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "sharing the access list failed");
+        match result {
+            Ok(()) => tracing::info!(image = %key, chunks = n, "shared the image's access list"),
+            Err(e) => tracing::warn!(image = %key, error = %e, "sharing the access list failed"),
         }
     }
 
@@ -335,12 +336,15 @@ impl Peering {
                 let first = u32::try_from(range.start / piece.max(1)).ok()?;
                 let last =
                     u32::try_from(range.end.min(size).saturating_sub(1) / piece.max(1)).ok()?;
-                candidates.extend(
-                    view.holders
-                        .iter()
-                        .filter(|h| h.complete || (first..=last).all(|i| h.have.get(i)))
-                        .map(|h| (h.node, h.p2p_addr)),
-                );
+                let (full, partial): (Vec<_>, Vec<_>) = view
+                    .holders
+                    .iter()
+                    .partition(|h| h.complete || (first..=last).all(|i| h.have.get(i)));
+                // Holders of every piece the range touches first; then holders of some of the
+                // blob: a lazy mount keeps the chunks it read, which rarely fill whole pieces,
+                // and a peer answers for exactly the bytes it holds.
+                candidates.extend(full.iter().map(|h| (h.node, h.p2p_addr)));
+                candidates.extend(partial.iter().map(|h| (h.node, h.p2p_addr)));
             }
         } else {
             candidates.extend(
@@ -350,7 +354,7 @@ impl Peering {
                     .map(|p| (p.node, p.quic_addr)),
             );
         }
-        for (peer, addr) in candidates.into_iter().take(3) {
+        for (peer, addr) in candidates.into_iter().take(4) {
             match self
                 .inner
                 .p2p

@@ -69,6 +69,8 @@ pub struct SourceStats {
     pub verify_failures: AtomicU64,
     /// Verified chunks written to the store.
     pub stored_chunks: AtomicU64,
+    /// Verified chunks not kept: another writer (a whole-blob download) held the blob.
+    pub unkept_chunks: AtomicU64,
     /// Chunks fetched from peers, and their bytes (a slot for the P2P path; 0 until it lands).
     pub peer_chunks: AtomicU64,
     pub peer_bytes: AtomicU64,
@@ -96,6 +98,8 @@ pub struct SourceSnapshot {
     pub prefetch_chunks: u64,
     #[serde(default)]
     pub prefetch_bytes: u64,
+    #[serde(default)]
+    pub unkept_chunks: u64,
 }
 
 impl SourceStats {
@@ -113,6 +117,7 @@ impl SourceStats {
             peer_bytes: self.peer_bytes.load(Relaxed),
             prefetch_chunks: self.prefetch_chunks.load(Relaxed),
             prefetch_bytes: self.prefetch_bytes.load(Relaxed),
+            unkept_chunks: self.unkept_chunks.load(Relaxed),
         }
     }
 }
@@ -147,6 +152,8 @@ struct BlobEntry {
     spec: BlobSpec,
     /// The blob's chunks by compressed offset, one per offset.
     chunks: Vec<ChunkRef>,
+    /// Held while this backend writes the blob (one writer per blob in the store).
+    writing: Mutex<()>,
 }
 
 /// One chunk's fetch in progress: the verified compressed bytes, or why there are none.
@@ -164,7 +171,11 @@ impl ChunkBackend {
             .map(|(spec, mut chunks)| {
                 chunks.sort_by_key(|c| c.compressed_offset);
                 chunks.dedup_by_key(|c| c.compressed_offset);
-                BlobEntry { spec, chunks }
+                BlobEntry {
+                    spec,
+                    chunks,
+                    writing: Mutex::new(()),
+                }
             })
             .collect();
         ChunkBackend {
@@ -468,8 +479,10 @@ impl ChunkBackend {
                 }
             }
         }
+        // Kept before the flights go: a reader arriving meanwhile finds the (resolved) flight,
+        // never neither it nor the stored bytes.
+        self.persist(entry, &keep);
         drop(lead);
-        self.persist(&entry.spec, &keep);
         mine.unwrap_or_else(|| {
             Err(fetch_error(
                 entry,
@@ -566,18 +579,25 @@ impl ChunkBackend {
         })
     }
 
-    /// Write verified chunks into the blob's partial file, when nobody else is writing it.
-    fn persist(&self, spec: &BlobSpec, chunks: &[(u64, Arc<Vec<u8>>)]) {
+    /// Write verified chunks into the blob's partial file, when nobody else is writing it: this
+    /// backend's own writes of a blob take turns (they used to drop each other's chunks); a
+    /// whole-blob download holding the writer keeps it (its bytes cover these).
+    fn persist(&self, entry: &BlobEntry, chunks: &[(u64, Arc<Vec<u8>>)]) {
         if chunks.is_empty() {
             return;
         }
+        let spec = &entry.spec;
+        let _turn = entry.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let mut writer = match self.deps.store.open_writer(&spec.id, spec.size) {
             Ok(w) => w,
-            Err(
-                StoreError::WriterBusy { .. }
-                | StoreError::AlreadyComplete { .. }
-                | StoreError::SizeMismatch { .. },
-            ) => return,
+            Err(StoreError::AlreadyComplete { .. }) => return,
+            Err(e @ (StoreError::WriterBusy { .. } | StoreError::SizeMismatch { .. })) => {
+                self.stats
+                    .unkept_chunks
+                    .fetch_add(chunks.len() as u64, Relaxed);
+                tracing::debug!(blob = %spec.id, error = %e, "fetched chunks not kept");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(blob = %spec.id, error = %e, "cannot keep fetched chunks");
                 return;

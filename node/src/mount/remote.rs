@@ -4,7 +4,7 @@
 //!
 //! The image server holds the mount (FUSE, or the kernel EROFS mount with its FUSE blob files)
 //! and reads chunks from the node over a Unix socket next to the control socket
-//! (`<control>.chunks`, root only like it). The node keeps doing what only it can do — the
+//! (`chunks.sock` in its directory, root only like it). The node keeps doing what only it can do — the
 //! store, peers, the origin, prefetch and access lists — through the mount's chunk backend,
 //! registered here by mount point. While the node is away (restarting), the server's reads wait
 //! for it (up to [`PATIENCE`]) instead of failing; once it is back and the snapshotter restored
@@ -54,11 +54,10 @@ const MAX_DIR: usize = 4096;
 /// Connections an image server keeps open to the node, at most.
 const POOL: usize = 16;
 
-/// The chunk socket of a node whose control socket is `control`.
+/// The chunk socket of a node whose control socket is `control`: `chunks.sock` beside it (no
+/// longer than the control socket's own path, which fits a Unix socket).
 pub fn socket_for(control: &Path) -> PathBuf {
-    let mut s = control.as_os_str().to_owned();
-    s.push(".chunks");
-    PathBuf::from(s)
+    control.with_file_name("chunks.sock")
 }
 
 // ------------------------------------------------------------------------------ node side
@@ -442,7 +441,7 @@ mod tests {
     fn paths_next_to_their_owners() {
         assert_eq!(
             socket_for(Path::new("/run/shoal/control.sock")),
-            Path::new("/run/shoal/control.sock.chunks")
+            Path::new("/run/shoal/chunks.sock")
         );
         assert!(ServerProcess::adopt(
             Path::new("/nonexistent/mount"),
