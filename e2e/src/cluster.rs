@@ -99,6 +99,8 @@ pub struct NodeSpec {
     pub membership: Membership,
     /// Extra environment of the node process.
     pub env: Vec<(String, String)>,
+    /// Extra arguments of `shoal node`, after the cluster's own.
+    pub args: Vec<String>,
 }
 
 impl NodeSpec {
@@ -107,7 +109,18 @@ impl NodeSpec {
         Self {
             membership: Membership::Member,
             env: Vec::new(),
+            args: Vec::new(),
         }
+    }
+
+    /// This node with `args` appended to its command line (`--snapshotter-socket PATH`, …).
+    pub fn with_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
     }
 
     /// A node with a different join secret.
@@ -744,6 +757,7 @@ impl Plan {
                 args.push(SocketAddr::from((*ip, DHT_PORT)).to_string());
             }
         }
+        args.extend(spec.args.iter().cloned());
         NodeOptions {
             upstream: self.upstream.clone(),
             extra_args: args,

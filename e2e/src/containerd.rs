@@ -4,9 +4,18 @@
 //! native [--user u:p] REF`); for snapshotter tests also `ctr-remote image rpull`, `ctr run`,
 //! tasks, containers, images and `ctr snapshots`, each with the snapshotter named.
 //!
+//! The daemon can also live on a test host ([`Place`]): in its network namespace only, or in the
+//! network *and mount* namespaces of a node there — where that node's lazy mounts exist, so
+//! containers whose rootfs stands on them must be started from there. `ip netns exec` gave that
+//! mount namespace a fresh sysfs without the cgroup hierarchies runc needs, so they are mounted
+//! there first, as this machine has them. Every `ctr` the handle runs enters the same
+//! namespaces.
+//!
 //! Invariants: the daemon is SIGKILLed on drop, after every task it still runs was killed (a
 //! shim outlives its containerd, and its container would keep running); nothing outside the
-//! temp dir is touched.
+//! temp dir is touched (but the cgroup mounts in a node's own mount namespace, which go with it).
+//! Two daemons share runc's state dir (`/run/containerd/runc/<namespace>`): containers of
+//! daemons that run at the same time need distinct ids.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -33,11 +42,51 @@ const TASK_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Containerd {
     dir: PathBuf,
     socket: PathBuf,
+    place: Place,
     child: Option<Child>,
     /// Its containerd namespace, unique to this daemon: runc keeps container state under
     /// `/run/containerd/runc/<namespace>` whatever the daemon's own state dir, so two daemons
     /// running a `c1` in one namespace would clash.
     namespace: String,
+}
+
+/// Where a daemon (and every `ctr` its handle runs) lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// This process's namespaces.
+    Here,
+    /// Test host `ns`'s network namespace (`/run/netns/<ns>`), this machine's mount namespace.
+    Net(String),
+    /// The network and mount namespaces of process `pid` (a node on a test host, whose lazy
+    /// mounts exist only there).
+    NodeNamespaces(u32),
+}
+
+impl Place {
+    /// A command running `program` in this place.
+    fn command(&self, program: &str) -> Command {
+        match self {
+            Place::Here => Command::new(program),
+            Place::Net(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .args(["--", program]);
+                c
+            }
+            Place::NodeNamespaces(pid) => {
+                let mut c = Command::new("nsenter");
+                c.args([
+                    "--target",
+                    &pid.to_string(),
+                    "--mount",
+                    "--net",
+                    "--",
+                    program,
+                ]);
+                c
+            }
+        }
+    }
 }
 
 /// What a `ctr` run did.
@@ -85,31 +134,43 @@ impl Source<'_> {
 impl Containerd {
     /// Starts the daemon and waits until `ctr version` answers.
     pub fn start(t: &TestCtx) -> Result<Self> {
+        Self::start_in(t, Place::Here)
+    }
+
+    /// Starts a daemon with the harness's own config (the default snapshotter, overlayfs, and
+    /// `native`) in `place`.
+    pub fn start_in(t: &TestCtx, place: Place) -> Result<Self> {
         // containerd's unix socket paths must stay under ~108 bytes: keep them short.
         let dir = t.subdir("ctrd")?;
         let socket = dir.join("c.sock");
         let config = dir.join("config.toml");
         std::fs::write(&config, config_toml(&dir, &socket)).context("writing containerd config")?;
-        Self::spawn(t, dir, socket, &config, false)
+        Self::spawn(t, dir, socket, &config, false, place)
+    }
+
+    /// [`Containerd::start_with_config`] in `place`.
+    pub fn start_with_config_in(t: &TestCtx, config: &Path, place: Place) -> Result<Self> {
+        let dir = t.subdir("ctrd")?;
+        let socket = dir.join("c.sock");
+        Self::spawn(t, dir, socket, config, true, place)
     }
 
     /// Starts Debian's containerd with a config file the test did not write (a runtime config that
     /// `shoal config containerd` produced), its root, state and socket moved into the test's dir by
     /// command-line flags so the file is used exactly as it is.
     pub fn start_with_config(t: &TestCtx, config: &Path) -> Result<Self> {
-        let dir = t.subdir("ctrd")?;
-        let socket = dir.join("c.sock");
-        Self::spawn(t, dir, socket, config, true)
+        Self::start_with_config_in(t, config, Place::Here)
     }
 
     /// Spawns containerd with `config` (and, with `relocate`, root/state/socket flags into `dir`)
-    /// and waits until it answers.
+    /// in `place` and waits until it answers.
     fn spawn(
         t: &TestCtx,
         dir: PathBuf,
         socket: PathBuf,
         config: &Path,
         relocate: bool,
+        place: Place,
     ) -> Result<Self> {
         let log_path = dir.join("containerd.log");
         t.register_log("containerd", &log_path);
@@ -117,16 +178,32 @@ impl Containerd {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(config);
+        let mut args = vec!["--config".into(), config.as_os_str().to_owned()];
         if relocate {
-            cmd.arg("--root")
-                .arg(dir.join("root"))
-                .arg("--state")
-                .arg(dir.join("state"))
-                .arg("--address")
-                .arg(&socket);
+            for (flag, path) in [
+                ("--root", dir.join("root")),
+                ("--state", dir.join("state")),
+                ("--address", socket.clone()),
+            ] {
+                args.push(flag.into());
+                args.push(path.into_os_string());
+            }
         }
+        let mut cmd = match &place {
+            // `sh -c 'mount …; exec containerd "$@"' sh ARGS`: the daemon is the child itself.
+            Place::NodeNamespaces(_) => {
+                let mut c = place.command("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "set -e\n{}exec containerd \"$@\"",
+                        cgroup_script()?
+                    ))
+                    .arg("sh");
+                c
+            }
+            _ => place.command("containerd"),
+        };
+        cmd.args(args);
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -137,6 +214,7 @@ impl Containerd {
         let mut daemon = Self {
             dir,
             socket,
+            place,
             child: Some(child),
             namespace: format!("{NAMESPACE}-{}-{n}", std::process::id()),
         };
@@ -383,9 +461,10 @@ impl Containerd {
         self.command("ctr")
     }
 
-    /// `ctr` or a program built on it (`ctr-remote`) with this daemon's socket and namespace.
+    /// `ctr` or a program built on it (`ctr-remote`) with this daemon's socket and namespace,
+    /// in the daemon's place.
     fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
+        let mut cmd = self.place.command(program);
         cmd.arg("--address")
             .arg(&self.socket)
             .args(["--namespace", &self.namespace]);
@@ -430,6 +509,48 @@ impl Drop for Containerd {
     }
 }
 
+/// A containerd config as `shoal config containerd --write --snapshotter` makes it of Debian's
+/// stock `config.toml`, under a root of the test's own (`<t>/<label>`): `[proxy_plugins.shoal]`
+/// at `snapshotter_socket`, and a `hosts.toml` sending pulls of `registry_host` (`IP:PORT`, as
+/// image references name it; served at `registry_url`) to the node's mirror at `mirror_url`.
+/// Returns the config file and the hosts directory (`--hosts-dir`).
+pub fn shoal_config(
+    t: &TestCtx,
+    label: &str,
+    registry_host: &str,
+    registry_url: &str,
+    mirror_url: &str,
+    snapshotter_socket: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let root = t.subdir(label)?;
+    let config = root.join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().context("config dir")?)?;
+    let stock = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("testdata/runtime/debian-containerd-config.toml");
+    std::fs::copy(&stock, &config).context("copying Debian's containerd config")?;
+    let out = Command::new(crate::paths::shoal_bin()?)
+        .args(["config", "containerd", "--write", "--root"])
+        .arg(&root)
+        .arg("--registry")
+        .arg(format!("{registry_host}={registry_url}"))
+        .args([
+            "--mirror",
+            mirror_url,
+            "--snapshotter",
+            "--snapshotter-socket",
+        ])
+        .arg(snapshotter_socket)
+        .env_remove("SHOAL_CONFIG")
+        .output()
+        .context("running shoal config containerd")?;
+    ensure!(
+        out.status.success(),
+        "shoal config containerd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((config, root.join("etc/containerd/certs.d")))
+}
+
 fn config_toml(dir: &Path, socket: &Path) -> String {
     let d = dir.display();
     format!(
@@ -462,6 +583,47 @@ disabled_plugins = [
 "#,
         sock = socket.display()
     )
+}
+
+/// Shell lines that mount this machine's cgroup hierarchies (as `/proc/self/mountinfo` lists
+/// them under `/sys/fs/cgroup`: a tmpfs with v1 hierarchies, or cgroup2 alone) where they are
+/// missing; runc needs them, and the sysfs `ip netns exec` mounted has none.
+fn cgroup_script() -> Result<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let mut script = String::new();
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let Some(point) = left.split(' ').nth(4) else {
+            continue;
+        };
+        if !(point == "/sys/fs/cgroup" || point.starts_with("/sys/fs/cgroup/")) {
+            continue;
+        }
+        let mut f = right.split(' ');
+        let (Some(fstype), Some(source), Some(opts)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if !matches!(fstype, "tmpfs" | "cgroup" | "cgroup2") {
+            continue;
+        }
+        let opts: Vec<&str> = opts
+            .split(',')
+            .filter(|o| {
+                !matches!(*o, "rw" | "ro") && !o.starts_with("size=") && !o.starts_with("inode64")
+            })
+            .collect();
+        let opts = if opts.is_empty() {
+            String::new()
+        } else {
+            format!("-o {}", opts.join(","))
+        };
+        script.push_str(&format!(
+            "mountpoint -q {point} || {{ mkdir -p {point}; mount -t {fstype} {opts} {source} {point}; }}\n"
+        ));
+    }
+    Ok(script)
 }
 
 fn run(mut cmd: Command) -> Result<CtrOutcome> {

@@ -3,7 +3,8 @@
 //! nydusify produces — data layers `application/vnd.oci.image.layer.nydus.blob.v1` annotated
 //! `containerd.io/snapshot/nydus-blob: "true"`, then a tar.gz holding `image/image.boot`
 //! annotated `nydus-bootstrap: "true"` and `nydus-fs-version: "6"` — under a tag that names an
-//! image index with one platform manifest. The config is the source image's.
+//! image index with one platform manifest. The config is the source image's. Also: images
+//! converted by `shoal convert` itself ([`shoal_convert`], [`Converted`]).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,7 @@ use shoal_rafs::build::{build_layer, merge, BuildOptions};
 use shoal_rafs::{Bootstrap, ChunkRef, ChunkSource, LocalBlobDir};
 
 use crate::registry::Registry;
+use crate::{paths, TestCtx};
 
 /// Media type of a Nydus data blob layer.
 pub const BLOB_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
@@ -174,6 +176,104 @@ pub fn build_and_push(
         bootstrap: merged,
         blob_dirs,
     })
+}
+
+/// `shoal convert --plain-http SRC DST` (registry to registry) with a work dir of the test's own.
+pub fn shoal_convert(t: &TestCtx, src: &str, dst: &str) -> Result<()> {
+    let work = t.subdir("convert-work")?;
+    let out = std::process::Command::new(paths::shoal_bin()?)
+        .args(["convert", "--plain-http", "--json", "--work-dir"])
+        .arg(&work)
+        .args([src, dst])
+        .env("HOME", t.dir())
+        .env_remove("REGISTRY_AUTH_FILE")
+        .output()
+        .context("running shoal convert")?;
+    ensure!(
+        out.status.success(),
+        "shoal convert {src} {dst}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The layers of a Nydus image manifest (as `shoal convert` pushes it).
+#[derive(Debug, Clone)]
+pub struct Converted {
+    /// Data blobs `(digest, size)`.
+    pub blobs: Vec<(String, u64)>,
+    /// The bootstrap layer `(digest, size)`.
+    pub bootstrap_layer: (String, u64),
+}
+
+impl Converted {
+    /// Reads the layers of `manifest` (an image manifest, not an index).
+    pub fn of(manifest: &serde_json::Value) -> Result<Self> {
+        let layers = manifest["layers"].as_array().context("manifest layers")?;
+        let entry = |l: &serde_json::Value| -> Result<(String, u64)> {
+            Ok((
+                l["digest"].as_str().context("layer digest")?.to_owned(),
+                l["size"].as_u64().context("layer size")?,
+            ))
+        };
+        let mut blobs = Vec::new();
+        let mut bootstrap = None;
+        for l in layers {
+            if l["mediaType"] == BLOB_MEDIA_TYPE {
+                blobs.push(entry(l)?);
+            } else if l["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true" {
+                bootstrap = Some(entry(l)?);
+            }
+        }
+        Ok(Self {
+            blobs,
+            bootstrap_layer: bootstrap.context("no bootstrap layer in the manifest")?,
+        })
+    }
+
+    /// Sum of the data blob sizes.
+    pub fn data_bytes(&self) -> u64 {
+        self.blobs.iter().map(|(_, s)| *s).sum()
+    }
+}
+
+/// The RAFS bootstrap (`image/image.boot`) inside a Nydus bootstrap layer (a tar.gz).
+pub fn bootstrap_of_layer(layer: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut tar = Vec::new();
+    flate2::read::GzDecoder::new(layer)
+        .read_to_end(&mut tar)
+        .context("gunzipping the bootstrap layer")?;
+    let mut at = 0usize;
+    while at + 512 <= tar.len() {
+        let h = &tar[at..at + 512];
+        if h.iter().all(|&b| b == 0) {
+            break;
+        }
+        let field = |r: std::ops::Range<usize>| {
+            let f = &h[r];
+            String::from_utf8_lossy(&f[..f.iter().position(|&b| b == 0).unwrap_or(f.len())])
+                .into_owned()
+        };
+        let (name, prefix) = (field(0..100), field(345..500));
+        let name = if prefix.is_empty() {
+            name
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let size = u64::from_str_radix(field(124..136).trim(), 8).context("tar entry size")?;
+        let size = usize::try_from(size)?;
+        let data = at + 512;
+        ensure!(
+            data + size <= tar.len(),
+            "tar entry {name} runs past the end"
+        );
+        if name.trim_start_matches("./") == "image/image.boot" {
+            return Ok(tar[data..data + size].to_vec());
+        }
+        at = data + size.div_ceil(512) * 512;
+    }
+    anyhow::bail!("no image/image.boot in the bootstrap layer")
 }
 
 /// The OCI architecture name of this host.
