@@ -794,6 +794,7 @@ fn blob_announcement(
         complete: r.complete,
         origin_fetch: leased.is_some(),
         origin_bytes: leased.copied().unwrap_or(0),
+        present_bytes: r.present.len(),
     }
 }
 

@@ -343,6 +343,10 @@ pub struct BlobAnnouncement {
     /// lease holder's progress finer than whole pieces.
     #[serde(default)]
     pub origin_bytes: u64,
+    /// Bytes of the blob held (verified), whole pieces or not: a lazy mount keeps the chunks it
+    /// read, which rarely fill a piece, and a peer serves exactly the bytes it holds.
+    #[serde(default)]
+    pub present_bytes: u64,
 }
 
 /// Cumulative byte counters of a node since it started.
@@ -735,6 +739,7 @@ mod tests {
                 complete: true,
                 origin_fetch: false,
                 origin_bytes: 0,
+                present_bytes: 10,
             }],
             removed: vec![blob(2)],
             traffic: Traffic::default(),

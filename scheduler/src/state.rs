@@ -493,6 +493,7 @@ impl State {
             HolderRecord {
                 have,
                 complete: b.complete,
+                partial: b.present_bytes > 0,
             },
         );
         if let Some(n) = self.nodes.get_mut(&id) {
@@ -725,6 +726,7 @@ impl State {
                     node: id,
                     have: h.map_or(&empty, |h| &h.have),
                     complete: h.is_some_and(|h| h.complete),
+                    partial: h.is_some_and(|h| h.partial),
                     lease_holder: leased.contains(&id),
                     upload_slots_free: n.info.upload_slots_free,
                     zone: n.info.zone.as_deref(),

@@ -159,6 +159,7 @@ fn holds(b: u32, held: u32) -> BlobAnnouncement {
         complete: held == PIECES,
         origin_fetch: false,
         origin_bytes: 0,
+        present_bytes: u64::from(held) * PIECE,
     }
 }
 

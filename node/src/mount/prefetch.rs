@@ -6,9 +6,10 @@
 //! Invariants: prefetch goes through the same chunk backend as reads (verified, single flight, kept
 //! in the store) and never ahead of them: before each fetch it waits until no on-demand read is
 //! in the backend, and it stays under its byte rate (origin bytes per second since it started).
-//! A chunk the store already holds costs no fetch. Recording happens only while no access list
-//! exists for the image; the list is bounded ([`MAX_RECORDED`]) and written atomically (temp
-//! file, fsync, rename), periodically and when the mount goes away.
+//! A chunk the store already holds costs no fetch. Every mount records during its first
+//! [`RECORD_WINDOW`]: the first run of an image makes its list, later runs append what the list
+//! lacked (first-touch order kept); the list is bounded ([`MAX_RECORDED`]) and written atomically
+//! (temp file, fsync, rename), periodically and when the mount goes away.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -83,7 +84,12 @@ impl Background {
         match load(path) {
             Some(learned) => Background {
                 stats,
-                recording: None,
+                // Keeps recording what the list lacks (not counted as "recording": that is the
+                // image's first run).
+                recording: Some(Arc::new(AccessLog::continuing(
+                    path.to_path_buf(),
+                    &learned,
+                ))),
                 learned,
             },
             None => {
@@ -155,12 +161,18 @@ impl Background {
     }
 }
 
-/// Records the first touch of each chunk, in order.
+/// How long after a mount starts its reads are recorded: an image's start-up, not whatever a
+/// long-running program reads hours later.
+pub const RECORD_WINDOW: Duration = Duration::from_secs(300);
+
+/// Records the first touch of each chunk, in order, during the mount's first
+/// [`RECORD_WINDOW`].
 #[derive(Debug)]
 pub struct AccessLog {
     path: PathBuf,
     inner: Mutex<Recorded>,
     dirty: AtomicBool,
+    until: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -171,15 +183,28 @@ struct Recorded {
 
 impl AccessLog {
     pub fn new(path: PathBuf) -> Self {
+        Self::continuing(path, &[])
+    }
+
+    /// A log that goes on from the list an earlier run recorded: what this run reads first that
+    /// the list lacks is appended (containers of an image do not all read the same files).
+    pub fn continuing(path: PathBuf, learned: &[ChunkKey]) -> Self {
         AccessLog {
             path,
-            inner: Mutex::new(Recorded::default()),
+            inner: Mutex::new(Recorded {
+                seen: learned.iter().copied().collect(),
+                order: learned.to_vec(),
+            }),
             dirty: AtomicBool::new(false),
+            until: Instant::now() + RECORD_WINDOW,
         }
     }
 
     /// Note that a program needed `key`.
     pub fn touch(&self, key: ChunkKey) {
+        if Instant::now() > self.until {
+            return;
+        }
         let mut r = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         if r.order.len() < MAX_RECORDED && r.seen.insert(key) {
             r.order.push(key);

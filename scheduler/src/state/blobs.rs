@@ -37,6 +37,8 @@ pub struct Geometry {
 pub struct HolderRecord {
     pub have: PieceBits,
     pub complete: bool,
+    /// It holds bytes of the blob, whole pieces or not (chunks a lazy mount read).
+    pub partial: bool,
 }
 
 /// Why a blob announcement was not applied.

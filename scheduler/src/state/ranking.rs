@@ -33,6 +33,8 @@ pub struct Candidate<'a> {
     pub node: NodeId,
     pub have: &'a PieceBits,
     pub complete: bool,
+    /// Holds bytes of the blob short of any whole piece (served to range readers).
+    pub partial: bool,
     pub lease_holder: bool,
     pub upload_slots_free: u32,
     pub zone: Option<&'a str>,
@@ -73,7 +75,7 @@ pub fn score(c: &Candidate<'_>, asker_zone: Option<&str>) -> f64 {
 pub fn eligible(c: &Candidate<'_>, asker: NodeId) -> bool {
     c.node != asker
         && c.bad_piece_blame < BAD_PIECE_EXCLUDE
-        && (c.complete || c.lease_holder || c.have.count() > 0)
+        && (c.complete || c.lease_holder || c.have.count() > 0 || c.partial)
 }
 
 /// The eligible candidates, best first, at most `max`, each with its score.
@@ -133,6 +135,7 @@ mod tests {
             node: id(node),
             have,
             complete: have.is_full() && !have.is_empty(),
+            partial: false,
             lease_holder: false,
             upload_slots_free: 4,
             zone: None,
@@ -234,6 +237,7 @@ mod tests {
                 node: id(i as u8),
                 have: h,
                 complete: h.is_full(),
+                partial: false,
                 lease_holder: s.1,
                 upload_slots_free: s.2,
                 zone: s.5.then_some("z"),

@@ -52,6 +52,7 @@ fn have(b: u32, held: u32) -> BlobAnnouncement {
         complete: held == PIECES,
         origin_fetch: false,
         origin_bytes: 0,
+        present_bytes: u64::from(held) * PIECE,
     }
 }
 
