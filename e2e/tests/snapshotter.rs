@@ -69,7 +69,9 @@ const FIFO_WAIT: &str = "wait_for_partner";
 /// Run in another container: whether it sees that write.
 const SEES_PROBE: &str = "import json, os; print(42, os.path.exists('/root/shoal-probe'))";
 /// How long containerd's garbage collection may take to reach the snapshotter.
-const GC_TIMEOUT: Duration = Duration::from_secs(60);
+/// (containerd paces its collector to 2 % of its time: under load a pass can be tens of seconds
+/// after the last.)
+const GC_TIMEOUT: Duration = Duration::from_secs(180);
 /// The node log line of one image mount under containers.
 const MOUNTED: &str = "image mounted for containers";
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -326,6 +326,13 @@ impl ServerProcess {
     /// `state`), if any.
     pub fn adopt(dir: &Path, state: &Path) -> Option<ServerProcess> {
         let pid: u32 = std::fs::read_to_string(state).ok()?.trim().parse().ok()?;
+        // Ours: run by this node's user (a recycled pid of someone else's process is not).
+        let owner = std::os::unix::fs::MetadataExt::uid(
+            &std::fs::metadata(format!("/proc/{pid}")).ok()?,
+        );
+        if owner != rustix::process::geteuid().as_raw() {
+            return None;
+        }
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
         let ours = args.get(1) == Some(&&b"image-server"[..])
