@@ -1587,3 +1587,119 @@ fn a_resume_against_an_origin_that_ignores_range_completes() {
         },
     );
 }
+
+/// An origin a request names (run by the requester) that answers without end: a `tags/list`
+/// and a token that never stop coming, and a blob that drips a byte now and then. The node reads
+/// the answers only up to their bounds, and an isolated download whose requester left stops.
+#[test]
+fn answers_of_an_origin_a_request_names_are_read_within_bounds() {
+    run(
+        "answers_of_an_origin_a_request_names_are_read_within_bounds",
+        &[Need::Shoal, Need::Bin("docker-registry")],
+        |t| {
+            let registry = Registry::start(t)?;
+            let flood = TinyServer::start(std::sync::Arc::new(|req, out| {
+                let path = req.path().to_owned();
+                if path.ends_with("/tags/list") || path == "/token" {
+                    let head = if path == "/token" {
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    } else {
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nDocker-Distribution-Api-Version: registry/2.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    };
+                    out.write_all(head.as_bytes())?;
+                    let chunk = vec![b'a'; 1 << 20];
+                    out.write_all(b"a\r\n{\"token\":\"\r\n")?;
+                    // Up to 256 MiB, or until the node hangs up.
+                    for _ in 0..256 {
+                        out.write_all(format!("{:x}\r\n", chunk.len()).as_bytes())?;
+                        out.write_all(&chunk)?;
+                        out.write_all(b"\r\n")?;
+                    }
+                    out.write_all(b"0\r\n\r\n")?;
+                    return Ok(Flow::Close);
+                }
+                if path.contains("/manifests/") {
+                    let realm = format!(
+                        "Bearer realm=\"http://{}/token\",service=\"x\",scope=\"repository:tok/x:pull\"",
+                        req.header("host").unwrap_or("127.0.0.1")
+                    );
+                    respond(
+                        out,
+                        "401 Unauthorized",
+                        &[("WWW-Authenticate", &realm)],
+                        b"",
+                        req.is_head(),
+                    )?;
+                    return Ok(Flow::KeepAlive);
+                }
+                if path.contains("/blobs/") {
+                    // A 10 GiB blob, a byte every second.
+                    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10737418240\r\n\r\n")?;
+                    for _ in 0..120 {
+                        out.write_all(b"x")?;
+                        out.flush()?;
+                        std::thread::sleep(std::time::Duration::from_secs(1));
+                    }
+                    return Ok(Flow::Close);
+                }
+                respond(out, "200 OK", &[], b"{}", req.is_head())?;
+                Ok(Flow::KeepAlive)
+            }))?;
+            let config = t.subdir("cfg")?.join("node.toml");
+            // The flooding origin runs on loopback: let unlisted hosts be local for this test.
+            std::fs::write(&config, "[mirror]\nallow_local_upstreams = true\n")?;
+            let node = Node::start_with(
+                t,
+                NodeOptions {
+                    config: Some(config),
+                    ..NodeOptions::upstream(&registry.url())
+                },
+            )?;
+            let proxy = http::proxy_client(&node.listen_addr())?;
+            let origin = flood.addr();
+            let tags = http::fetch(proxy.get(format!("http://{origin}/v2/big/x/tags/list")))?;
+            ensure!(
+                !tags.status.is_success() && tags.body.len() < (2 << 20),
+                "an endless tags/list was relayed: {} with {} bytes",
+                tags.status,
+                tags.body.len()
+            );
+            let manifest =
+                http::fetch(proxy.get(format!("http://{origin}/v2/tok/x/manifests/latest")))?;
+            ensure!(
+                !manifest.status.is_success(),
+                "a manifest behind an endless token answer: {}",
+                manifest.short()
+            );
+            // A client asks for the dripping blob and gives up; its isolated download stops.
+            let digest = format!("sha256:{}", "ab".repeat(32));
+            let url = format!("http://{origin}/v2/drip/x/blobs/{digest}");
+            let quick = reqwest::blocking::Client::builder()
+                .proxy(reqwest::Proxy::http(format!(
+                    "http://{}",
+                    node.listen_addr()
+                ))?)
+                .timeout(std::time::Duration::from_secs(3))
+                .build()?;
+            let _ = quick.get(&url).send().and_then(|r| r.bytes());
+            drop(quick);
+            shoal_e2e::wait::poll(
+                "the abandoned download to stop",
+                std::time::Duration::from_secs(60),
+                || {
+                    let n = node.metrics()?.sum("shoal_downloads_in_flight", &[]);
+                    Ok((n == 0.0).then_some(()))
+                },
+            )?;
+            let health =
+                http::fetch(http::client()?.get(format!("http://{}/healthz", node.admin_addr())))?;
+            ensure!(
+                health.completed_ok(),
+                "the node's health check after the flood: {}",
+                health.short()
+            );
+            println!("an endless tags/list and token, and a dripping blob nobody waits for, were all cut off");
+            Ok(())
+        },
+    );
+}

@@ -327,9 +327,8 @@ impl ServerProcess {
     pub fn adopt(dir: &Path, state: &Path) -> Option<ServerProcess> {
         let pid: u32 = std::fs::read_to_string(state).ok()?.trim().parse().ok()?;
         // Ours: run by this node's user (a recycled pid of someone else's process is not).
-        let owner = std::os::unix::fs::MetadataExt::uid(
-            &std::fs::metadata(format!("/proc/{pid}")).ok()?,
-        );
+        let owner =
+            std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(format!("/proc/{pid}")).ok()?);
         if owner != rustix::process::geteuid().as_raw() {
             return None;
         }
