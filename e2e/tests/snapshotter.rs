@@ -880,3 +880,52 @@ fn image_servers(root: &Path) -> usize {
 fn last_line(text: &str) -> &str {
     text.trim().lines().last().unwrap_or_default()
 }
+
+/// Several containers of an image not yet mounted, started at the same moment: every one runs,
+/// and the image is mounted once.
+#[test]
+fn containers_started_at_once_share_one_mount() {
+    run("containers_started_at_once_share_one_mount", NEEDS, |t| {
+        let s = scene(t, true)?;
+        s.containerd
+            .rpull(SN, Source::Hosts(&s.hosts), &s.nydus)?
+            .ok("ctr-remote image rpull")?;
+        let outs: Vec<Result<String>> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..4)
+                .map(|i| {
+                    let s = &s;
+                    scope.spawn(move || {
+                        // Each stays a while after printing, so that all four overlap.
+                        let args = [
+                            "python3",
+                            "-c",
+                            "import json, time; print(42, flush=True); time.sleep(10)",
+                        ];
+                        s.containerd
+                            .run(SN, &s.nydus, &format!("at-once-{i}"), &args)?
+                            .ok("ctr run")
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("panicked")))
+                })
+                .collect()
+        });
+        for (i, out) in outs.into_iter().enumerate() {
+            let out = out.with_context(|| format!("container {i}"))?;
+            ensure!(out.trim() == "42", "container {i} printed {out:?}");
+        }
+        let logged = s.mounts_logged();
+        ensure!(
+            logged == 1,
+            "{logged} image mounts for 4 containers started at once"
+        );
+        s.containerd.remove_images(&s.containerd.images()?)?;
+        s.wait_clean()?;
+        println!("{}: 4 containers at once, one image mount", t.name());
+        Ok(())
+    });
+}
