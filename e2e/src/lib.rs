@@ -29,6 +29,7 @@ pub mod registry_log;
 pub mod scheduler;
 pub mod setup;
 pub mod skopeo;
+pub mod tarball;
 pub mod tiny;
 pub mod token;
 pub mod wait;

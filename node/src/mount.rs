@@ -782,14 +782,24 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
                     digest: key.clone(),
                     reason: format!("blob id {:?}: {e}", b.blob_id),
                 })?;
-        let size = match sizes.iter().find(|(d, _)| *d == id) {
-            Some((_, size)) => *size,
-            None => {
-                if manifest.is_some() {
-                    tracing::warn!(blob = %id, "data blob not listed in the manifest; using the bootstrap's size");
-                }
-                b.compressed_size
+        let listed = sizes.iter().find(|(d, _)| *d == id).map(|(_, s)| *s);
+        if listed.is_none() && manifest.is_some() {
+            tracing::warn!(blob = %id, "data blob not listed in the manifest");
+        }
+        // Stored, peer and kept bytes only for a blob the node may read in this repository.
+        let access = resolve::node_access(&deps.store, &origin, &repo, &id).await;
+        let shared = match &access {
+            Ok(_) => true,
+            Err(reason) => {
+                tracing::info!(blob = %id, %repo, %reason, "data blob read from its origin only, for this mount alone");
+                false
             }
+        };
+        // The origin's size first: one a bootstrap claims must not shape the store's record.
+        let size = match (access.ok().flatten(), listed) {
+            (Some(origin_size), _) => origin_size,
+            (None, Some(size)) => size,
+            (None, None) => b.compressed_size,
         };
         let chunks = boot
             .blob_chunks(b.index)
@@ -797,8 +807,10 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
                 digest: key.clone(),
                 reason: e.to_string(),
             })?;
-        pins.push(deps.store.pin(&id));
-        blobs.push((BlobSpec { id, size }, chunks));
+        if shared {
+            pins.push(deps.store.pin(&id));
+        }
+        blobs.push((BlobSpec { id, size, shared }, chunks));
     }
     let boot = Arc::new(boot);
     let list_path = prefetch::list_path(&deps.data_dir, &key);

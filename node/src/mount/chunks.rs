@@ -52,6 +52,11 @@ pub struct BlobSpec {
     pub id: BlobId,
     /// The blob's size as the manifest says.
     pub size: u64,
+    /// Whether the node may read this blob in the mount's repository ([`super::resolve::node_access`]):
+    /// only then are stored and peer copies used and fetched chunks kept in the store. An
+    /// image's bootstrap names its blobs (whoever pushed it chose them), so otherwise the mount
+    /// gets only what its origin sends, fetched for it alone.
+    pub shared: bool,
 }
 
 /// Counters of one mount's chunk backend.
@@ -210,6 +215,9 @@ impl ChunkBackend {
 
     /// `None` when the store holds `chunk`'s bytes; else what it holds of the blob.
     fn missing(&self, entry: &BlobEntry, chunk: &ChunkRef) -> Option<RangeSet> {
+        if !entry.spec.shared {
+            return Some(RangeSet::new());
+        }
         let reader = match self.deps.store.open_reader(&entry.spec.id) {
             Ok(Some(r)) => r,
             _ => return Some(RangeSet::new()),
@@ -268,6 +276,9 @@ impl ChunkBackend {
         chunk: &ChunkRef,
     ) -> (Option<VerifiedChunk>, RangeSet) {
         let range = compressed_range(chunk);
+        if !entry.spec.shared {
+            return (None, RangeSet::new());
+        }
         let reader = match self.deps.store.open_reader(&entry.spec.id) {
             Ok(Some(r)) => r,
             Ok(None) => return (None, RangeSet::new()),
@@ -480,8 +491,13 @@ impl ChunkBackend {
             }
         }
         // Kept before the flights go: a reader arriving meanwhile finds the (resolved) flight,
-        // never neither it nor the stored bytes.
-        self.persist(entry, &keep);
+        // never neither it nor the stored bytes. Only bytes the configured origin sent for a
+        // blob the node may read there: they are that blob's bytes. A peer's (or an unproven
+        // origin's) bytes are checked only against this image's bootstrap, which whoever pushed
+        // the image wrote — kept, they could stand in the store for another image's blob.
+        if entry.spec.shared && !from_peer {
+            self.persist(entry, &keep);
+        }
         drop(lead);
         mine.unwrap_or_else(|| {
             Err(fetch_error(
@@ -493,6 +509,9 @@ impl ChunkBackend {
 
     /// `range` of the blob from a peer holding it, unverified.
     fn fetch_from_peer(&self, entry: &BlobEntry, range: Range<u64>) -> Option<(NodeId, Vec<u8>)> {
+        if !entry.spec.shared {
+            return None;
+        }
         let p = self.deps.peering.as_ref()?;
         let d = &self.deps;
         d.rt.block_on(async {

@@ -91,7 +91,9 @@ async fn manifest(
     };
     let stored = |d: &Digest| -> Option<Vec<u8>> {
         let rec = cache.store.get_manifest(d).ok().flatten()?;
-        rec.repos.contains(&key).then_some(rec.bytes)
+        // Only where the node itself was let read it: a manifest a client fetched with its own
+        // credentials is that client's, not every mount's.
+        rec.repos.is_open(&key).then_some(rec.bytes)
     };
     match reference {
         Reference::Digest(d) => {
@@ -149,7 +151,79 @@ async fn fetch_manifest(
     }
 }
 
-/// Fetch the bootstrap layer through the download path and open its `image/image.boot`.
+/// Whether the node itself may read blob `digest` of `repo` at `origin`, and its size when the
+/// origin said. A lazy mount reads with the node's credentials for whoever asked for it (a
+/// container's image, a control-socket user), and the image's bootstrap — authored by whoever
+/// pushed it — names the blobs: so stored, peer or shared bytes of a blob serve a mount only
+/// where the origin is configured (its answer is trusted) and lets the node read that very blob
+/// in that very repository (provenance recorded open there, or a `HEAD` now). Otherwise the
+/// mount gets only what that origin sends, fetched for it alone.
+pub async fn node_access(
+    store: &Store,
+    origin: &Origin,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<Option<u64>, String> {
+    if !origin.configured {
+        return Err(format!(
+            "{} is not a configured upstream: its answers prove nothing",
+            origin.host
+        ));
+    }
+    let key = crate::store::RepoKey {
+        upstream: origin.host.clone(),
+        repo: repo.clone(),
+    };
+    if let Ok(Some(rec)) = store.blob(digest) {
+        if rec.repos.is_open(&key) {
+            return Ok(rec.complete.then_some(rec.size));
+        }
+    }
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let resp = origin
+        .send(
+            reqwest::Method::HEAD,
+            &path,
+            &reqwest::header::HeaderMap::new(),
+            &AuthMode::Node,
+            Some(repo),
+            "access",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    if status.is_success() || status.is_redirection() {
+        // Remembered where the store holds (some of) it, as the mirror remembers what the node's
+        // credentials read: the next mount (or a restart with the origin down) needs no HEAD.
+        let (store, id) = (store.clone(), digest.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            if matches!(store.blob(&id), Ok(Some(_))) {
+                let _ = store.add_repo(&id, key, true);
+            }
+        })
+        .await;
+    }
+    if status.is_success() {
+        let size = resp
+            .headers()
+            .get(reqwest::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        return Ok(size);
+    }
+    if status.is_redirection() {
+        // Registries redirect to their blob storage only for a blob the repository has.
+        return Ok(None);
+    }
+    Err(format!(
+        "{} answered {status} to the node's HEAD of {digest} in {repo}",
+        origin.host
+    ))
+}
+
+/// Fetch the bootstrap layer and open its `image/image.boot`: through the download path (the
+/// store) when the node may read it there ([`node_access`]); from an unlisted origin, for this
+/// mount alone (never from or into the store).
 pub async fn bootstrap(
     store: &Store,
     downloads: &Downloads,
@@ -163,11 +237,17 @@ pub async fn bootstrap(
     if desc.size > MAX_BOOTSTRAP_LAYER {
         return Err(fail(format!("layer of {} bytes is too large", desc.size)));
     }
+    if !resolved.origin.configured {
+        return bootstrap_alone(resolved).await;
+    }
+    node_access(store, &resolved.origin, &resolved.repo, &desc.digest)
+        .await
+        .map_err(|reason| fail(format!("the node may not read it: {reason}")))?;
     let source = Source {
         origin: resolved.origin.clone(),
         repo: resolved.repo.clone(),
         auth: AuthMode::Node,
-        // An administrator's mount, with the node's credentials: open there.
+        // The configured origin just let the node read it there.
         open: true,
         isolated: false,
     };
@@ -188,6 +268,48 @@ pub async fn bootstrap(
     tokio::task::spawn_blocking(move || open_bootstrap(&store, &desc))
         .await
         .map_err(|e| fail(format!("blocking task failed: {e}")))?
+}
+
+/// The bootstrap layer straight from an unlisted origin, digest-checked, kept in memory only.
+async fn bootstrap_alone(resolved: &Resolved) -> Result<Bootstrap, MountError> {
+    let desc = &resolved.layers.bootstrap;
+    let fail = |reason: String| MountError::Bootstrap {
+        digest: desc.digest.clone(),
+        reason,
+    };
+    let path = format!("/v2/{}/blobs/{}", resolved.repo, desc.digest);
+    let resp = resolved
+        .origin
+        .send(
+            reqwest::Method::GET,
+            &path,
+            &reqwest::header::HeaderMap::new(),
+            &AuthMode::Node,
+            Some(&resolved.repo),
+            "bootstrap",
+        )
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("the origin answered {}", resp.status())));
+    }
+    let layer = crate::upstream::read_at_most(resp, desc.size.min(MAX_BOOTSTRAP_LAYER))
+        .await
+        .map_err(fail)?;
+    if Digest::of(desc.digest.algorithm(), &layer) != desc.digest {
+        return Err(fail("the origin's bytes do not match the digest".into()));
+    }
+    let d = desc.digest.clone();
+    tokio::task::spawn_blocking(move || {
+        let fail = |reason: String| MountError::Bootstrap {
+            digest: d.clone(),
+            reason,
+        };
+        let boot = extract_bootstrap(&layer).map_err(fail)?;
+        Bootstrap::from_bytes(boot).map_err(|e| fail(format!("not a usable RAFS bootstrap: {e}")))
+    })
+    .await
+    .map_err(|e| fail(format!("blocking task failed: {e}")))?
 }
 
 fn open_bootstrap(store: &Store, desc: &Descriptor) -> Result<Bootstrap, MountError> {
