@@ -54,6 +54,140 @@ pub struct FileConfig {
     pub upstreams: Vec<UpstreamSection>,
     pub p2p: P2pSection,
     pub snapshotter: SnapshotterSection,
+    pub convert: ConvertSection,
+}
+
+/// The conversion service: when the registry notifies a push, convert the image to Nydus and
+/// push it beside the original (what Harbor's acceleration service does).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConvertSection {
+    /// Where the notification endpoint listens (`POST /events`, CNCF distribution's envelopes
+    /// and Harbor's webhooks). Unset: no service.
+    pub listen: Option<SocketAddr>,
+    /// A file holding the shared secret every notification must carry, as
+    /// `Authorization: Bearer SECRET` (distribution's `notifications.endpoints[].headers`) or
+    /// the bare secret (Harbor's "auth header"). At least 16 characters. Required with `listen`.
+    pub secret_file: Option<PathBuf>,
+    /// The registry whose pushes are converted and where results are pushed: the `host` of an
+    /// `[[upstream]]`, whose URL and credentials are used (they must be allowed to push).
+    /// Notifications never choose the registry. Default: the default upstream.
+    pub registry: Option<String>,
+    /// Repositories converted, as globs (`*` within one path segment, `**` across segments,
+    /// `?` one character). Default `["**"]`: all.
+    pub repositories: Vec<String>,
+    /// Tags converted, as globs. Default `["*"]`. A tag ending with `tag_suffix` never is.
+    pub tags: Vec<String>,
+    /// Convert only this platform of a multi-platform image (`os/arch[/variant]`). Default:
+    /// every platform.
+    pub platform: Option<String>,
+    /// Where a converted image goes: `suffix` (same repository, the tag plus `tag_suffix`) or
+    /// `repository` (the repository `target_repository` names, same tag). Default `suffix`.
+    pub target: ConvertTarget,
+    /// Default `-nydus`: `app:1` becomes `app:1-nydus`.
+    pub tag_suffix: String,
+    /// For `target = "repository"`: the target repository, `{repository}` standing for the
+    /// source's. Default `{repository}-nydus`.
+    pub target_repository: String,
+    /// Chunk dictionary: `previous` (the image last converted from the same repository, so a
+    /// new version stores only chunks the old one lacks) or `none`. Default `previous`.
+    pub chunk_dict: ConvertDict,
+    /// After a conversion, prewarm the result across the cluster: `none`, `bootstrap` or `full`
+    /// (needs `p2p.schedulers`). Default `none`.
+    pub prewarm: ConvertPrewarm,
+    /// Conversions at once. Default 1.
+    pub jobs: usize,
+    /// Jobs waiting at most; a notification beyond that gets 503 (the registry retries it).
+    /// Default 1000.
+    pub max_queue: usize,
+    /// Attempts (with backoff from 10 s to 10 min) before a job is marked failed. Default 5.
+    pub max_attempts: u32,
+    /// Where converted layers and the job queue are kept. Default `<data_dir>/convert`.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// `convert.target`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvertTarget {
+    #[default]
+    Suffix,
+    Repository,
+}
+
+/// `convert.chunk_dict`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvertDict {
+    #[default]
+    Previous,
+    None,
+}
+
+/// `convert.prewarm`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvertPrewarm {
+    #[default]
+    None,
+    Bootstrap,
+    Full,
+}
+
+impl Default for ConvertSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            secret_file: None,
+            registry: None,
+            repositories: vec!["**".into()],
+            tags: vec!["*".into()],
+            platform: None,
+            target: ConvertTarget::Suffix,
+            tag_suffix: "-nydus".into(),
+            target_repository: "{repository}-nydus".into(),
+            chunk_dict: ConvertDict::Previous,
+            prewarm: ConvertPrewarm::None,
+            jobs: 1,
+            max_queue: 1000,
+            max_attempts: 5,
+            work_dir: None,
+        }
+    }
+}
+
+/// The conversion service's settings, validated.
+#[derive(Clone)]
+pub struct ConvertService {
+    pub listen: SocketAddr,
+    pub secret: String,
+    /// The `[[upstream]]` it reads from and pushes to.
+    pub registry: Upstream,
+    pub repositories: Vec<String>,
+    pub tags: Vec<String>,
+    pub platform: Option<String>,
+    pub target: ConvertTarget,
+    pub tag_suffix: String,
+    pub target_repository: String,
+    pub chunk_dict: ConvertDict,
+    pub prewarm: ConvertPrewarm,
+    pub jobs: usize,
+    pub max_queue: usize,
+    pub max_attempts: u32,
+    pub work_dir: PathBuf,
+}
+
+impl std::fmt::Debug for ConvertService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvertService")
+            .field("listen", &self.listen)
+            .field("registry", &self.registry.host)
+            .field("repositories", &self.repositories)
+            .field("tags", &self.tags)
+            .field("target", &self.target)
+            .field("work_dir", &self.work_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 /// containerd's snapshotter (`[proxy_plugins.shoal]` in containerd's config).
@@ -106,6 +240,7 @@ impl Default for FileConfig {
             upstreams: Vec::new(),
             p2p: P2pSection::default(),
             snapshotter: SnapshotterSection::default(),
+            convert: ConvertSection::default(),
         }
     }
 }
@@ -317,6 +452,8 @@ pub struct Config {
     /// `None`: standalone (no join secret).
     pub p2p: Option<P2p>,
     pub snapshotter: Snapshotter,
+    /// `None`: no conversion service.
+    pub convert: Option<ConvertService>,
 }
 
 /// The sharing settings of a node with a join secret.
@@ -537,6 +674,7 @@ impl FileConfig {
         };
         let p2p = validate_p2p(self.p2p)?;
         let snapshotter = validate_snapshotter(self.snapshotter, &data_dir, &control)?;
+        let convert = validate_convert(self.convert, &upstreams, &data_dir)?;
         Ok(Config {
             data_dir,
             listen: self.listen,
@@ -550,8 +688,125 @@ impl FileConfig {
             upstreams,
             p2p,
             snapshotter,
+            convert,
         })
     }
+}
+
+fn validate_convert(
+    c: ConvertSection,
+    upstreams: &[Upstream],
+    data_dir: &Path,
+) -> Result<Option<ConvertService>, ConfigError> {
+    let Some(listen) = c.listen else {
+        return Ok(None);
+    };
+    let Some(secret_file) = &c.secret_file else {
+        return Err(invalid(
+            "convert.secret_file",
+            "required with convert.listen: notifications must prove they come from the registry",
+        ));
+    };
+    let secret = std::fs::read_to_string(secret_file)
+        .map_err(|e| {
+            invalid(
+                "convert.secret_file",
+                format!("{}: {e}", secret_file.display()),
+            )
+        })?
+        .trim()
+        .to_owned();
+    if secret.len() < 16 || secret.chars().any(|ch| ch.is_control() || ch == ' ') {
+        return Err(invalid(
+            "convert.secret_file",
+            "the secret must be at least 16 characters, without spaces",
+        ));
+    }
+    let registry = match &c.registry {
+        Some(host) => upstreams.iter().find(|u| &u.host == host).ok_or_else(|| {
+            invalid(
+                "convert.registry",
+                format!("{host:?} is not the host of an [[upstream]]"),
+            )
+        })?,
+        None => upstreams
+            .iter()
+            .find(|u| u.default)
+            .ok_or_else(|| invalid("convert.registry", "no upstream to convert for"))?,
+    };
+    // The converter talks to `host` itself (Docker Hub's API host for docker.io).
+    let authority = match (registry.url.host_str(), registry.url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_owned(),
+        _ => String::new(),
+    };
+    if registry.host != "docker.io" && authority != registry.host {
+        return Err(invalid(
+            "convert.registry",
+            format!(
+                "the upstream {} has URL {}: the conversion service needs an upstream whose URL names its host",
+                registry.host, registry.url
+            ),
+        ));
+    }
+    for (field, globs) in [
+        ("convert.repositories", &c.repositories),
+        ("convert.tags", &c.tags),
+    ] {
+        if globs.is_empty() || globs.iter().any(|g| g.is_empty()) {
+            return Err(invalid(field, "give at least one non-empty pattern"));
+        }
+    }
+    let tag_ok = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 64
+            && t.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-'))
+    };
+    if c.target == ConvertTarget::Suffix && !tag_ok(&c.tag_suffix) {
+        return Err(invalid(
+            "convert.tag_suffix",
+            "must be 1 to 64 of [A-Za-z0-9_.-]",
+        ));
+    }
+    if c.target == ConvertTarget::Repository && !c.target_repository.contains("{repository}") {
+        // A fixed repository would collect every source's tags in one place and overwrite
+        // them; allowed, but only when it is what the operator wrote.
+        tracing::warn!(target_repository = %c.target_repository, "convert.target_repository has no {{repository}}: every repository's images land in one");
+    }
+    if c.jobs == 0 || c.jobs > 16 {
+        return Err(invalid("convert.jobs", "must be 1 to 16"));
+    }
+    if c.max_queue == 0 {
+        return Err(invalid("convert.max_queue", "must be more than 0"));
+    }
+    if c.max_attempts == 0 {
+        return Err(invalid("convert.max_attempts", "must be more than 0"));
+    }
+    let work_dir = match c.work_dir {
+        Some(p) if p.as_os_str().is_empty() || p.is_relative() => {
+            return Err(invalid("convert.work_dir", "must be an absolute path"))
+        }
+        Some(p) => p,
+        None => data_dir.join("convert"),
+    };
+    Ok(Some(ConvertService {
+        listen,
+        secret,
+        registry: registry.clone(),
+        repositories: c.repositories,
+        tags: c.tags,
+        platform: c.platform,
+        target: c.target,
+        tag_suffix: c.tag_suffix,
+        target_repository: c.target_repository,
+        chunk_dict: c.chunk_dict,
+        prewarm: c.prewarm,
+        jobs: c.jobs,
+        max_queue: c.max_queue,
+        max_attempts: c.max_attempts,
+        work_dir,
+    }))
 }
 
 fn validate_snapshotter(

@@ -19,6 +19,7 @@ pub mod image;
 pub mod layer;
 pub mod progress;
 pub mod registry;
+pub mod service;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -54,6 +55,12 @@ pub struct ConvertOptions {
     pub work_dir: PathBuf,
     /// Layers converted at once.
     pub jobs: usize,
+    /// Whether credentials missing from the flags are looked up in the auth files (the
+    /// command line); the node's conversion service passes its own and reads none.
+    pub auth_files: bool,
+    /// Where source layers come from: `None` downloads them into the work directory (the
+    /// command line); the node's service reads them through its store ([`layer::LayerSource`]).
+    pub layers: Option<Arc<dyn layer::LayerSource>>,
 }
 
 /// Why a conversion failed.
@@ -122,6 +129,11 @@ pub struct Summary {
     pub layers_cached: usize,
     /// Compressed size of the distinct source layers.
     pub source_bytes: u64,
+    /// Of those, bytes the layer source already held (the node's store) and bytes it had to
+    /// fetch (from peers or the origin); layers found converted in the work dir count in
+    /// neither.
+    pub source_bytes_stored: u64,
+    pub source_bytes_fetched: u64,
     /// Data blobs written for this image plus the bootstrap layers.
     pub nydus_bytes: u64,
     /// Bytes of the dictionary's blobs the image references.
@@ -201,16 +213,15 @@ pub async fn convert(opts: ConvertOptions, progress: Progress) -> Result<Summary
             image: dst_t.to_string(),
         });
     };
-    let authfile = opts.authfile.as_deref();
     let src = Arc::new(Registry::new(
         &src_t.host,
         opts.plain_http,
-        auth::lookup(&src_t.host, opts.src_creds.as_ref(), authfile)?,
+        creds(&opts, &src_t.host, opts.src_creds.as_ref())?,
     )?);
     let dst = Arc::new(Registry::new(
         &dst_t.host,
         opts.plain_http,
-        auth::lookup(&dst_t.host, opts.dst_creds.as_ref(), authfile)?,
+        creds(&opts, &dst_t.host, opts.dst_creds.as_ref())?,
     )?);
     let (images, had_index) = resolve_source(&src, &src_t, opts.platform.as_deref()).await?;
     // Fail on target credentials before any work, not after the builds.
@@ -289,6 +300,18 @@ pub async fn convert(opts: ConvertOptions, progress: Progress) -> Result<Summary
         .await;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// The credentials for `host`: `flag`, else (on the command line) the auth files'.
+fn creds(
+    opts: &ConvertOptions,
+    host: &str,
+    flag: Option<&Credentials>,
+) -> Result<Option<Credentials>, ConvertError> {
+    if !opts.auth_files {
+        return Ok(flag.cloned());
+    }
+    Ok(auth::lookup(host, flag, opts.authfile.as_deref())?)
 }
 
 /// The source's platform images (with configs) and whether it was an index.
@@ -373,8 +396,7 @@ async fn load_dict(
     } else {
         None
     };
-    let creds = auth::lookup(&t.host, flag, opts.authfile.as_deref())?;
-    let reg = Registry::new(&t.host, opts.plain_http, creds)?;
+    let reg = Registry::new(&t.host, opts.plain_http, creds(opts, &t.host, flag)?)?;
     let platform = crate::mount::image::platform_or_host(opts.platform.as_deref());
     dict::Dict::load(reg, &t, &platform, &opts.work_dir).await
 }
@@ -424,6 +446,7 @@ async fn convert_layers(
         dict: dict.map(|d| (d.bootstrap.clone(), d.digest.clone())),
         threads: (cores / jobs.min(n.max(1))).max(1),
         work_dir: opts.work_dir.clone(),
+        source: opts.layers.clone(),
     });
     let sem = Arc::new(tokio::sync::Semaphore::new(jobs));
     let mut set = JoinSet::new();
@@ -470,6 +493,11 @@ async fn convert_layers(
             joined.map_err(|e| ConvertError::Internal(format!("layer task: {e}")))??;
         summary.count(outcome);
         summary.layers_cached += usize::from(c.cached);
+        match c.read_from {
+            Some(layer::ReadFrom::Store) => summary.source_bytes_stored += c.source_size,
+            Some(layer::ReadFrom::Fetched) => summary.source_bytes_fetched += c.source_size,
+            None => {}
+        }
         summary.nydus_bytes += c.blob_size;
         summary.chunks += c.chunks;
         summary.chunks_dedup_in_image += c.dedup_hits;

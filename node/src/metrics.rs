@@ -93,6 +93,15 @@ pub struct Metrics {
     pub snapshotter_images: Gauge,
     pub snapshotter_requests: Family<OpOutcomeLabels, Counter>,
     pub snapshotter_layers_provided: Counter,
+    /// The conversion service (`[convert]`): jobs by state, finished jobs by outcome,
+    /// notifications by result, source layer bytes by where they came from (`store`: held
+    /// already; `fetched`: from peers or the origin), and the time from a push to its converted
+    /// image.
+    pub convert_jobs: Family<KindLabels, Gauge>,
+    pub convert_outcomes: Family<KindLabels, Counter>,
+    pub convert_notifications: Family<KindLabels, Counter>,
+    pub convert_source_bytes: Family<KindLabels, Counter>,
+    pub convert_push_to_converted: Histogram,
     /// The data plane's per-peer counters (`shoal_p2p_*`).
     pub p2p: crate::p2p::P2pMetrics,
     /// Totals kept for `shoal status` without parsing the registry.
@@ -299,9 +308,47 @@ impl Metrics {
             "Nydus data layers the snapshotter provided, so containerd downloaded nothing for them",
             snapshotter_layers_provided.clone(),
         );
+        let convert_jobs = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "convert_jobs",
+            "Conversion jobs by state (queued, running, done, failed, ignored)",
+            convert_jobs.clone(),
+        );
+        let convert_outcomes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "convert_jobs_finished",
+            "Conversion jobs finished since start, by outcome (converted, retagged, ignored, failed, retried)",
+            convert_outcomes.clone(),
+        );
+        let convert_notifications = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "convert_notifications",
+            "Registry notifications received, by result (accepted, unauthorized, malformed, full)",
+            convert_notifications.clone(),
+        );
+        let convert_source_bytes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "convert_source_bytes",
+            "Source layer bytes conversions read, by where they came from (store: held already; fetched: from peers or the origin)",
+            convert_source_bytes.clone(),
+        );
+        for kind in ["store", "fetched"] {
+            let _ = convert_source_bytes.get_or_create(&KindLabels { kind });
+        }
+        let convert_push_to_converted = Histogram::new(exponential_buckets(0.5, 2.0, 14));
+        registry.register(
+            "convert_push_to_converted_seconds",
+            "Time from a registry's push notification to the converted image's tag",
+            convert_push_to_converted.clone(),
+        );
         let p2p = crate::p2p::P2pMetrics::default();
         p2p.register(registry);
         Self {
+            convert_jobs,
+            convert_outcomes,
+            convert_notifications,
+            convert_source_bytes,
+            convert_push_to_converted,
             snapshots,
             snapshotter_images,
             snapshotter_requests,

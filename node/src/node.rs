@@ -177,6 +177,45 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     )
     .await
     .context("the containerd snapshotter (snapshotter.root)")?;
+    // The conversion service: its workers run like downloads (cancelled with them).
+    let convert = match &cfg.convert {
+        None => None,
+        Some(c) => {
+            let origin = upstreams.configured(&c.registry.host).with_context(|| {
+                format!(
+                    "convert.registry {}: not a configured upstream",
+                    c.registry.host
+                )
+            })?;
+            let scheduler = cfg.p2p.as_ref().and_then(|p| {
+                p.schedulers.first().map(|s| {
+                    (
+                        s.clone(),
+                        p.join_secret.derive_key(shoal_proto::auth::SCHEDULER_LABEL),
+                    )
+                })
+            });
+            let service = crate::convert::service::Service::start(
+                c.clone(),
+                crate::convert::service::ServiceDeps {
+                    store: store.clone(),
+                    downloads: downloads.clone(),
+                    origin,
+                    metrics: metrics.clone(),
+                    scheduler,
+                    tracker: tracker.clone(),
+                    cancel: work.clone(),
+                },
+            )?;
+            let listener = TcpListener::bind(c.listen).await.with_context(|| {
+                format!(
+                    "binding the conversion service to {} (convert.listen)",
+                    c.listen
+                )
+            })?;
+            Some((service, listener))
+        }
+    };
     let passthrough = reqwest::Client::builder()
         .use_rustls_tls()
         .redirect(reqwest::redirect::Policy::none())
@@ -273,7 +312,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         .await
     });
     let s = stop_accepting.clone();
-    let control_routes = crate::mount::api::router(mounts.clone()).merge(control_status);
+    let mut control_routes = crate::mount::api::router(mounts.clone()).merge(control_status);
+    if let Some((service, listener)) = convert {
+        control_routes = control_routes.merge(service.control_router());
+        let s = stop_accepting.clone();
+        servers.spawn(async move {
+            crate::serve::serve(listener, service.router(), crate::serve::Limits::ADMIN, s).await
+        });
+    }
     servers.spawn(async move {
         control::serve(
             control_listener,

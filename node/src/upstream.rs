@@ -148,6 +148,11 @@ impl Upstreams {
         configured || self.targets.allows(&host, port)
     }
 
+    /// The configured origin for `host`, if the operator listed it.
+    pub fn configured(&self, host: &str) -> Option<Arc<Origin>> {
+        self.configured.get(host).cloned()
+    }
+
     /// Whether unlisted hosts may be local (`mirror.allow_local_upstreams`).
     pub fn allow_local(&self) -> bool {
         self.allow_local

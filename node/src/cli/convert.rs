@@ -151,6 +151,8 @@ fn options(args: &ConvertArgs) -> anyhow::Result<ConvertOptions> {
         authfile: args.authfile.clone(),
         work_dir: args.work_dir.clone().unwrap_or_else(default_work_dir),
         jobs: args.jobs,
+        auth_files: true,
+        layers: None,
     })
 }
 

@@ -22,6 +22,8 @@ use shoal_proto::{Digest, RepoName};
 use shoal_rafs::build::{self, BuildExtras, BuildOptions};
 use shoal_rafs::Bootstrap;
 
+use futures::future::BoxFuture;
+
 use super::progress::{Progress, Stage};
 use super::registry::Registry;
 use super::ConvertError;
@@ -36,6 +38,34 @@ pub struct LayerOptions {
     /// Builder threads per layer.
     pub threads: usize,
     pub work_dir: PathBuf,
+    /// Where source layers are read from (`None`: downloaded into the work directory).
+    pub source: Option<Arc<dyn LayerSource>>,
+}
+
+/// A layer's bytes, and where they came from.
+pub type LayerInput = (Box<dyn std::io::Read + Send>, ReadFrom);
+
+/// A source of verified layer bytes other than a download into the work directory: the node's
+/// store, which holds what the cluster pulled already and fetches the rest through its
+/// download path (peers, then the origin), verifying every piece.
+pub trait LayerSource: Send + Sync + std::fmt::Debug {
+    /// The bytes of layer `digest` (`size` bytes) of `repo`, and whether they were held
+    /// already.
+    fn open<'a>(
+        &'a self,
+        repo: &'a RepoName,
+        digest: &'a Digest,
+        size: u64,
+    ) -> BoxFuture<'a, Result<LayerInput, ConvertError>>;
+}
+
+/// Where a layer's bytes came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// The layer source held them before the conversion asked.
+    Store,
+    /// Fetched for the conversion.
+    Fetched,
 }
 
 /// A converted layer.
@@ -49,6 +79,11 @@ pub struct Converted {
     pub dict_hits: u64,
     /// Dictionary blob ids this layer's bootstrap references.
     pub dict_blobs: Vec<String>,
+    /// The source layer's size, and where its bytes came from (`None`: a cached build).
+    #[serde(skip)]
+    pub source_size: u64,
+    #[serde(skip)]
+    pub read_from: Option<ReadFrom>,
     #[serde(skip)]
     pub dir: PathBuf,
     #[serde(skip)]
@@ -96,6 +131,19 @@ pub async fn convert(
     if let Some(c) = cached(&dir) {
         return Ok(c);
     }
+    if let Some(source) = &opts.source {
+        progress.bytes(index, Stage::Fetching, 0, size);
+        let (input, from) = source.open(repo, layer, size).await?;
+        progress.bytes(index, Stage::Building, 0, size);
+        let (o, p, d, l) = (opts.clone(), progress.clone(), dir.clone(), layer.clone());
+        let mut converted =
+            tokio::task::spawn_blocking(move || build_into(input, &l, &d, &o, &p, index, size))
+                .await
+                .map_err(|e| ConvertError::Internal(format!("layer build task: {e}")))??;
+        converted.source_size = size;
+        converted.read_from = Some(from);
+        return Ok(converted);
+    }
     let downloads = opts.work_dir.join("downloads");
     mkdir(&downloads)?;
     let tar = downloads.join(layer.hex());
@@ -110,10 +158,17 @@ pub async fn convert(
     progress.bytes(index, Stage::Building, 0, size);
     let o = opts.clone();
     let p = progress.clone();
-    let (d, t) = (dir.clone(), tar.clone());
-    let converted = tokio::task::spawn_blocking(move || build_into(&t, &d, &o, &p, index, size))
-        .await
-        .map_err(|e| ConvertError::Internal(format!("layer build task: {e}")))??;
+    let (d, t, l) = (dir.clone(), tar.clone(), layer.clone());
+    let converted = tokio::task::spawn_blocking(move || {
+        let input = std::fs::File::open(&t).map_err(|source| ConvertError::Io {
+            op: "open",
+            path: t.clone(),
+            source,
+        })?;
+        build_into(Box::new(input), &l, &d, &o, &p, index, size)
+    })
+    .await
+    .map_err(|e| ConvertError::Internal(format!("layer build task: {e}")))??;
     let _ = std::fs::remove_file(&tar);
     Ok(converted)
 }
@@ -128,7 +183,8 @@ fn cached(dir: &Path) -> Option<Converted> {
 }
 
 fn build_into(
-    tar: &Path,
+    input: Box<dyn std::io::Read + Send>,
+    layer: &Digest,
     dir: &Path,
     opts: &LayerOptions,
     progress: &Progress,
@@ -144,7 +200,6 @@ fn build_into(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io("remove", &tmp))?;
     }
-    let input = std::fs::File::open(tar).map_err(io("open", tar))?;
     let report = |n: u64| progress.bytes(index, Stage::Building, n, size);
     let extras = BuildExtras {
         chunk_dict: opts.dict.as_ref().map(|(b, _)| b.as_ref()),
@@ -152,12 +207,14 @@ fn build_into(
         threads: opts.threads,
         progress: Some(&report),
     };
-    let out = build::build_layer_with(std::io::BufReader::new(input), &opts.build, &tmp, &extras)
-        .map_err(|source| ConvertError::Build {
-        layer: format!(
-            "sha256:{}",
-            tar.file_name().unwrap_or_default().to_string_lossy()
-        ),
+    let out = build::build_layer_with(
+        std::io::BufReader::with_capacity(1 << 20, input),
+        &opts.build,
+        &tmp,
+        &extras,
+    )
+    .map_err(|source| ConvertError::Build {
+        layer: layer.to_string(),
         source,
     })?;
     let blob: Digest = format!("sha256:{}", out.blob_id)
@@ -170,6 +227,8 @@ fn build_into(
         dedup_hits: out.dedup_hits,
         dict_hits: out.dict_hits,
         dict_blobs: out.dict_blobs,
+        source_size: 0,
+        read_from: None,
         dir: dir.to_path_buf(),
         cached: false,
     };
