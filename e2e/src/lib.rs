@@ -16,6 +16,7 @@ pub mod ctx;
 pub mod fixture;
 pub mod hostile;
 pub mod http;
+pub mod lazy;
 pub mod liar;
 pub mod loopback;
 pub mod metrics;

@@ -94,6 +94,26 @@ impl Registry {
         )
     }
 
+    /// Starts an anonymous registry that notifies `url` of pushes with
+    /// `Authorization: Bearer <secret>`, configured by the repository's own snippet
+    /// (`deploy/registry/notifications.yml`, its URL and secret replaced).
+    pub fn start_notifying(t: &TestCtx, url: &str, secret: &str) -> Result<Self> {
+        let snippet = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/registry/notifications.yml");
+        let text = std::fs::read_to_string(&snippet)
+            .with_context(|| format!("reading {}", snippet.display()))?;
+        ensure!(
+            text.contains("http://shoal-node.internal:5055/events")
+                && text.contains("REPLACE-WITH-THE-SECRET"),
+            "{} no longer has the URL and secret this test replaces",
+            snippet.display()
+        );
+        let notify = text
+            .replace("http://shoal-node.internal:5055/events", url)
+            .replace("REPLACE-WITH-THE-SECRET", secret);
+        Self::start_configured(t, None, Ipv4Addr::LOCALHOST, free_port()?, None, notify)
+    }
+
     /// Starts a registry that requires `user`/`pass` (htpasswd, bcrypt) for everything.
     pub fn start_htpasswd(t: &TestCtx, user: &str, pass: &str) -> Result<Self> {
         Self::start_with(

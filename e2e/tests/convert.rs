@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
+use shoal_e2e::lazy::Unmount;
 use shoal_e2e::node::Node;
 use shoal_e2e::registry::{Creds, Registry};
 use shoal_e2e::tarball::ustar;
@@ -205,19 +206,6 @@ fn mount_missing() -> Option<String> {
     {
         Ok(_) => None,
         Err(e) => Some(format!("cannot open /dev/fuse: {e}")),
-    }
-}
-
-/// Lazily detaches whatever is still mounted at the mount point when the test ends.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .stderr(std::process::Stdio::null())
-            .status();
     }
 }
 

@@ -14,6 +14,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use shoal_e2e::lazy::Unmount;
 use shoal_e2e::node::Node;
 use shoal_e2e::nydus::{self, NydusImage};
 use shoal_e2e::registry::Registry;
@@ -37,19 +38,6 @@ struct Scene {
     mnt: PathBuf,
     reference: String,
     _guard: Unmount,
-}
-
-/// Lazily detaches whatever is still mounted at the mount point when the test ends.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -16,18 +16,18 @@
 //!    which a test origin here cannot offer; this one is configured under a name.)
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use shoal_e2e::http::{self, sha256_digest};
+use shoal_e2e::lazy::{self, Unmount};
 use shoal_e2e::node::{Node, NodeOptions};
 use shoal_e2e::registry::Registry;
 use shoal_e2e::tarball::ustar;
 use shoal_e2e::tiny::{respond, Flow, TinyServer};
-use shoal_e2e::{paths, run, Need, TestCtx};
+use shoal_e2e::{run, Need, TestCtx};
 use shoal_rafs::build::{build_layer, merge, BuildOptions};
 use shoal_rafs::{Compressor, Digester};
 
@@ -321,41 +321,9 @@ fn evil_origin(boot: Vec<u8>, p: String, evil: Vec<u8>, p_size: u64) -> Result<T
 }
 
 fn mount(node: &Node, image: &str, dir: &Path) -> Result<()> {
-    let out = Command::new(paths::shoal_bin()?)
-        .args(["mount", image])
-        .arg(dir)
-        .args(["--mode", "fuse", "--control"])
-        .arg(node.control_path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "shoal mount {image}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        node.log_tail(30)
-    );
-    Ok(())
+    lazy::mount(node, image, dir, &["--mode", "fuse"])
 }
 
 fn umount(node: &Node, dir: &Path) -> Result<()> {
-    let out = Command::new(paths::shoal_bin()?)
-        .arg("umount")
-        .arg(dir)
-        .arg("--control")
-        .arg(node.control_path())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "shoal umount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// Lazily detaches whatever is still mounted at the mount point when the test ends.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
+    lazy::umount(node, dir)
 }

@@ -164,8 +164,8 @@ impl ControlListener {
     }
 }
 
-/// The socket's directory must not let others replace the socket: owned by us or root, and not
-/// writable by others unless sticky.
+/// The socket's directory must not let others replace the socket or take its name: owned by us
+/// or root, and not writable by others (sticky or not).
 fn check_dir(path: &Path, dir: &Path) -> Result<(), ControlError> {
     let m = std::fs::metadata(dir).map_err(|source| ControlError::Io {
         path: dir.to_owned(),
@@ -173,7 +173,9 @@ fn check_dir(path: &Path, dir: &Path) -> Result<(), ControlError> {
     })?;
     let me = rustix::process::geteuid().as_raw();
     let mode = m.mode();
-    let others_write = mode & 0o002 != 0 && mode & 0o1000 == 0;
+    // Sticky or not: in a world-writable directory (`/tmp`) another user can take the socket's
+    // name while the node is down, and clients (image servers) would talk to theirs.
+    let others_write = mode & 0o002 != 0;
     if (m.uid() != me && m.uid() != 0) || others_write {
         return Err(ControlError::Unsafe {
             path: path.into(),

@@ -28,6 +28,7 @@ pub mod exporter;
 pub mod fs;
 pub mod image;
 pub mod prefetch;
+pub mod private;
 pub mod remote;
 pub mod resolve;
 pub mod table;
@@ -208,6 +209,8 @@ enum Cmd {
 impl Mounts {
     /// Start the manager and restore the persisted mounts (in the background).
     pub fn start(deps: MountDeps) -> Self {
+        // Mount-private chunk caches a crash left behind (no mount is up yet).
+        private::clear(&deps.data_dir);
         let (tx, rx) = mpsc::channel(64);
         let records = match table::load(&deps.data_dir) {
             Ok(r) => r,
@@ -849,6 +852,10 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
             metrics: deps.metrics.clone(),
             cancel: deps.cancel.clone(),
             peering: deps.peering.clone(),
+            private: Arc::new(private::PrivateChunks::new(
+                &deps.data_dir,
+                &key.to_string(),
+            )),
         },
         blobs,
     );

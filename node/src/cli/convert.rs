@@ -27,12 +27,20 @@ use crate::convert::{self, progress, ConvertOptions, Summary};
 ///
 /// Credentials: --src-creds/--dest-creds, else the auth file (--authfile, $REGISTRY_AUTH_FILE,
 /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.docker/config.json), as skopeo reads them.
+///
+/// Also: `shoal convert status`, the node's conversion service (`[convert]` in its config:
+/// images converted by themselves when the registry notifies a push).
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ConvertArgs {
+    #[command(subcommand)]
+    pub command: Option<ConvertCommand>,
     /// The source image, `host[:port]/repo[:tag|@digest]`.
-    pub src: String,
+    #[arg(required = true)]
+    pub src: Option<String>,
     /// The target, `host[:port]/repo[:tag]`.
-    pub dst: String,
+    #[arg(required = true)]
+    pub dst: Option<String>,
     /// Talk plain HTTP to the registries (for registries without TLS).
     #[arg(long)]
     pub plain_http: bool,
@@ -88,7 +96,25 @@ pub struct ConvertArgs {
     pub json: bool,
 }
 
+/// `shoal convert SUBCOMMAND`.
+#[derive(clap::Subcommand, Debug)]
+pub enum ConvertCommand {
+    /// Show the node's conversion service: its queue and recent jobs (over the control socket:
+    /// root, the node's user or the control group).
+    Status {
+        /// The node's control socket (default: the node's default).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    if let Some(ConvertCommand::Status { control, json }) = &args.command {
+        return status(control.clone(), *json);
+    }
     let opts = options(&args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -112,7 +138,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             let code = e.exit_code();
             eprintln!("shoal convert: {:#}", anyhow::Error::from(e));
-            eprintln!("shoal convert: {} was not written", args.dst);
+            eprintln!(
+                "shoal convert: {} was not written",
+                args.dst.as_deref().unwrap_or_default()
+            );
             Ok(ExitCode::from(code))
         }
     }
@@ -135,8 +164,8 @@ fn options(args: &ConvertArgs) -> anyhow::Result<ConvertOptions> {
             .collect(),
     };
     Ok(ConvertOptions {
-        src: args.src.clone(),
-        dst: args.dst.clone(),
+        src: args.src.clone().unwrap_or_default(),
+        dst: args.dst.clone().unwrap_or_default(),
         plain_http: args.plain_http,
         platform: args.platform.clone(),
         chunk_dict: args.chunk_dict.clone(),
@@ -154,6 +183,82 @@ fn options(args: &ConvertArgs) -> anyhow::Result<ConvertOptions> {
         auth_files: true,
         layers: None,
     })
+}
+
+fn status(control: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let path = control.unwrap_or_else(crate::control::default_path);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (code, bytes) = rt
+        .block_on(crate::control::request(
+            &path,
+            axum::http::Method::GET,
+            "/api/v1/convert",
+            None,
+        ))
+        .map_err(|e| super::exit::unreachable(e.to_string()))?;
+    if code == axum::http::StatusCode::NOT_FOUND {
+        anyhow::bail!(
+            "the node at {} runs no conversion service (set convert.listen in its config)",
+            path.display()
+        );
+    }
+    if !code.is_success() {
+        anyhow::bail!(
+            "control socket {}: {code} {}",
+            path.display(),
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    if json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s: crate::convert::service::StatusView = serde_json::from_slice(&bytes)?;
+    print!("{}", render_status(&s));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render_status(s: &crate::convert::service::StatusView) -> String {
+    let mut out = format!(
+        "conversion service for {}: {} queued, {} running, {} done, {} failed, {} ignored\n",
+        s.registry, s.queued, s.running, s.done, s.failed, s.ignored
+    );
+    for j in &s.jobs {
+        let short = j
+            .digest
+            .split(':')
+            .nth(1)
+            .unwrap_or("")
+            .get(..12)
+            .unwrap_or("");
+        out.push_str(&format!(
+            "{:<8} {}:{} ({short}) attempts {}",
+            j.state,
+            j.repository,
+            j.tags.join(","),
+            j.attempts
+        ));
+        if !j.published.is_empty() {
+            out.push_str(&format!(" → {}", j.published.join(",")));
+        }
+        if let Some(secs) = j.push_to_converted_seconds {
+            out.push_str(&format!(" in {secs:.1}s"));
+        }
+        if let (Some(st), Some(f)) = (j.source_bytes_stored, j.source_bytes_fetched) {
+            out.push_str(&format!(
+                ", source {:.1} MiB from the store, {:.1} MiB fetched",
+                st as f64 / 1048576.0,
+                f as f64 / 1048576.0
+            ));
+        }
+        if let Some(r) = &j.reason {
+            out.push_str(&format!(": {r}"));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn default_work_dir() -> PathBuf {

@@ -101,6 +101,15 @@ impl Service {
         let jobs = Jobs::open(&dir)
             .map_err(|e| anyhow::anyhow!("convert job queue {}: {e}", dir.display()))?;
         let queued = jobs.count(JobState::Queued);
+        // Builds a killed run left half-done (`layers/<key>.tmp<pid>`): this work dir is the
+        // service's alone, so none of them is still being written.
+        if let Ok(entries) = std::fs::read_dir(cfg.work_dir.join("layers")) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().contains(".tmp") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let secret_hash = sha(&cfg.secret);
         let inner = Arc::new(Inner {
             jobs: Mutex::new(jobs),

@@ -138,6 +138,8 @@ pub struct Deps {
     pub cancel: CancellationToken,
     /// The cluster: chunks are asked of peers before the origin.
     pub peering: Option<crate::peering::Peering>,
+    /// Where verified chunks the store must not keep are kept for this mount alone.
+    pub private: Arc<super::private::PrivateChunks>,
 }
 
 /// The chunk source of one mount. See the module docs.
@@ -215,6 +217,13 @@ impl ChunkBackend {
 
     /// `None` when the store holds `chunk`'s bytes; else what it holds of the blob.
     fn missing(&self, entry: &BlobEntry, chunk: &ChunkRef) -> Option<RangeSet> {
+        if self
+            .deps
+            .private
+            .holds(chunk.blob_index, &compressed_range(chunk))
+        {
+            return None;
+        }
         if !entry.spec.shared {
             return Some(RangeSet::new());
         }
@@ -276,6 +285,21 @@ impl ChunkBackend {
         chunk: &ChunkRef,
     ) -> (Option<VerifiedChunk>, RangeSet) {
         let range = compressed_range(chunk);
+        if let Some(buf) = self.deps.private.read(blob.index, &range) {
+            match decode_chunk(blob, chunk, &buf) {
+                Ok(v) => {
+                    self.stats.local_chunks.fetch_add(1, Relaxed);
+                    self.stats
+                        .local_bytes
+                        .fetch_add(chunk.compressed_size.into(), Relaxed);
+                    return (Some(v), RangeSet::new());
+                }
+                Err(e) => {
+                    self.stats.verify_failures.fetch_add(1, Relaxed);
+                    tracing::warn!(blob = %entry.spec.id, error = %e, "privately kept chunk does not verify; fetching it again");
+                }
+            }
+        }
         if !entry.spec.shared {
             return (None, RangeSet::new());
         }
@@ -340,8 +364,11 @@ impl ChunkBackend {
             if let Some(f) = flights.get(&key) {
                 Err(f.clone())
             } else {
+                let private = &self.deps.private;
                 let planned = plan(&entry.chunks, chunk, blob.chunk_size, |c| {
-                    !present.contains_range(&compressed_range(c))
+                    let r = compressed_range(c);
+                    !present.contains_range(&r)
+                        && !private.holds(blob.index, &r)
                         && !flights.contains_key(&(blob.index, c.compressed_offset))
                 });
                 let flights_of: Vec<_> = planned
@@ -497,6 +524,10 @@ impl ChunkBackend {
         // the image wrote — kept, they could stand in the store for another image's blob.
         if entry.spec.shared && !from_peer {
             self.persist(entry, &keep);
+        } else if !keep.is_empty() {
+            if let Err(e) = self.deps.private.write(lead.blob_index, &keep) {
+                tracing::warn!(blob = %entry.spec.id, error = %e, "cannot keep fetched chunks for this mount");
+            }
         }
         drop(lead);
         mine.unwrap_or_else(|| {

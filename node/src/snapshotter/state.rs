@@ -20,6 +20,8 @@ use crate::store::SnapshotWrite;
 
 /// The largest key + value of one label, as containerd allows.
 pub const MAX_LABEL: usize = 4096;
+/// All of one snapshot's labels together, at most (every snapshot's labels are persisted).
+pub const MAX_LABELS_TOTAL: usize = 64 << 10;
 /// The longest snapshot key or name accepted.
 pub const MAX_NAME: usize = 4096;
 
@@ -385,6 +387,13 @@ fn check_name(name: &str) -> Result<(), Error> {
 }
 
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), Error> {
+    let total: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_LABELS_TOTAL {
+        return Err(Error::InvalidArgument(format!(
+            "{} labels of {total} bytes in all (at most {MAX_LABELS_TOTAL})",
+            labels.len()
+        )));
+    }
     for (k, v) in labels {
         if k.is_empty() {
             return Err(Error::InvalidArgument("a label with an empty key".into()));
