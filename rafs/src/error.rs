@@ -85,6 +85,13 @@ pub enum Error {
         compressor: &'static str,
         reason: String,
     },
+    /// A batched chunk whose place in the data blob only the blob's CI table says, and that
+    /// table was not attached to the bootstrap (see `Bootstrap::attach_blob_meta`).
+    #[error(
+        "chunk {ci_index} of blob {blob_id} is packed in a batch, and the blob's compression-info \
+         table that locates it was not loaded"
+    )]
+    Unlocated { blob_id: String, ci_index: u32 },
     /// A data blob is not where the caller said blobs are.
     #[error("data blob {blob_id} not found at {path}")]
     BlobMissing { blob_id: String, path: PathBuf },

@@ -121,6 +121,7 @@ pub fn chunk_decode(data: &[u8]) {
         uncompressed_offset: 0,
         uncompressed_size: usize_,
         file_offset: 0,
+        batch: None,
     };
     let _ = decode_chunk(&blob, &chunk, stored);
 }

@@ -21,19 +21,23 @@ mod v5;
 mod v6;
 mod walk;
 
-pub use blob::decode::{decode_chunk, verify_decoded, VerifiedChunk};
+pub use blob::decode::{
+    decode_batch, decode_chunk, verify_decoded, verify_in_batch, VerifiedChunk,
+};
 pub use blob::decoded::write_decoded_blob;
-pub use blob::meta::{decode_blob_meta, parse_ci_header, CiEntry, CiHeader, CI_HEADER_SIZE};
+pub use blob::meta::{
+    decode_blob_meta, parse_ci_header, BatchContext, BlobMeta, CiEntry, CiHeader, CI_HEADER_SIZE,
+};
 pub use blob::source::{ChunkSource, LocalBlobDir};
 pub use blob::tail::{
-    extract_inlined_bootstrap, parse_blob_tail, parse_tail_with, parse_toc, BlobTail, TailSection,
-    TocEntry,
+    extract_inlined_bootstrap, parse_blob_tail, parse_tail_with, parse_toc, read_inlined_bootstrap,
+    BlobTail, TailSection, TocEntry,
 };
-pub use bootstrap::{Bootstrap, Summary, MAX_BOOTSTRAP_SIZE};
+pub use bootstrap::{Bootstrap, InlinedIn, Summary, MAX_BOOTSTRAP_SIZE};
 pub use error::{Error, Result};
 pub use model::{
-    Attr, BlobInfo, BlobMetaInfo, ChunkRef, Compressor, Digester, DirEntry, FileType, InodeId,
-    RafsVersion, Xattr, MAX_CHUNK_SIZE,
+    Attr, BatchRef, BlobInfo, BlobMetaInfo, ChunkRef, Compressor, Digester, DirEntry, FileType,
+    InodeId, RafsVersion, Xattr, MAX_CHUNK_SIZE,
 };
 pub use v5::V5SuperInfo;
 pub use v6::{DeviceSlot, SuperInfo};

@@ -1,7 +1,8 @@
 //! The format-independent view of an image that v5 and v6 parsers both produce.
 //!
 //! Invariants: names in [`DirEntry`] never contain `/` or NUL and are never empty, `.` or `..`
-//! (the parsers reject such entries); a [`ChunkRef`]'s sizes are at most [`MAX_CHUNK_SIZE`].
+//! (the parsers reject such entries); a [`ChunkRef`]'s sizes (and its batch's) are at most
+//! [`MAX_CHUNK_SIZE`], and a batched chunk lies inside its decompressed batch.
 
 use serde::Serialize;
 
@@ -118,10 +119,17 @@ pub struct BlobInfo {
 impl BlobInfo {
     /// Blob feature bit: uncompressed chunks are 4 KiB aligned.
     pub const FEATURE_ALIGNED: u32 = 0x1;
+    /// Blob feature bit: the blob carries its own bootstrap (`image.boot` at its tail).
+    pub const FEATURE_INLINED_FS_META: u32 = 0x2;
     /// Blob feature bit: CI v2 entries.
     pub const FEATURE_CHUNK_INFO_V2: u32 = 0x4;
+    /// Blob feature bit: data and metadata live in separate blobs (zran, tar-ref).
+    pub const FEATURE_SEPARATE: u32 = 0x10;
     /// Blob feature bit: chunk digest array inside the data blob.
     pub const FEATURE_INLINED_CHUNK_DIGEST: u32 = 0x20;
+    /// Blob feature bit: small chunks are packed into compressed batches, whose locations only
+    /// the blob's CI table knows (`nydus-image --batch-size`).
+    pub const FEATURE_BATCH: u32 = 0x80;
     /// Blob feature bit: sections carry tar headers.
     pub const FEATURE_HAS_TAR_HEADER: u32 = 0x1000_0000;
     /// Blob feature bit: the blob ends with a TOC.
@@ -207,7 +215,9 @@ pub struct Xattr {
     pub value: Vec<u8>,
 }
 
-/// One chunk of a file's data and where to find it.
+/// One chunk of a file's data and where to find it: the chunk's stored bytes are always the
+/// blob range `compressed_offset .. compressed_offset + compressed_size`, and
+/// [`crate::decode_chunk`] turns exactly that range into the chunk's verified bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ChunkRef {
     /// Index into [`crate::Bootstrap::blobs`].
@@ -226,6 +236,31 @@ pub struct ChunkRef {
     pub uncompressed_size: u32,
     /// Offset of the chunk's first byte in the file.
     pub file_offset: u64,
+    /// Set for a chunk packed with other small chunks into one compressed batch
+    /// (`nydus-image --batch-size`): the compressed range and `compressed` then describe the
+    /// whole batch, and the chunk is a slice of the decompressed batch.
+    pub batch: Option<BatchRef>,
+}
+
+impl ChunkRef {
+    /// Whether the chunk's stored bytes are known. A chunk of a batch blob read from the
+    /// bootstrap alone is not (nydus-image records batched chunks there with a zero compressed
+    /// size; only the blob's CI table places them): see [`crate::Bootstrap::attach_blob_meta`].
+    /// Its digest, size and uncompressed offset are known either way.
+    pub fn is_located(&self) -> bool {
+        self.compressed_size != 0
+    }
+}
+
+/// Where a batched chunk lies inside its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct BatchRef {
+    /// Index of the batch in the blob's batch table.
+    pub index: u32,
+    /// Offset of the chunk's first byte in the decompressed batch.
+    pub offset: u32,
+    /// Size of the whole decompressed batch (at most [`MAX_CHUNK_SIZE`]).
+    pub uncompressed_size: u32,
 }
 
 pub(crate) fn ser_hex<S: serde::Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {

@@ -9,6 +9,24 @@ pub use check::{check, check_path, check_path_with_digest, CheckReport, Problem}
 pub use inspect::{inspect, InspectReport, TreeStats};
 pub use unpack::{unpack, UnpackError, UnpackOptions, UnpackStats};
 
+/// Where the tools read `b`'s data blobs: `dirs`, and — when `b` was opened from a data blob
+/// that carries it (`path`) — that blob file itself. `None` when neither gives any.
+pub fn blob_source(
+    b: &crate::Bootstrap,
+    path: &std::path::Path,
+    dirs: Vec<std::path::PathBuf>,
+) -> Option<crate::LocalBlobDir> {
+    let inlined = b.inlined_in();
+    if dirs.is_empty() && inlined.is_none() {
+        return None;
+    }
+    let source = crate::LocalBlobDir::with_dirs(dirs);
+    Some(match inlined {
+        Some(i) => source.with_file(i.blob_id.clone(), path),
+        None => source,
+    })
+}
+
 /// A path from the walker as text for reports (`/` for the root, lossy UTF-8).
 pub(crate) fn display_path(p: &[u8]) -> String {
     format!("/{}", String::from_utf8_lossy(p))

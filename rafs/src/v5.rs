@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::{Attr, BlobInfo, ChunkRef, Compressor, Digester, DirEntry, FileType, Xattr};
 use crate::raw::{array, round_up, slice, u16_at, u32_at, u64_at};
 use crate::v6::superblock::{
-    check_chunk_size, parse_blob_id, parse_chunk_info, parse_flags, CHUNK_COMPRESSED,
+    check_chunk_size, parse_blob_id, parse_chunk_info, parse_flags, CHUNK_BATCH, CHUNK_COMPRESSED,
     CHUNK_INFO_SIZE,
 };
 
@@ -259,6 +259,12 @@ impl V5 {
         let mut out = Vec::new();
         for e in table.chunks_exact(CHUNK_INFO_SIZE as usize) {
             let c = parse_chunk_info(e)?;
+            if c.flags & CHUNK_BATCH != 0 {
+                return Err(Error::Unsupported {
+                    what: "chunk flags (batch chunk in a v5 image)",
+                    value: c.flags.into(),
+                });
+            }
             let c_end = c.file_offset.checked_add(c.uncompressed_size.into());
             if c_end.is_none_or(|ce| ce > size) || c.blob_index as usize >= self.blobs.len() {
                 return Err(Error::BadInode {
@@ -277,6 +283,7 @@ impl V5 {
                     uncompressed_offset: c.uncompressed_offset,
                     uncompressed_size: c.uncompressed_size,
                     file_offset: c.file_offset,
+                    batch: None,
                 });
             }
         }

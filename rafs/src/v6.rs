@@ -190,6 +190,12 @@ impl V6 {
         Ok(Some(to_ref(info, file_offset)))
     }
 
+    /// Chunk `ci_index` of blob `blob_index` as the chunk table has it (file offset 0).
+    pub(crate) fn chunk(&self, blob_index: u32, ci_index: u32) -> Option<ChunkRef> {
+        let i = *self.hdr.chunk_map.get(&(blob_index, ci_index))?;
+        self.hdr.chunks.get(i).map(|c| to_ref(c, 0))
+    }
+
     /// Every chunk the chunk table lists for blob `blob_index` (file offsets are 0).
     pub(crate) fn blob_chunks(&self, blob_index: u32) -> Vec<ChunkRef> {
         self.hdr
@@ -212,5 +218,6 @@ fn to_ref(c: &ChunkInfo, file_offset: u64) -> ChunkRef {
         uncompressed_offset: c.uncompressed_offset,
         uncompressed_size: c.uncompressed_size,
         file_offset,
+        batch: None,
     }
 }

@@ -20,6 +20,7 @@ struct Case {
 }
 
 const TREE_A: &str = "source/treeA.listing.jsonl";
+const INLINE_META_BLOB: &str = "built/a-v6-zstd-inline-meta/blobs/1afe4e8c9e71b5c18eb980ad27e34ab9edddfc6cddd9879b7feac0b05858b3e3";
 const CASES: &[Case] = &[
     Case {
         name: "a-v6-zstd-blake3-1m",
@@ -39,6 +40,20 @@ const CASES: &[Case] = &[
         name: "a-v6-none-blake3-64k",
         bootstrap: "built/a-v6-none-blake3-64k/bootstrap",
         blob_dirs: &["built/a-v6-none-blake3-64k/blobs"],
+        listing: TREE_A,
+        version: RafsVersion::V6,
+    },
+    Case {
+        name: "a-v6-zstd-blake3-batch",
+        bootstrap: "built/a-v6-zstd-blake3-batch/bootstrap",
+        blob_dirs: &["built/a-v6-zstd-blake3-batch/blobs"],
+        listing: TREE_A,
+        version: RafsVersion::V6,
+    },
+    Case {
+        name: "a-v6-zstd-inline-meta (the data blob as the bootstrap)",
+        bootstrap: INLINE_META_BLOB,
+        blob_dirs: &["built/a-v6-zstd-inline-meta/blobs"],
         listing: TREE_A,
         version: RafsVersion::V6,
     },
@@ -100,7 +115,9 @@ fn unpack_reproduces_every_listing() {
         assert_eq!(b.version(), case.version, "{}", case.name);
         let tmp = tempfile::tempdir().unwrap();
         let dest = tmp.path().join("root");
-        let stats = unpack(&b, &source(case), &dest, &UnpackOptions::for_current_user())
+        let src = source(case);
+        src.load_blob_metas(&b).unwrap();
+        let stats = unpack(&b, &src, &dest, &UnpackOptions::for_current_user())
             .unwrap_or_else(|e| panic!("{}: unpack failed: {e}", case.name));
         let mut actual = listing(&dest);
         let mut expected = load_listing(&nydus().join(case.listing));

@@ -68,7 +68,8 @@ pub enum RafsCommand {
     ///
     /// With --blob-dir, also show each data blob's tail sections (tar headers and TOC).
     Inspect {
-        /// The RAFS bootstrap (metadata blob, e.g. `image/image.boot`).
+        /// The RAFS bootstrap (metadata blob, e.g. `image/image.boot`), or a data blob
+        /// carrying it at its end (`nydus-image --blob-inline-meta`).
         bootstrap: PathBuf,
         /// Directory holding the data blobs as `DIR/<blob id>`; repeat it when a merged
         /// image's blobs live in several directories.
@@ -84,7 +85,8 @@ pub enum RafsCommand {
     /// each blob's TOC and compression-info table against the bootstrap. Exits with status 1
     /// when any problem is found (a bootstrap that does not open is one).
     Check {
-        /// The RAFS bootstrap to verify.
+        /// The RAFS bootstrap to verify, or a data blob carrying it (whose chunks are then
+        /// verified too).
         bootstrap: PathBuf,
         /// Directory holding the data blobs as `DIR/<blob id>`; repeat it when a merged
         /// image's blobs live in several directories.
@@ -104,11 +106,12 @@ pub enum RafsCommand {
     /// device nodes and trusted/security xattrs are restored too; otherwise they are skipped
     /// and listed. Paths never leave DEST.
     Unpack {
-        /// The RAFS bootstrap to unpack.
+        /// The RAFS bootstrap to unpack, or a data blob carrying it.
         bootstrap: PathBuf,
         /// Directory holding the data blobs as `DIR/<blob id>`; repeat it when a merged
-        /// image's blobs live in several directories.
-        #[arg(long, value_name = "DIR", required = true)]
+        /// image's blobs live in several directories. Needed unless BOOTSTRAP is the data blob
+        /// that carries the bootstrap (`nydus-image --blob-inline-meta`).
+        #[arg(long, value_name = "DIR")]
         blob_dir: Vec<PathBuf>,
         /// Destination directory (created if absent; must be empty).
         dest: PathBuf,
@@ -231,7 +234,7 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let b = open(&bootstrap)?;
-            let dirs = blob_dirs(blob_dir);
+            let dirs = tools::blob_source(&b, &bootstrap, blob_dir);
             let report = tools::inspect(&b, dirs.as_ref())
                 .with_context(|| format!("inspecting {}", bootstrap.display()))?;
             if json {
@@ -270,7 +273,12 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let b = open(&bootstrap)?;
-            let source = LocalBlobDir::with_dirs(blob_dir);
+            let source = tools::blob_source(&b, &bootstrap, blob_dir).context(
+                "--blob-dir is needed: the data blobs are not in the bootstrap's file",
+            )?;
+            source
+                .load_blob_metas(&b)
+                .context("reading the compression-info tables of batch blobs")?;
             let stats = tools::unpack(&b, &source, &dest, &UnpackOptions::for_current_user())
                 .with_context(|| {
                     format!("unpacking {} into {}", bootstrap.display(), dest.display())

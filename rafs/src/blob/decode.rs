@@ -1,8 +1,11 @@
-//! Turn a chunk's stored bytes into its verified uncompressed bytes.
+//! Turn a chunk's stored bytes into its verified uncompressed bytes: a chunk stored on its own,
+//! or a chunk packed with others into a batch (`nydus-image --batch-size`), whose stored bytes
+//! are the whole batch's and whose bytes are a slice of the decompressed batch.
 //!
-//! Invariants: output is allocated from the chunk's recorded uncompressed size, which the parsers
-//! cap at 16 MiB, never from anything inside the compressed stream; a [`VerifiedChunk`] exists
-//! only for bytes whose digest matched the bootstrap.
+//! Invariants: output is allocated from the chunk's (or its batch's) recorded uncompressed size,
+//! which the parsers cap at 16 MiB, never from anything inside the compressed stream; a slice of
+//! a batch is taken only inside the decompressed batch; a [`VerifiedChunk`] exists only for bytes
+//! whose digest matched the bootstrap.
 
 use std::ops::Deref;
 
@@ -32,16 +35,87 @@ impl Deref for VerifiedChunk {
     }
 }
 
-/// Decompress `stored` (exactly the chunk's compressed bytes) and verify its digest.
+/// Decompress `stored` (exactly the chunk's compressed bytes: for a batched chunk, its whole
+/// batch's) and verify its digest.
 pub fn decode_chunk(blob: &BlobInfo, chunk: &ChunkRef, stored: &[u8]) -> Result<VerifiedChunk> {
-    let usize_ = chunk.uncompressed_size as usize;
-    let fail = |reason: String| Error::Decode {
+    if chunk.batch.is_some() {
+        let batch = decode_batch(blob, chunk, stored)?;
+        return verify_in_batch(blob, chunk, &batch);
+    }
+    let data = decompress_stored(blob, chunk, stored, chunk.uncompressed_size)?;
+    verify_decoded(blob, chunk, data)
+}
+
+/// The decompressed batch a batched chunk lies in, from `stored` (exactly the batch's stored
+/// bytes, the chunk's compressed range). Not verified: [`verify_in_batch`] checks each chunk
+/// cut from it, so a caller may decode a batch once for all its chunks.
+pub fn decode_batch(blob: &BlobInfo, chunk: &ChunkRef, stored: &[u8]) -> Result<Vec<u8>> {
+    let Some(b) = chunk.batch else {
+        return Err(decode_error(blob, chunk, "not a batched chunk".into()));
+    };
+    decompress_stored(blob, chunk, stored, b.uncompressed_size)
+}
+
+/// Cut a batched chunk out of its decompressed `batch` and verify it.
+pub fn verify_in_batch(blob: &BlobInfo, chunk: &ChunkRef, batch: &[u8]) -> Result<VerifiedChunk> {
+    let Some(b) = chunk.batch else {
+        return Err(decode_error(blob, chunk, "not a batched chunk".into()));
+    };
+    if batch.len() != b.uncompressed_size as usize {
+        return Err(decode_error(
+            blob,
+            chunk,
+            format!(
+                "batch of {} bytes, expected {}",
+                batch.len(),
+                b.uncompressed_size
+            ),
+        ));
+    }
+    let start = b.offset as usize;
+    let Some(data) = start
+        .checked_add(chunk.uncompressed_size as usize)
+        .and_then(|end| batch.get(start..end))
+    else {
+        return Err(decode_error(
+            blob,
+            chunk,
+            format!(
+                "chunk at {} (+{}) lies outside its {}-byte batch",
+                b.offset, chunk.uncompressed_size, b.uncompressed_size
+            ),
+        ));
+    };
+    verify_decoded(blob, chunk, data.to_vec())
+}
+
+fn decode_error(blob: &BlobInfo, chunk: &ChunkRef, reason: String) -> Error {
+    Error::Decode {
         blob_id: blob.blob_id.clone(),
         ci_index: chunk.ci_index,
         compressor: blob.compressor.name(),
         reason,
-    };
-    if chunk.uncompressed_size > MAX_CHUNK_SIZE {
+    }
+}
+
+/// `stored` (the chunk's compressed range) decompressed to exactly `size` bytes. A batch is
+/// compressed when its stored size differs from its size (nydus-image keeps the flag set on
+/// every batched chunk, and stores a batch raw when compression does not shrink it).
+fn decompress_stored(
+    blob: &BlobInfo,
+    chunk: &ChunkRef,
+    stored: &[u8],
+    size: u32,
+) -> Result<Vec<u8>> {
+    let usize_ = size as usize;
+    let fail = |reason: String| decode_error(blob, chunk, reason);
+    if !chunk.is_located() {
+        return Err(Error::Unlocated {
+            blob_id: blob.blob_id.clone(),
+            ci_index: chunk.ci_index,
+        });
+    }
+    if size > MAX_CHUNK_SIZE {
         return Err(fail("uncompressed size above 16 MiB".into()));
     }
     if stored.len() != chunk.compressed_size as usize {
@@ -51,7 +125,11 @@ pub fn decode_chunk(blob: &BlobInfo, chunk: &ChunkRef, stored: &[u8]) -> Result<
             chunk.compressed_size
         )));
     }
-    let data = if !chunk.compressed {
+    let compressed = match chunk.batch {
+        Some(_) => chunk.compressed_size != size,
+        None => chunk.compressed,
+    };
+    let data = if !compressed {
         stored.to_vec()
     } else {
         match blob.compressor {
@@ -80,7 +158,7 @@ pub fn decode_chunk(blob: &BlobInfo, chunk: &ChunkRef, stored: &[u8]) -> Result<
             usize_
         )));
     }
-    verify_decoded(blob, chunk, data)
+    Ok(data)
 }
 
 /// Verify already uncompressed bytes of `chunk` (a chunk decoded by another process, which

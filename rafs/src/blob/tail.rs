@@ -3,11 +3,13 @@
 //! 128-byte TOC entries. Also recognises the incompatible nydus v3 footer.
 //!
 //! Invariants: at most [`MAX_SECTIONS`] headers are followed, each section must lie before its
-//! header, a TOC is at most 1 MiB; parsing reads only headers and the TOC, never chunk data.
+//! header, a TOC is at most 1 MiB, an inlined bootstrap at most [`MAX_BOOTSTRAP_SIZE`] either
+//! way; parsing reads only headers, the TOC and the bootstrap section, never chunk data.
 
 use serde::Serialize;
 
 use crate::blob::decode::decompress_exact;
+use crate::bootstrap::MAX_BOOTSTRAP_SIZE;
 use crate::error::{Error, Result};
 use crate::model::Compressor;
 use crate::raw::{bytes32_at, slice, u32_at, u64_at, until_nul};
@@ -118,19 +120,43 @@ pub fn parse_tail_with(
 /// The bootstrap inlined in a whole blob (`image.boot`), decompressed and, when the blob has a
 /// TOC, checked against the TOC's sha256. `Ok(None)` when the blob carries no bootstrap.
 pub fn extract_inlined_bootstrap(blob: &[u8]) -> Result<Option<Vec<u8>>> {
-    let tail = parse_blob_tail(blob)?;
+    reject_v3(blob)?;
+    read_inlined_bootstrap(blob.len() as u64, &mut |off, len| {
+        Ok(slice(blob, off, len, "blob tail")?.to_vec())
+    })
+}
+
+/// [`extract_inlined_bootstrap`] for a blob of `size` bytes read with `read_at(offset, len)`:
+/// reads the tail headers, the TOC and the bootstrap section, nothing else.
+pub fn read_inlined_bootstrap(
+    size: u64,
+    read_at: &mut dyn FnMut(u64, u64) -> Result<Vec<u8>>,
+) -> Result<Option<Vec<u8>>> {
+    let tail = parse_tail_with(size, read_at)?;
     let Some(section) = tail.sections.iter().find(|s| s.name == "image.boot") else {
         return Ok(None);
     };
-    let stored = slice(blob, section.offset, section.size, "inlined bootstrap")?;
-    let Some(entry) = tail.toc.iter().flatten().find(|e| e.name == "image.boot") else {
-        // Without a TOC the bootstrap is stored as is.
-        return Ok(Some(stored.to_vec()));
-    };
-    if entry.uncompressed_size > crate::bootstrap::MAX_BOOTSTRAP_SIZE {
+    if section.size > MAX_BOOTSTRAP_SIZE {
         return Err(Error::LimitExceeded {
             what: "inlined bootstrap size",
-            limit: crate::bootstrap::MAX_BOOTSTRAP_SIZE,
+            limit: MAX_BOOTSTRAP_SIZE,
+        });
+    }
+    let Some(entry) = tail.toc.iter().flatten().find(|e| e.name == "image.boot") else {
+        // Without a TOC the bootstrap is stored as is.
+        return read_at(section.offset, section.size).map(Some);
+    };
+    if entry.compressed_offset != section.offset || entry.compressed_size != section.size {
+        return Err(Error::invalid(
+            "TOC entry image.boot",
+            entry.compressed_offset,
+            "differs from the bootstrap's tar section",
+        ));
+    }
+    if entry.uncompressed_size > MAX_BOOTSTRAP_SIZE {
+        return Err(Error::LimitExceeded {
+            what: "inlined bootstrap size",
+            limit: MAX_BOOTSTRAP_SIZE,
         });
     }
     let compressor = match entry.flags & 0x7 {
@@ -145,9 +171,10 @@ pub fn extract_inlined_bootstrap(blob: &[u8]) -> Result<Option<Vec<u8>>> {
             ))
         }
     };
+    let stored = read_at(section.offset, section.size)?;
     let data = decompress_exact(
         compressor,
-        stored,
+        &stored,
         entry.uncompressed_size as usize,
         "inlined bootstrap",
     )?;

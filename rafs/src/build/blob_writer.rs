@@ -102,6 +102,7 @@ impl BlobWriter {
             uncompressed_offset: self.uoff,
             uncompressed_size: usize_,
             file_offset: 0,
+            batch: None,
         };
         self.write(stored)?;
         self.coff += stored.len() as u64;

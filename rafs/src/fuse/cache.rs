@@ -238,6 +238,7 @@ mod tests {
             uncompressed_offset: 0,
             uncompressed_size: len as u32,
             file_offset: 0,
+            batch: None,
         };
         crate::decode_chunk(&blob, &c, &data).unwrap()
     }

@@ -63,9 +63,14 @@ impl CheckReport {
     }
 }
 
-/// Open the bootstrap at `path` and check it (an open failure is reported as a problem).
+/// Open the bootstrap at `path` and check it (an open failure is reported as a problem). When
+/// `path` is a data blob carrying the bootstrap, that blob's chunks are verified too.
 pub fn check_path(path: &Path, blobs: Option<&LocalBlobDir>) -> CheckReport {
     match Bootstrap::open(path) {
+        Ok(b) if b.inlined_in().is_some() => {
+            let dirs = blobs.map(|d| d.dirs().to_vec()).unwrap_or_default();
+            check(&b, crate::tools::blob_source(&b, path, dirs).as_ref())
+        }
         Ok(b) => check(&b, blobs),
         Err(e) => {
             let mut r = CheckReport::default();
@@ -108,6 +113,14 @@ pub fn check(b: &Bootstrap, blobs: Option<&LocalBlobDir>) -> CheckReport {
         version: Some(b.version()),
         ..CheckReport::default()
     };
+    if let Some(dir) = blobs {
+        // Batch blobs: their chunks are placed by the blob's CI table.
+        for blob in b.blobs_needing_meta() {
+            if let Err(e) = dir.load_blob_meta(b, blob) {
+                r.add(None, Some(blob.blob_id.clone()), e);
+            }
+        }
+    }
     check_tables(b, &mut r);
     let mut entries = 0u64;
     let mut problems = Vec::new();
@@ -239,7 +252,10 @@ fn check_tables(b: &Bootstrap, r: &mut CheckReport) {
                     > data_end
             {
                 Some("chunk lies past the blob's data")
-            } else if !c.compressed && c.compressed_size != c.uncompressed_size {
+            } else if !c.compressed
+                && c.is_located()
+                && c.compressed_size != c.batch.map_or(c.uncompressed_size, |b| b.uncompressed_size)
+            {
                 Some("uncompressed chunk with differing sizes")
             } else {
                 None
@@ -337,7 +353,8 @@ fn check_blob_tail(dir: &LocalBlobDir, blob: &BlobInfo, chunks: &[ChunkRef]) -> 
         meta.offset,
         meta.compressed_size.saturating_add(CI_HEADER_SIZE),
     )?;
-    let (header, entries) = decode_blob_meta(blob, &region)?;
+    let meta = decode_blob_meta(blob, &region)?;
+    let (header, entries) = (meta.header, meta.entries);
     if header.ci_entries != blob.chunk_count || entries.len() != blob.chunk_count as usize {
         return Err(Error::invalid(
             "CI entries",

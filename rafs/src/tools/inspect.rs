@@ -67,6 +67,10 @@ pub struct BlobFileReport {
 
 /// Describe `b`; with `blobs`, also look at each blob file's tail.
 pub fn inspect(b: &Bootstrap, blobs: Option<&LocalBlobDir>) -> Result<InspectReport> {
+    if let Some(dir) = blobs {
+        // Batched chunks count as one stored chunk each only once placed.
+        dir.load_blob_metas(b)?;
+    }
     let mut stats = TreeStats::default();
     let mut seen_links = HashSet::new();
     let mut chunks = HashSet::new();

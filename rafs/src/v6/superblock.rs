@@ -3,7 +3,8 @@
 //!
 //! Invariants after [`parse`]: every table lies inside the bootstrap, the block size is 4 KiB, the
 //! chunk size is a power of two in 4 KiB..=16 MiB, blob ids are non-empty ASCII alphanumerics
-//! (safe as file names), and every chunk-info entry names an existing blob.
+//! (safe as file names), every chunk-info entry names an existing blob, and a batch blob has a
+//! CI v2 table (where its batched chunks' locations are).
 
 use std::collections::HashMap;
 
@@ -41,10 +42,13 @@ pub(crate) mod flags {
 
 /// Chunk flags in a chunk-info entry.
 pub(crate) const CHUNK_COMPRESSED: u32 = 0x1;
-const CHUNK_UNSUPPORTED: u32 = 0x4 | 0x8; // encrypted, batch
+const CHUNK_ENCRYPTED: u32 = 0x4;
+/// The chunk is packed into a batch (its location is in the blob's CI table). nydus-image leaves
+/// it unset in the bootstrap and writes a zero compressed size instead; v6 only.
+pub(crate) const CHUNK_BATCH: u32 = 0x8;
 
-/// Blob features this reader cannot decode (zran, separate, tarfs, batch, encrypted, external).
-const BLOB_FEATURES_UNSUPPORTED: u32 = 0x8 | 0x10 | 0x40 | 0x80 | 0x100 | 0x800;
+/// Blob features this reader cannot decode (zran, separate, tarfs, encrypted, external).
+const BLOB_FEATURES_UNSUPPORTED: u32 = 0x8 | 0x10 | 0x40 | 0x100 | 0x800;
 
 /// Superblock facts shown by `inspect`.
 #[derive(Debug, Clone, Serialize)]
@@ -340,14 +344,29 @@ fn parse_blob_entry(e: &[u8; 256], position: u32) -> Result<BlobInfo> {
     }
     if features & BLOB_FEATURES_UNSUPPORTED != 0 {
         return Err(Error::Unsupported {
-            what: "blob features (zran/separate/tarfs/batch/encrypted/external)",
+            what: "blob features (zran/separate/tarfs/encrypted/external)",
             value: features.into(),
         });
+    }
+    let batch = features & BlobInfo::FEATURE_BATCH != 0;
+    if batch && features & BlobInfo::FEATURE_CHUNK_INFO_V2 == 0 {
+        return Err(Error::invalid(
+            "blob features",
+            features.into(),
+            "batch chunks need CI v2 entries",
+        ));
     }
     let ci_comp = u32_at(e, 108);
     let ci_compressed = u64_at(e, 120);
     let ci_uncompressed = u64_at(e, 128);
     let meta = if ci_uncompressed == 0 && ci_compressed == 0 {
+        if batch {
+            return Err(Error::invalid(
+                "blob ci_uncompressed_size",
+                0,
+                "a batch blob needs its CI table",
+            ));
+        }
         None
     } else {
         Some(BlobMetaInfo {
@@ -387,9 +406,9 @@ pub(crate) fn parse_chunk_info(e: &[u8]) -> Result<ChunkInfo> {
         file_offset: u64_at(e, 64),
         index: u32_at(e, 72),
     };
-    if c.flags & CHUNK_UNSUPPORTED != 0 {
+    if c.flags & CHUNK_ENCRYPTED != 0 {
         return Err(Error::Unsupported {
-            what: "chunk flags (encrypted or batch chunk)",
+            what: "chunk flags (encrypted chunk)",
             value: c.flags.into(),
         });
     }
