@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::{
     decode_blob_meta, decode_chunk, parse_blob_tail, parse_ci_header, parse_toc, walk_tolerant,
-    BlobInfo, BlobMetaInfo, Bootstrap, ChunkRef, Compressor, Digester, FileType, Visit,
+    BatchRef, BlobInfo, BlobMetaInfo, Bootstrap, ChunkRef, Compressor, Digester, FileType, Visit,
 };
 
 /// Any bytes as a bootstrap: open, walk everything, map every file's chunks, check.
@@ -40,10 +40,24 @@ pub fn bootstrap(data: &[u8]) {
     let _ = crate::tools::inspect(&b, None);
 }
 
-/// Any bytes as the tail of a data blob: tar headers, TOC, CI header and CI table.
+/// Any bytes as the tail of a data blob: tar headers, TOC, an inlined bootstrap, CI header and
+/// CI table (with a batch table).
 pub fn blob_tail(data: &[u8]) {
     let _ = parse_blob_tail(data);
     let _ = parse_toc(data);
+    let mut read_at = |off: u64, len: u64| -> crate::Result<Vec<u8>> {
+        let end = off.checked_add(len).filter(|&e| e <= data.len() as u64);
+        end.and_then(|e| data.get(off as usize..e as usize))
+            .map(<[u8]>::to_vec)
+            .ok_or(crate::Error::invalid("range", off, "outside the input"))
+    };
+    if let Ok(Some(b)) = Bootstrap::from_blob_tail(data.len() as u64, &mut read_at, &"a".repeat(64))
+    {
+        for i in 0..b.blobs().len() as u32 {
+            let _ = b.blob_chunks(i);
+        }
+        let _ = crate::tools::check(&b, None);
+    }
     if let Some(h) = data.len().checked_sub(4096).and_then(|at| data.get(at..)) {
         let _ = parse_ci_header(h);
     }
@@ -58,10 +72,10 @@ pub fn blob_tail(data: &[u8]) {
         chunk_count: u32::from(b(4)),
         compressor: Compressor::Zstd,
         digester: Digester::Blake3,
-        features: if b(5) & 1 == 1 {
-            BlobInfo::FEATURE_CHUNK_INFO_V2
-        } else {
-            0
+        features: match b(5) % 3 {
+            0 => 0,
+            1 => BlobInfo::FEATURE_CHUNK_INFO_V2,
+            _ => BlobInfo::FEATURE_CHUNK_INFO_V2 | BlobInfo::FEATURE_BATCH,
         },
         compressed_size: 0,
         uncompressed_size: 0,
@@ -81,7 +95,42 @@ pub fn blob_tail(data: &[u8]) {
     let _ = decode_blob_meta(&blob, rest);
 }
 
+/// Any bytes as a bootstrap and the CI region (table and header) of its batch blobs, which
+/// is also taken as the blobs' bytes: attach it, place every chunk, decode some.
+/// Input: `[u32 bootstrap length][bootstrap][region]`.
+pub fn batch_meta(data: &[u8]) {
+    let Some((len, rest)) = data.split_first_chunk::<4>() else {
+        return;
+    };
+    let n = u32::from_le_bytes(*len) as usize;
+    let (Some(boot), Some(region)) = (rest.get(..n), rest.get(n..)) else {
+        return;
+    };
+    let Ok(b) = Bootstrap::from_bytes(boot.to_vec()) else {
+        return;
+    };
+    for blob in b.blobs() {
+        let _ = b.attach_blob_meta(blob.index, region);
+    }
+    for blob in b.blobs() {
+        let Ok(chunks) = b.blob_chunks(blob.index) else {
+            continue;
+        };
+        for c in chunks.iter().filter(|c| c.batch.is_some()).take(64) {
+            let at = c.compressed_offset as usize;
+            let stored = at
+                .checked_add(c.compressed_size as usize)
+                .and_then(|end| region.get(at..end));
+            if let Some(stored) = stored {
+                let _ = decode_chunk(blob, c, stored);
+            }
+        }
+    }
+}
+
 /// Any bytes as a stored chunk: decompression bounded by the recorded size, digest checked.
+/// With flag 16 the chunk is a slice of a batch (the stored bytes are the batch's).
+/// Input: `[flags][lo][hi][stored]`.
 pub fn chunk_decode(data: &[u8]) {
     let (Some(&[flags, lo, hi]), Some(stored)) = (data.get(..3), data.get(3..)) else {
         return;
@@ -92,7 +141,18 @@ pub fn chunk_decode(data: &[u8]) {
         2 => Compressor::Zstd,
         _ => Compressor::Gzip,
     };
-    let usize_ = u32::from(u16::from_le_bytes([lo, hi])) * 64;
+    // A batched chunk: `lo` × 64 bytes at `hi` × 64 in a batch (flags >> 5) × 64 bytes longer.
+    let (usize_, batch) = if flags & 16 == 0 {
+        (u32::from(u16::from_le_bytes([lo, hi])) * 64, None)
+    } else {
+        let (size, offset) = (u32::from(lo) * 64, u32::from(hi) * 64);
+        let batch = BatchRef {
+            index: 0,
+            offset,
+            uncompressed_size: size + offset + u32::from(flags >> 5) * 64,
+        };
+        (size, Some(batch))
+    };
     let blob = BlobInfo {
         index: 0,
         blob_id: "a".repeat(64),
@@ -121,7 +181,7 @@ pub fn chunk_decode(data: &[u8]) {
         uncompressed_offset: 0,
         uncompressed_size: usize_,
         file_offset: 0,
-        batch: None,
+        batch,
     };
     let _ = decode_chunk(&blob, &chunk, stored);
 }

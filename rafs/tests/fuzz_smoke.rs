@@ -12,6 +12,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::nydus;
+
+const INLINE_META_BLOB: &str = "built/a-v6-zstd-inline-meta/blobs/1afe4e8c9e71b5c18eb980ad27e34ab9edddfc6cddd9879b7feac0b05858b3e3";
 use shoal_rafs::fuzzing;
 
 /// splitmix64: the same inputs on every run.
@@ -98,7 +100,11 @@ fn read(rel: &str) -> Vec<u8> {
 
 fn blob_files() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    for dir in ["built/b-v6-zstd-blake3-1m/blobs", "upstream/blobs"] {
+    for dir in [
+        "built/b-v6-zstd-blake3-1m/blobs",
+        "upstream/blobs",
+        "built/a-v6-zstd-blake3-batch/blobs",
+    ] {
         for e in std::fs::read_dir(nydus().join(dir)).unwrap() {
             out.push(std::fs::read(e.unwrap().path()).unwrap());
         }
@@ -128,10 +134,14 @@ fn fuzz_smoke_bootstrap() {
 #[test]
 fn fuzz_smoke_blob_tail() {
     // The last 64 KiB of real blobs: CI table and header, TOC and tar headers.
-    let seeds = blob_files()
+    let mut seeds: Vec<Vec<u8>> = blob_files()
         .into_iter()
         .map(|b| b[b.len().saturating_sub(64 << 10)..].to_vec())
         .collect();
+    // A blob carrying its bootstrap: the tail from the bootstrap section on.
+    let inline = read(INLINE_META_BLOB);
+    let boot = shoal_rafs::parse_blob_tail(&inline).unwrap().sections[1].offset as usize;
+    seeds.push(inline[boot - 4096..].to_vec());
     smoke(
         "blob_tail",
         seeds,
@@ -142,16 +152,45 @@ fn fuzz_smoke_blob_tail() {
 }
 
 #[test]
+fn fuzz_smoke_batch_meta() {
+    // The batch fixture's bootstrap and its blob's CI region.
+    let boot = read("built/a-v6-zstd-blake3-batch/bootstrap");
+    let b = shoal_rafs::Bootstrap::from_bytes(boot.clone()).unwrap();
+    let (off, len) = b.blob_meta_range(0).unwrap();
+    let blob = read(&format!(
+        "built/a-v6-zstd-blake3-batch/blobs/{}",
+        b.blobs()[0].blob_id
+    ));
+    let mut seed = (boot.len() as u32).to_le_bytes().to_vec();
+    seed.extend_from_slice(&boot);
+    seed.extend_from_slice(&blob[off as usize..(off + len) as usize]);
+    smoke(
+        "batch_meta",
+        vec![seed],
+        300,
+        Duration::from_secs(120),
+        fuzzing::batch_meta,
+    );
+}
+
+#[test]
 fn fuzz_smoke_chunk_decode() {
     // Real chunks with a header the target decodes (compressor, size) in front.
     let mut seeds = Vec::new();
-    for (flags, payload) in [
-        (2u8, zstd::bulk::compress(&[7u8; 9000], 3).unwrap()),
-        (1, lz4_flex::block::compress(&[3u8; 9000])),
-        (8, vec![1u8; 640]),
+    let size = (9000u16 / 64 + 1).to_le_bytes();
+    for (flags, size, payload) in [
+        (2u8, size, zstd::bulk::compress(&[7u8; 9000], 3).unwrap()),
+        (1, size, lz4_flex::block::compress(&[3u8; 9000])),
+        (8, size, vec![1u8; 640]),
+        // A batched chunk of 128 bytes at 192 in a 768-byte batch.
+        (
+            16 | 2 | 7 << 5,
+            [2, 3],
+            zstd::bulk::compress(&[5u8; 768], 3).unwrap(),
+        ),
     ] {
         let mut s = vec![flags];
-        s.extend_from_slice(&((9000u16 / 64 + 1).to_le_bytes()));
+        s.extend_from_slice(&size);
         s.extend(payload);
         seeds.push(s);
     }
