@@ -72,8 +72,10 @@ fn mount_fixture(
         return None;
     }
     let b = Arc::new(Bootstrap::open(nydus().join(bootstrap)).unwrap());
+    let inner = LocalBlobDir::with_dirs(blob_dirs.iter().map(|d| nydus().join(d)));
+    inner.load_blob_metas(&b).unwrap();
     let src = Arc::new(Flaky {
-        inner: LocalBlobDir::with_dirs(blob_dirs.iter().map(|d| nydus().join(d))),
+        inner,
         fail: AtomicBool::new(false),
         reads: AtomicU64::new(0),
     });
@@ -191,4 +193,33 @@ fn failing_chunks_give_eio_never_zeros() {
     let digest = hex::encode(sha2::Sha256::digest(&got));
     assert_eq!(entry["sha256"].as_str(), Some(digest.as_str()), "{rel}");
     m.unmount().unwrap();
+}
+
+/// Batched chunks are decoded into the decoded blob file the kernel reads (each at its own
+/// uncompressed offset, cut from its decompressed batch); an inline-meta image mounts from the
+/// bootstrap taken out of its data blob, with that blob as its device.
+#[test]
+fn batch_and_inline_meta_images_mounted_by_the_kernel_list_like_tree_a() {
+    let test = "batch_and_inline_meta_images_mounted_by_the_kernel_list_like_tree_a";
+    let expected = load_listing(&nydus().join("source/treeA.listing.jsonl"));
+    for (bootstrap, blobs) in [
+        (
+            "built/a-v6-zstd-blake3-batch/bootstrap",
+            "built/a-v6-zstd-blake3-batch/blobs",
+        ),
+        (
+            "built/a-v6-zstd-inline-meta/blobs/1afe4e8c9e71b5c18eb980ad27e34ab9edddfc6cddd9879b7feac0b05858b3e3",
+            "built/a-v6-zstd-inline-meta/blobs",
+        ),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some((m, src)) = mount_fixture(test, bootstrap, &[blobs], tmp.path()) else {
+            return;
+        };
+        let dir = m.dir().to_path_buf();
+        assert_same_listing(bootstrap, &listing(&dir), &expected);
+        assert!(src.reads.load(Relaxed) > 0);
+        m.unmount().unwrap();
+        assert!(!is_mounted(&dir), "left mounted");
+    }
 }

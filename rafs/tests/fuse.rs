@@ -88,10 +88,23 @@ const CASES: &[Case] = &[
         blob_dirs: &["upstream/repeatable/blobs"],
         listing: "upstream/repeatable/sha256-nocompress-repeatable.listing.jsonl",
     },
+    Case {
+        name: "a-v6-zstd-blake3-batch",
+        bootstrap: "built/a-v6-zstd-blake3-batch/bootstrap",
+        blob_dirs: &["built/a-v6-zstd-blake3-batch/blobs"],
+        listing: TREE_A,
+    },
+    Case {
+        name: "a-v6-zstd-inline-meta (the data blob as the bootstrap)",
+        bootstrap: "built/a-v6-zstd-inline-meta/blobs/1afe4e8c9e71b5c18eb980ad27e34ab9edddfc6cddd9879b7feac0b05858b3e3",
+        blob_dirs: &["built/a-v6-zstd-inline-meta/blobs"],
+        listing: TREE_A,
+    },
 ];
 
 const ZSTD_1M: &Case = &CASES[0];
 const NONE_64K: &Case = &CASES[2];
+const BATCH: &Case = &CASES[7];
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -162,7 +175,9 @@ impl Mounted {
 
     fn case(case: &Case, opts: &FuseOptions) -> (Self, Arc<Bootstrap>) {
         let b = Arc::new(Bootstrap::open(nydus().join(case.bootstrap)).unwrap());
-        (Self::new(b.clone(), Arc::new(source(case)), opts), b)
+        let src = source(case);
+        src.load_blob_metas(&b).unwrap();
+        (Self::new(b.clone(), Arc::new(src), opts), b)
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -703,6 +718,62 @@ fn a_corrupted_blob_gives_eio_never_wrong_bytes() {
         assert_only_bad_chunk_fails(&m, case, &b, &bad);
         m.unmount();
     }
+}
+
+#[test]
+fn a_corrupted_batch_gives_eio_for_its_files_only() {
+    if !fuse_ready("a_corrupted_batch_gives_eio_for_its_files_only") {
+        return;
+    }
+    let case = BATCH;
+    let b = Arc::new(Bootstrap::open(nydus().join(case.bootstrap)).unwrap());
+    let good = source(case);
+    good.load_blob_metas(&b).unwrap();
+    // Batch 1 is stored raw: a flipped byte in it breaks exactly the chunks cut from it.
+    let files = files_with_chunks(&b);
+    let in_batch = |c: &ChunkRef| c.batch.is_some_and(|x| x.index == 1);
+    let (hit, clean): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|(_, cs)| cs.iter().any(in_batch));
+    let bad = hit
+        .iter()
+        .flat_map(|(_, cs)| cs.iter())
+        .find(|c| in_batch(c))
+        .unwrap()
+        .clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let blob = &b.blobs()[0];
+    let mut data = std::fs::read(nydus().join(case.blob_dirs[0]).join(&blob.blob_id)).unwrap();
+    let batch = bad.batch.unwrap();
+    let at = bad.compressed_offset + u64::from(batch.offset);
+    data[at as usize] ^= 0x10;
+    std::fs::write(tmp.path().join(&blob.blob_id), &data).unwrap();
+    let src = LocalBlobDir::new(tmp.path());
+    src.load_blob_metas(&b).unwrap();
+    let m = Mounted::new(b.clone(), Arc::new(src), &FuseOptions::default());
+    let digests = expected_digests(case);
+    let mut failed = 0;
+    for (f, cs) in &hit {
+        let broken = cs.iter().any(|c| c.ci_index == bad.ci_index);
+        match std::fs::read(m.path(f)) {
+            Err(e) => {
+                assert!(broken, "{f}: {e}");
+                assert_eq!(e.raw_os_error(), Some(EIO), "{f}: {e}");
+                failed += 1;
+            }
+            Ok(d) => {
+                assert!(!broken, "{f}: read despite its flipped byte");
+                assert_eq!(sha256_hex(&d), digests[f.as_str()], "{f}");
+            }
+        }
+    }
+    assert!(failed >= 1);
+    // Files in other batches, and stored on their own, read right.
+    for (f, _) in clean.iter().step_by(40) {
+        let d = std::fs::read(m.path(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(sha256_hex(&d), digests[f.as_str()], "{f}");
+    }
+    m.unmount();
 }
 
 #[test]
