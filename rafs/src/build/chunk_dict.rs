@@ -2,7 +2,7 @@
 //! instead of storing again, across images as nydus-image `--chunk-dict` does.
 //!
 //! Invariants: a dictionary chunk is used only when digest *and* size match and the digester is
-//! the builder's; the dictionary blobs a layer uses are appended to its blob table after its own
+//! the builder's, and only when it is stored on its own (never one packed in a batch); the dictionary blobs a layer uses are appended to its blob table after its own
 //! blob (index 0), in order of first use, with their full chunk tables.
 
 use std::collections::HashMap;
@@ -36,7 +36,8 @@ impl ChunkDict {
                 ));
             }
             let list = b.blob_chunks(blob.index)?;
-            for c in &list {
+            // A chunk packed in a batch (placed only by its blob's CI table) is not reused.
+            for c in list.iter().filter(|c| c.is_located() && c.batch.is_none()) {
                 map.entry((c.digest, c.uncompressed_size))
                     .or_insert_with(|| c.clone());
             }
