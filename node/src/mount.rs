@@ -709,23 +709,31 @@ async fn open_resolved(deps: &MountDeps, rec: &MountRecord) -> Result<Opened, Mo
     })
 }
 
-/// Open a bootstrap file already on disk; `rec.image` names where its blobs are.
+/// Open a bootstrap file already on disk — or a data blob that carries its bootstrap
+/// (`nydus-image --blob-inline-meta`) — ; `rec.image` names where its blobs are.
 async fn open_file(deps: &MountDeps, rec: &MountRecord, file: &Path) -> Result<Opened, MountError> {
     let image = ImageRef::parse(&rec.image)?;
     let origin = deps.upstreams.select(image.host.as_deref(), None)?;
     let path = file.to_path_buf();
-    let bytes = tokio::task::spawn_blocking(move || read_regular(&path))
+    let opened = tokio::task::spawn_blocking(move || open_regular(&path))
         .await
         .map_err(|e| MountError::Table(format!("bootstrap read task failed: {e}")))?
         .map_err(|reason| MountError::Dir {
             dir: file.to_path_buf(),
             reason,
         })?;
-    let key = Digest::of(shoal_proto::DigestAlgorithm::Sha256, &bytes);
-    let boot = shoal_rafs::Bootstrap::from_bytes(bytes).map_err(|e| MountError::Bootstrap {
-        digest: key.clone(),
-        reason: format!("not a usable RAFS bootstrap: {e}"),
-    })?;
+    let (key, boot) = match opened {
+        Ok(b) => (
+            Digest::of(shoal_proto::DigestAlgorithm::Sha256, b.as_bytes()),
+            b,
+        ),
+        Err((key, e)) => {
+            return Err(MountError::Bootstrap {
+                digest: key,
+                reason: format!("not a usable RAFS bootstrap: {e}"),
+            })
+        }
+    };
     Ok(Opened {
         origin,
         repo: image.repo,
@@ -737,9 +745,13 @@ async fn open_file(deps: &MountDeps, rec: &MountRecord, file: &Path) -> Result<O
     })
 }
 
-/// The bytes of a regular file, refusing a symbolic link at the last component and anything
-/// larger than a bootstrap may be.
-fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
+/// The RAFS bootstrap in a regular file (refusing a symbolic link at the last component): the
+/// file itself, or the one a data blob carries at its end. `Err` when the file cannot be read;
+/// `Ok(Err((digest of the file's first bytes, why)))` when it is no usable bootstrap.
+#[allow(clippy::type_complexity)]
+fn open_regular(
+    path: &Path,
+) -> Result<Result<shoal_rafs::Bootstrap, (Digest, shoal_rafs::Error)>, String> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let f = std::fs::OpenOptions::new()
@@ -751,14 +763,14 @@ fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
-    if meta.len() > shoal_rafs::MAX_BOOTSTRAP_SIZE {
-        return Err(format!("a bootstrap of {} bytes is too large", meta.len()));
-    }
-    let mut out = Vec::with_capacity(meta.len() as usize);
-    f.take(shoal_rafs::MAX_BOOTSTRAP_SIZE)
-        .read_to_end(&mut out)
-        .map_err(|e| e.to_string())?;
-    Ok(out)
+    let opened = shoal_rafs::Bootstrap::open_file(&f, path);
+    Ok(opened.map_err(|e| {
+        let mut head = Vec::new();
+        let _ = (&f)
+            .take(shoal_rafs::MAX_BOOTSTRAP_SIZE)
+            .read_to_end(&mut head);
+        (Digest::of(shoal_proto::DigestAlgorithm::Sha256, &head), e)
+    }))
 }
 
 /// Open the image (resolve it, or read its bootstrap file), then mount it.
@@ -799,10 +811,13 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
             }
         };
         // The origin's size first: one a bootstrap claims must not shape the store's record.
-        let size = match (access.ok().flatten(), listed) {
-            (Some(origin_size), _) => origin_size,
-            (None, Some(size)) => size,
-            (None, None) => b.compressed_size,
+        // The blob table records only the data of a blob that carries the bootstrap.
+        let inlined = boot.inlined_in().filter(|i| i.blob_id == b.blob_id);
+        let size = match (access.ok().flatten(), listed, inlined) {
+            (Some(origin_size), _, _) => origin_size,
+            (None, Some(size), _) => size,
+            (None, None, Some(i)) => i.blob_size,
+            (None, None, None) => b.compressed_size,
         };
         let chunks = boot
             .blob_chunks(b.index)
@@ -859,6 +874,17 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         },
         blobs,
     );
+    if !boot.blobs_needing_meta().is_empty() {
+        // Batch blobs: their compression-info tables place the batched chunks.
+        let b = boot.clone();
+        backend = tokio::task::spawn_blocking(move || backend.locate_batches(&b).map(|()| backend))
+            .await
+            .map_err(|e| MountError::Table(format!("batch table task failed: {e}")))?
+            .map_err(|reason| MountError::Bootstrap {
+                digest: key.clone(),
+                reason: format!("placing batched chunks: {reason}"),
+            })?;
+    }
     background.attach(&mut backend);
     let backend = Arc::new(backend);
     let (dir, data_dir, source, b) = (

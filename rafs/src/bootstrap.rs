@@ -80,8 +80,14 @@ impl Bootstrap {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        Self::open_file(&file, path)
+    }
+
+    /// [`Bootstrap::open`] of a file already open (by a caller that checked what it opened);
+    /// `path` names it in errors and gives an inlined bootstrap's blob id.
+    pub fn open_file(file: &std::fs::File, path: &Path) -> Result<Self> {
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-        let read_at = &mut |off: u64, n: u64| read_range(&file, path, len, off, n);
+        let read_at = &mut |off: u64, n: u64| read_range(file, path, len, off, n);
         let mut first_error = None;
         if len <= MAX_BOOTSTRAP_SIZE && looks_like_rafs(read_at, len)? {
             match Self::from_bytes(read_at(0, len)?) {
@@ -91,7 +97,7 @@ impl Bootstrap {
         }
         let tail = crate::blob::tail::parse_tail_with(len, read_at)?;
         if tail.sections.iter().any(|s| s.name == "image.boot") {
-            let id = blob_id_of_path(path, &file, len)?;
+            let id = blob_id_of_path(path, file, len)?;
             return Self::from_blob_tail(len, read_at, &id)?.ok_or(Error::NotRafs {
                 reason: "no inlined bootstrap (image.boot) at the blob's end",
             });

@@ -273,9 +273,8 @@ pub fn run(cmd: RafsCommand) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let b = open(&bootstrap)?;
-            let source = tools::blob_source(&b, &bootstrap, blob_dir).context(
-                "--blob-dir is needed: the data blobs are not in the bootstrap's file",
-            )?;
+            let source = tools::blob_source(&b, &bootstrap, blob_dir)
+                .context("--blob-dir is needed: the data blobs are not in the bootstrap's file")?;
             source
                 .load_blob_metas(&b)
                 .context("reading the compression-info tables of batch blobs")?;

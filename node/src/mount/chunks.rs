@@ -15,6 +15,11 @@
 //! a chunk covered by a request in flight wait for it instead of asking again (single flight keyed
 //! by (blob index, compressed offset)).
 //!
+//! Batch blobs (`nydus-image --batch-size`): a batched chunk's stored range is its whole batch's,
+//! so the chunks of one batch share a flight and a stored range, and each reader cuts its own
+//! chunk out of the batch (`decode_chunk`); the blob's CI table, which places them, is read once
+//! at mount ([`ChunkBackend::locate_batches`]).
+//!
 //! Invariants: bytes reach a caller only through `decode_chunk` (digest from the bootstrap, whose
 //! own digest came from the manifest). Only verified chunks are written to the store's partial
 //! blob; a chunk that fails verification is an error for its readers (EIO) and is never written.
@@ -32,7 +37,9 @@ use reqwest::header::{HeaderMap, HeaderValue, RANGE};
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use shoal_proto::{BlobId, NodeId, RepoName};
-use shoal_rafs::{decode_chunk, BlobInfo, ChunkRef, ChunkSource, VerifiedChunk, MAX_CHUNK_SIZE};
+use shoal_rafs::{
+    decode_chunk, BlobInfo, Bootstrap, ChunkRef, ChunkSource, VerifiedChunk, MAX_CHUNK_SIZE,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::prefetch::AccessLog;
@@ -195,6 +202,68 @@ impl ChunkBackend {
         }
     }
 
+    /// Place the batched chunks of `boot`'s batch blobs (`nydus-image --batch-size`): read each
+    /// such blob's compression-info table ([`ChunkBackend::read_range`]), attach it to `boot`
+    /// (which checks it against the bootstrap's chunk table) and take the blob's chunk table
+    /// again, now with every batched chunk at its batch's stored range. Blocking.
+    pub fn locate_batches(&mut self, boot: &Bootstrap) -> Result<(), String> {
+        for blob in boot.blobs_needing_meta() {
+            let (offset, len) = boot
+                .blob_meta_range(blob.index)
+                .map_err(|e| e.to_string())?;
+            let region = self.read_range(blob.index, offset..offset + len)?;
+            boot.attach_blob_meta(blob.index, &region)
+                .map_err(|e| format!("blob {}: {e}", blob.blob_id))?;
+            let mut chunks = boot.blob_chunks(blob.index).map_err(|e| e.to_string())?;
+            chunks.sort_by_key(|c| c.compressed_offset);
+            chunks.dedup_by_key(|c| c.compressed_offset);
+            if let Some(entry) = self.blobs.get_mut(blob.index as usize) {
+                entry.chunks = chunks;
+            }
+        }
+        Ok(())
+    }
+
+    /// `range` of blob `index` as stored: from the store when it holds it (and the node may
+    /// read the blob there, [`BlobSpec::shared`]), else from the origin — never from peers:
+    /// these are not chunks, so nothing checks them on arrival.
+    /// Callers use such bytes only where what they say is checked otherwise (a CI table says
+    /// where chunks lie; the chunks are verified by digest). At most 1 GiB. Blocking.
+    pub fn read_range(&self, index: u32, range: Range<u64>) -> Result<Vec<u8>, String> {
+        let entry = self
+            .blobs
+            .get(index as usize)
+            .ok_or_else(|| format!("no blob {index} in the image"))?;
+        let len = range.end.saturating_sub(range.start);
+        if len > 1 << 30 || range.end > entry.spec.size {
+            return Err(format!(
+                "range {range:?} of blob {} ({} bytes) refused",
+                entry.spec.id, entry.spec.size
+            ));
+        }
+        let stored = match entry.spec.shared {
+            true => self.deps.store.open_reader(&entry.spec.id),
+            false => Ok(None),
+        };
+        if let Ok(Some(reader)) = stored {
+            let rec = reader.record();
+            if rec.complete || rec.present.contains_range(&range) {
+                let mut buf = vec![0u8; len as usize];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match reader.read_at(range.start + filled as u64, &mut buf[filled..]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => filled += n,
+                    }
+                }
+                if filled == buf.len() {
+                    return Ok(buf);
+                }
+            }
+        }
+        self.fetch(entry, range, false)
+    }
+
     /// Record the chunks reads ask for into `log` (first touch, in order).
     pub fn record_into(&mut self, log: Arc<AccessLog>) {
         self.access = Some(log);
@@ -243,7 +312,8 @@ impl ChunkBackend {
     }
 
     /// The chunk of blob `blob_index` stored at `compressed_offset`, as this image's bootstrap
-    /// describes it (what a mount served from another process asks for).
+    /// describes it (what a mount served from another process asks for); for a batch, one of
+    /// the chunks packed in it.
     pub fn chunk_at(&self, blob_index: u32, compressed_offset: u64) -> Option<&ChunkRef> {
         let entry = self.blobs.get(blob_index as usize)?;
         let i = entry

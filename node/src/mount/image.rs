@@ -196,22 +196,28 @@ pub struct NydusLayers {
     pub blobs: Vec<Descriptor>,
 }
 
-/// Find the bootstrap layer (annotated `nydus-bootstrap: "true"`) and the data blobs.
+/// Find the bootstrap layer (annotated `nydus-bootstrap: "true"`) and the data blobs. An image
+/// whose only layer is one Nydus data blob has no bootstrap layer of its own: that blob is taken
+/// as it (it must then carry its bootstrap, `nydus-image --blob-inline-meta`).
 pub fn nydus_layers(image: &str, layers: &[Descriptor]) -> Result<NydusLayers, ImageError> {
     let marked = |d: &Descriptor, key: &str| d.annotations.get(key).is_some_and(|v| v == "true");
-    let bootstrap = layers
-        .iter()
-        .rev()
-        .find(|d| marked(d, BOOTSTRAP_ANNOTATION))
-        .cloned()
-        .ok_or_else(|| ImageError::NotNydus {
-            image: image.into(),
-        })?;
-    let blobs = layers
+    let blobs: Vec<Descriptor> = layers
         .iter()
         .filter(|d| d.media_type == NYDUS_BLOB_MEDIA_TYPE || marked(d, BLOB_ANNOTATION))
         .cloned()
         .collect();
+    let bootstrap = layers
+        .iter()
+        .rev()
+        .find(|d| marked(d, BOOTSTRAP_ANNOTATION))
+        .or(match (layers, blobs.as_slice()) {
+            ([_], [blob]) => Some(blob),
+            _ => None,
+        })
+        .cloned()
+        .ok_or_else(|| ImageError::NotNydus {
+            image: image.into(),
+        })?;
     Ok(NydusLayers { bootstrap, blobs })
 }
 
@@ -248,7 +254,13 @@ mod tests {
         let n = nydus_layers("img", &layers).expect("nydus");
         assert_eq!(n.bootstrap.size, 20);
         assert_eq!(n.blobs.len(), 1);
-        let e = nydus_layers("img:1", &layers[..1]).expect_err("not nydus");
+        // One Nydus data blob alone is its own bootstrap layer (inline meta) ...
+        let n = nydus_layers("img:1", &layers[..1]).expect("inline meta");
+        assert_eq!(n.bootstrap.digest, layers[0].digest);
+        // ... but a plain layer is not Nydus.
+        let mut plain = layers[1].clone();
+        plain.annotations.clear();
+        let e = nydus_layers("img:1", &[plain]).expect_err("not nydus");
         assert!(e.to_string().contains("shoal convert"), "{e}");
     }
 

@@ -13,7 +13,10 @@
 //! again.
 //!
 //! Wire (one request at a time per connection, several connections per server):
-//! request `[op=1][u16 dir length][dir][u32 blob index][u64 compressed offset]`, answer
+//! request `[op=1][u16 dir length][dir][u32 blob index][u64 compressed offset]`, or — for a
+//! chunk packed in a batch (`nydus-image --batch-size`), which shares its stored offset with the
+//! other chunks of its batch and which the server cannot place (it has no CI table) —
+//! `[op=2][u16 dir length][dir][u32 blob index][u64 chunk index]`; answer
 //! `[status][u32 length][payload]` — status 0: the chunk's decoded bytes (the server checks
 //! their digest against its own copy of the bootstrap before any program sees them); 1: the node
 //! could not get the chunk (the message); 2: no such mount (yet).
@@ -46,6 +49,8 @@ pub const PATIENCE: Duration = Duration::from_secs(300);
 /// How long a new image server may take to mount.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const OP_READ: u8 = 1;
+/// Read by chunk index (batched chunks); older nodes know only [`OP_READ`].
+const OP_READ_INDEX: u8 = 2;
 const ST_OK: u8 = 0;
 const ST_FAILED: u8 = 1;
 const ST_UNKNOWN: u8 = 2;
@@ -155,7 +160,7 @@ async fn connection(mut s: UnixStream, registry: Registry) -> std::io::Result<()
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
-        if op != OP_READ {
+        if op != OP_READ && op != OP_READ_INDEX {
             return Err(std::io::Error::other(format!("unknown operation {op}")));
         }
         let len = s.read_u16().await? as usize;
@@ -166,11 +171,16 @@ async fn connection(mut s: UnixStream, registry: Registry) -> std::io::Result<()
         s.read_exact(&mut dir).await?;
         let dir = PathBuf::from(String::from_utf8_lossy(&dir).into_owned());
         let blob_index = s.read_u32().await?;
-        let offset = s.read_u64().await?;
+        let at = s.read_u64().await?;
+        let which = if op == OP_READ {
+            Which::Offset(at)
+        } else {
+            Which::Index(at)
+        };
         let (status, payload) = match registry.get(&dir) {
             None => (ST_UNKNOWN, Vec::new()),
             Some(served) => {
-                match tokio::task::spawn_blocking(move || read(&served, blob_index, offset)).await {
+                match tokio::task::spawn_blocking(move || read(&served, blob_index, which)).await {
                     Ok(Ok(bytes)) => (ST_OK, bytes),
                     Ok(Err(e)) => (ST_FAILED, e.into_bytes()),
                     Err(e) => (ST_FAILED, e.to_string().into_bytes()),
@@ -185,18 +195,36 @@ async fn connection(mut s: UnixStream, registry: Registry) -> std::io::Result<()
     }
 }
 
+/// How a request names its chunk.
+#[derive(Clone, Copy, Debug)]
+enum Which {
+    /// By stored offset (a chunk stored on its own).
+    Offset(u64),
+    /// By index in the blob's chunk table.
+    Index(u64),
+}
+
 /// One chunk's decoded, verified bytes through the mount's backend (blocking).
-fn read(served: &Served, blob_index: u32, offset: u64) -> Result<Vec<u8>, String> {
+fn read(served: &Served, blob_index: u32, which: Which) -> Result<Vec<u8>, String> {
     let blob = served
         .boot
         .blobs()
         .get(blob_index as usize)
         .ok_or_else(|| format!("no blob {blob_index} in the image"))?;
-    let chunk = served
-        .backend
-        .chunk_at(blob_index, offset)
-        .ok_or_else(|| format!("no chunk at offset {offset} of blob {blob_index}"))?
-        .clone();
+    let chunk = match which {
+        Which::Offset(offset) => served
+            .backend
+            .chunk_at(blob_index, offset)
+            .ok_or_else(|| format!("no chunk at offset {offset} of blob {blob_index}"))?
+            .clone(),
+        Which::Index(index) => {
+            let index = u32::try_from(index).map_err(|_| format!("no chunk {index}"))?;
+            served
+                .boot
+                .chunk(blob_index, index)
+                .map_err(|e| format!("blob {blob_index}: {e}"))?
+        }
+    };
     served
         .backend
         .read_chunk(blob, &chunk)
@@ -232,7 +260,7 @@ impl RemoteChunks {
         }
     }
 
-    fn ask(&self, blob_index: u32, offset: u64) -> std::io::Result<Answer> {
+    fn ask(&self, blob_index: u32, which: Which) -> std::io::Result<Answer> {
         let pooled = self
             .pool
             .lock()
@@ -243,11 +271,15 @@ impl RemoteChunks {
             None => StdUnixStream::connect(&self.socket)?,
         };
         let mut req = Vec::with_capacity(19 + self.dir.len());
-        req.push(OP_READ);
+        let (op, at) = match which {
+            Which::Offset(o) => (OP_READ, o),
+            Which::Index(i) => (OP_READ_INDEX, i),
+        };
+        req.push(op);
         req.extend_from_slice(&(self.dir.len() as u16).to_be_bytes());
         req.extend_from_slice(self.dir.as_bytes());
         req.extend_from_slice(&blob_index.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&at.to_be_bytes());
         s.write_all(&req)?;
         let mut head = [0u8; 5];
         s.read_exact(&mut head)?;
@@ -279,7 +311,14 @@ impl ChunkSource for RemoteChunks {
         let mut wait = Duration::from_millis(50);
         let mut warned = false;
         loop {
-            let why = match self.ask(blob.index, chunk.compressed_offset) {
+            // A batched chunk (placed or not) is named by its index: its stored offset is
+            // its batch's.
+            let which = if chunk.batch.is_some() || !chunk.is_located() {
+                Which::Index(chunk.ci_index.into())
+            } else {
+                Which::Offset(chunk.compressed_offset)
+            };
+            let why = match self.ask(blob.index, which) {
                 Ok(Answer::Bytes(b)) => return verify_decoded(blob, chunk, b),
                 Ok(Answer::Failed(reason)) => return Err(fail(reason)),
                 Ok(Answer::Unknown) => "the node does not serve this mount (yet)".to_owned(),

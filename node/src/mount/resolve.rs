@@ -3,7 +3,8 @@
 //! `mirror.tag_ttl`, stale ones when the origin is down), else through the node's origin code with
 //! the node's credentials, then the bootstrap
 //! layer through the node's single-flight download path (so it lands verified in the store),
-//! then `image/image.boot` out of its tar.gz.
+//! then `image/image.boot` out of its tar.gz — or, when the bootstrap layer is a Nydus data blob
+//! carrying its bootstrap at its end (`nydus-image --blob-inline-meta`), out of that blob's tail.
 //!
 //! Invariants: a manifest fetched by digest must hash to it; the bootstrap layer is read only
 //! from a store record marked complete (whole-blob digest checked by the download), so the
@@ -17,6 +18,7 @@ use shoal_rafs::{Bootstrap, MAX_BOOTSTRAP_SIZE};
 
 use super::image::{
     nydus_layers, pick_platform, Descriptor, ImageRef, Manifest, NydusLayers, BOOTSTRAP_PATH,
+    NYDUS_BLOB_MEDIA_TYPE,
 };
 use super::MountError;
 use crate::download::{Downloads, Join, Source, State};
@@ -234,7 +236,9 @@ pub async fn bootstrap(
         digest: desc.digest.clone(),
         reason,
     };
-    if desc.size > MAX_BOOTSTRAP_LAYER {
+    // A data blob carrying the bootstrap is fetched whole too (its digest anchors the
+    // bootstrap), whatever its size.
+    if desc.size > MAX_BOOTSTRAP_LAYER && desc.media_type != NYDUS_BLOB_MEDIA_TYPE {
         return Err(fail(format!("layer of {} bytes is too large", desc.size)));
     }
     if !resolved.origin.configured {
@@ -277,6 +281,12 @@ async fn bootstrap_alone(resolved: &Resolved) -> Result<Bootstrap, MountError> {
         digest: desc.digest.clone(),
         reason,
     };
+    if desc.size > MAX_BOOTSTRAP_LAYER {
+        return Err(fail(format!(
+            "layer of {} bytes is too large to hold in memory",
+            desc.size
+        )));
+    }
     let path = format!("/v2/{}/blobs/{}", resolved.repo, desc.digest);
     let resp = resolved
         .origin
@@ -305,6 +315,22 @@ async fn bootstrap_alone(resolved: &Resolved) -> Result<Bootstrap, MountError> {
             digest: d.clone(),
             reason,
         };
+        // A Nydus data blob carrying its bootstrap at its end, else a tar of `image/image.boot`.
+        let mut read_at = |off: u64, len: u64| -> shoal_rafs::Result<Vec<u8>> {
+            let end = off.checked_add(len).filter(|&e| e <= layer.len() as u64);
+            end.and_then(|e| layer.get(off as usize..e as usize))
+                .map(<[u8]>::to_vec)
+                .ok_or(shoal_rafs::Error::OutOfBounds {
+                    what: "bootstrap layer",
+                    offset: off,
+                    len,
+                    limit: layer.len() as u64,
+                })
+        };
+        let inlined = Bootstrap::from_blob_tail(layer.len() as u64, &mut read_at, &d.hex());
+        if let Ok(Some(boot)) = inlined {
+            return Ok(boot);
+        }
         let boot = extract_bootstrap(&layer).map_err(fail)?;
         Bootstrap::from_bytes(boot).map_err(|e| fail(format!("not a usable RAFS bootstrap: {e}")))
     })
@@ -321,6 +347,26 @@ fn open_bootstrap(store: &Store, desc: &Descriptor) -> Result<Bootstrap, MountEr
         .open_reader(&desc.digest)?
         .filter(|r| r.record().complete)
         .ok_or_else(|| fail("not complete in the store after its download".into()))?;
+    // A Nydus data blob carrying its bootstrap at its end (`nydus-image --blob-inline-meta`):
+    // read from the verified blob, under the blob's own id.
+    let size = reader.size();
+    let mut read_at = |off: u64, len: u64| -> shoal_rafs::Result<Vec<u8>> {
+        read_exact(&reader, off, len).map_err(|e| shoal_rafs::Error::Io {
+            path: std::path::PathBuf::from(format!("store:{}", desc.digest)),
+            source: std::io::Error::other(e),
+        })
+    };
+    match Bootstrap::from_blob_tail(size, &mut read_at, &desc.digest.hex()) {
+        Ok(Some(boot)) => return Ok(boot),
+        Ok(None) => {}
+        Err(e) if !looks_like_tar(&reader) => {
+            return Err(fail(format!("its inlined bootstrap: {e}")))
+        }
+        Err(_) => {}
+    }
+    if size > MAX_BOOTSTRAP_LAYER {
+        return Err(fail(format!("layer of {size} bytes is too large")));
+    }
     let mut layer = vec![0u8; reader.size() as usize];
     let mut filled = 0;
     while filled < layer.len() {
@@ -332,6 +378,34 @@ fn open_bootstrap(store: &Store, desc: &Descriptor) -> Result<Bootstrap, MountEr
     }
     let boot = extract_bootstrap(&layer).map_err(fail)?;
     Bootstrap::from_bytes(boot).map_err(|e| fail(format!("not a usable RAFS bootstrap: {e}")))
+}
+
+/// `len` bytes at `off` of a stored blob.
+fn read_exact(reader: &crate::store::BlobReader, off: u64, len: u64) -> Result<Vec<u8>, String> {
+    if off.checked_add(len).is_none_or(|end| end > reader.size()) || len > MAX_BOOTSTRAP_SIZE {
+        return Err(format!(
+            "range {off}+{len} outside the {}-byte blob",
+            reader.size()
+        ));
+    }
+    let mut buf = vec![0u8; len as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read_at(off + filled as u64, &mut buf[filled..]) {
+            Ok(0) => return Err("store content shorter than its record".into()),
+            Ok(n) => filled += n,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(buf)
+}
+
+/// Whether a stored layer starts like a (gzip-compressed) tar rather than a Nydus data blob.
+fn looks_like_tar(reader: &crate::store::BlobReader) -> bool {
+    let Ok(head) = read_exact(reader, 0, 262.min(reader.size())) else {
+        return false;
+    };
+    head.starts_with(&[0x1f, 0x8b]) || head.get(257..262) == Some(b"ustar")
 }
 
 /// `image/image.boot` from a bootstrap layer (tar, gzip-compressed or not).
