@@ -302,7 +302,7 @@ fn source_manifest(layout: &Path, reference: &str) -> Result<serde_json::Value> 
 }
 
 /// A ustar archive holding one regular file.
-fn tar_one(name: &str, data: &[u8]) -> Vec<u8> {
+pub fn tar_one(name: &str, data: &[u8]) -> Vec<u8> {
     let mut h = [0u8; 512];
     let put = |h: &mut [u8; 512], at: usize, v: &[u8]| h[at..at + v.len()].copy_from_slice(v);
     put(&mut h, 0, name.as_bytes());
@@ -323,7 +323,8 @@ fn tar_one(name: &str, data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn gzip(data: &[u8]) -> Result<Vec<u8>> {
+/// `data` gzip-compressed.
+pub fn gzip(data: &[u8]) -> Result<Vec<u8>> {
     use std::io::Write as _;
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(data)?;
