@@ -431,6 +431,28 @@ impl Containerd {
             .collect())
     }
 
+    /// `ctr snapshots --snapshotter SNAPSHOTTER prepare KEY PARENT`: an active snapshot on
+    /// `parent` (what a container start asks of the snapshotter), mounted by nobody.
+    pub fn prepare(&self, snapshotter: &str, key: &str, parent: &str) -> Result<CtrOutcome> {
+        let mut cmd = self.ctr();
+        cmd.args([
+            "snapshots",
+            "--snapshotter",
+            snapshotter,
+            "prepare",
+            key,
+            parent,
+        ]);
+        run(cmd)
+    }
+
+    /// `ctr snapshots --snapshotter SNAPSHOTTER rm KEY`.
+    pub fn remove_snapshot(&self, snapshotter: &str, key: &str) -> Result<CtrOutcome> {
+        let mut cmd = self.ctr();
+        cmd.args(["snapshots", "--snapshotter", snapshotter, "rm", key]);
+        run(cmd)
+    }
+
     /// `ctr snapshots --snapshotter SNAPSHOTTER mounts TARGET KEY`: the mount command line that
     /// would mount snapshot `key` (`mount -t overlay overlay TARGET -o …`).
     pub fn snapshot_mounts(&self, snapshotter: &str, key: &str) -> Result<String> {

@@ -855,6 +855,105 @@ fn containers_outlive_a_node_restart() {
     });
 }
 
+/// A batch image as stock `nydus-image --batch-size` wrote it (small chunks packed into
+/// compressed batches that only the data blob's CI table places), pulled through the node: the
+/// image mount for containers — served by an image server process, which has no CI table and
+/// asks the node for batched chunks by chunk index — lists exactly as treeA.
+#[test]
+fn stock_batch_image_mounts_for_containers_as_tree_a() {
+    let needs = [NEEDS, &[Need::Bin("python3")]].concat();
+    run(
+        "stock_batch_image_mounts_for_containers_as_tree_a",
+        &needs,
+        |t| {
+            let s = scene(t, false)?;
+            let reference = push_batch_fixture(&s.origin)?;
+            s.containerd
+                .rpull(SN, Source::Hosts(&s.hosts), &reference)?
+                .ok("ctr-remote image rpull")?;
+            let rows = s.containerd.snapshots(SN)?;
+            let top = rows
+                .iter()
+                .find(|r| !rows.iter().any(|o| o.parent == r.key))
+                .with_context(|| format!("no top snapshot in {rows:?}"))?
+                .key
+                .clone();
+            s.containerd
+                .prepare(SN, "batch-rootfs", &top)?
+                .ok("ctr snapshots prepare")?;
+            let m = s.containerd.snapshot_mounts(SN, "batch-rootfs")?;
+            let lower = mount_option(&m, "lowerdir").context(m.clone())?;
+            let images = s.root().join("images");
+            let image = lower
+                .split(':')
+                .map(PathBuf::from)
+                .find(|p| p.starts_with(&images))
+                .with_context(|| format!("no image mount in lowerdir {lower}"))?;
+            ensure!(
+                image_servers(&s.root()) == 1,
+                "the image mount is not served by an image server"
+            );
+            let script = paths::fixtures_dir().join("nydus/source/listing.py");
+            let out = Command::new("python3").arg(script).arg(&image).output()?;
+            ensure!(
+                out.status.success(),
+                "listing.py: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let expected =
+                std::fs::read(paths::fixtures_dir().join("nydus/source/treeA.listing.jsonl"))?;
+            ensure!(
+                out.stdout == expected,
+                "the image mount of the batch image does not list as treeA"
+            );
+            s.containerd
+                .remove_snapshot(SN, "batch-rootfs")?
+                .ok("ctr snapshots rm")?;
+            s.containerd.remove_images(&s.containerd.images()?)?;
+            s.wait_clean()
+        },
+    );
+}
+
+/// Pushes the batch fixture (its data blob, a tar.gz of its bootstrap) as `REPO:batch`.
+fn push_batch_fixture(origin: &Registry) -> Result<String> {
+    use sha2::Digest as _;
+    let dir = paths::fixtures_dir().join("nydus/built/a-v6-zstd-blake3-batch");
+    let blob = std::fs::read_dir(dir.join("blobs"))?
+        .next()
+        .context("no batch blob")??
+        .path();
+    let data = std::fs::read(&blob)?;
+    let blob_digest = http::sha256_digest(&data);
+    origin.push_blob_file(REPO, &blob_digest, &blob)?;
+    let tar = shoal_e2e::nydus::tar_one("image/image.boot", &std::fs::read(dir.join("bootstrap"))?);
+    let tar_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&tar)));
+    let layer = shoal_e2e::nydus::gzip(&tar)?;
+    let boot_digest = origin.push_blob(REPO, layer.clone())?;
+    let config = serde_json::to_vec(&json!({
+        "architecture": shoal_e2e::nydus::host_arch(), "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [blob_digest, tar_digest]},
+    }))?;
+    let config_size = config.len();
+    let config_digest = origin.push_blob(REPO, config)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": config_size},
+        "layers": [
+            {"mediaType": NYDUS_BLOB, "digest": blob_digest, "size": data.len(),
+             "annotations": {"containerd.io/snapshot/nydus-blob": "true"}},
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+             "digest": boot_digest, "size": layer.len(),
+             "annotations": {"containerd.io/snapshot/nydus-bootstrap": "true",
+                             "containerd.io/snapshot/nydus-fs-version": "6"}},
+        ],
+    });
+    put_manifest(origin, "batch", &manifest)?;
+    Ok(format!("{}/{REPO}:batch", origin.addr()))
+}
+
 /// Running `shoal image-server` processes serving mounts under `root`.
 fn image_servers(root: &Path) -> usize {
     let Ok(procs) = std::fs::read_dir("/proc") else {
