@@ -27,6 +27,9 @@ use crate::v6::{DeviceSlot, SuperInfo, V6};
 /// Bootstraps larger than this are refused (they would be held in memory).
 pub const MAX_BOOTSTRAP_SIZE: u64 = 1 << 30;
 
+/// Reads `len` bytes at `offset` of a data blob.
+pub type ReadBlob<'a> = dyn FnMut(&BlobInfo, u64, u64) -> Result<Vec<u8>> + 'a;
+
 /// An opened RAFS bootstrap (v5 or v6).
 pub struct Bootstrap {
     inner: Inner,
@@ -242,7 +245,7 @@ impl Bootstrap {
     /// reading it with `read(blob, offset, len)`.
     pub fn load_blob_metas(
         &self,
-        read: &mut dyn FnMut(&BlobInfo, u64, u64) -> Result<Vec<u8>>,
+        read: &mut ReadBlob<'_>,
     ) -> Result<()> {
         for blob in self.blobs_needing_meta() {
             let (offset, len) = blob_meta_range(blob)?;

@@ -33,7 +33,7 @@ pub use blob::tail::{
     extract_inlined_bootstrap, parse_blob_tail, parse_tail_with, parse_toc, read_inlined_bootstrap,
     BlobTail, TailSection, TocEntry,
 };
-pub use bootstrap::{Bootstrap, InlinedIn, Summary, MAX_BOOTSTRAP_SIZE};
+pub use bootstrap::{Bootstrap, InlinedIn, ReadBlob, Summary, MAX_BOOTSTRAP_SIZE};
 pub use error::{Error, Result};
 pub use model::{
     Attr, BatchRef, BlobInfo, BlobMetaInfo, ChunkRef, Compressor, Digester, DirEntry, FileType,

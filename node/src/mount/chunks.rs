@@ -927,6 +927,7 @@ mod tests {
             uncompressed_offset: u64::from(i) << 20,
             uncompressed_size: 1 << 20,
             file_offset: 0,
+            batch: None,
         }
     }
 

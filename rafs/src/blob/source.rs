@@ -29,9 +29,12 @@ pub struct LocalBlobDir {
     dirs: Vec<PathBuf>,
     /// Blobs at paths of their own (a blob whose file is not named by its id), by blob id.
     files: Vec<(String, PathBuf)>,
-    /// The last batch decompressed: (blob id, stored offset, bytes).
-    last_batch: Arc<Mutex<Option<(String, u64, Arc<Vec<u8>>)>>>,
+    /// The last batch decompressed.
+    last_batch: Arc<Mutex<Option<LastBatch>>>,
 }
+
+/// A decompressed batch: blob id, stored offset, bytes.
+type LastBatch = (String, u64, Arc<Vec<u8>>);
 
 impl LocalBlobDir {
     /// Blobs under `dir`.
