@@ -243,10 +243,7 @@ impl Bootstrap {
 
     /// Attach the CI table of every blob that needs one ([`Bootstrap::blobs_needing_meta`]),
     /// reading it with `read(blob, offset, len)`.
-    pub fn load_blob_metas(
-        &self,
-        read: &mut ReadBlob<'_>,
-    ) -> Result<()> {
+    pub fn load_blob_metas(&self, read: &mut ReadBlob<'_>) -> Result<()> {
         for blob in self.blobs_needing_meta() {
             let (offset, len) = blob_meta_range(blob)?;
             let region = read(blob, offset, len)?;

@@ -62,7 +62,16 @@ pub(crate) fn unmount(m: Mounted, dir: &Path) -> io::Result<()> {
         Mounted::Direct(session) => match rustix::mount::unmount(dir, UnmountFlags::NOFOLLOW) {
             // EINVAL: no longer a mount point (someone ran umount); the session is ending.
             // Either way the event loops see ENODEV and end, then the filesystem is dropped.
-            Ok(()) | Err(rustix::io::Errno::INVAL) => session.join(),
+            // A worker on a cloned device fd may see ECONNABORTED instead (the connection
+            // went with the mount): that is the unmount asked for, not a failure.
+            Ok(()) | Err(rustix::io::Errno::INVAL) => match session.join() {
+                Err(e)
+                    if e.raw_os_error() == Some(rustix::io::Errno::CONNABORTED.raw_os_error()) =>
+                {
+                    Ok(())
+                }
+                other => other,
+            },
             Err(_) => {
                 // Busy: detach now; the session thread lives on until the last user lets go.
                 drop(session);
