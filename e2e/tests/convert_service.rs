@@ -15,7 +15,7 @@
 //!   the target tag appears, naming a manifest whose blobs all exist, and no other tag does.
 //! - The figures: seconds from push to a mountable lazy image, and origin bytes (printed).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use shoal_e2e::http::{self, sha256_digest};
 use shoal_e2e::lazy::{self, Unmount};
 use shoal_e2e::node::{Node, NodeOptions};
 use shoal_e2e::registry::Registry;
+use shoal_e2e::scheduler::Scheduler;
 use shoal_e2e::wait::free_port;
 use shoal_e2e::{paths, run, setup, skopeo, Need, TestCtx};
 
@@ -272,6 +273,71 @@ fn pushed_images_are_converted_by_themselves() {
         // The converted image still mounts after all that.
         mnt = t.subdir("mnt2")?;
         mount_and_run_python(&s.node, &format!("{reg}/other:1-nydus"), &mnt)?;
+        Ok(())
+    });
+}
+
+#[test]
+fn a_converted_image_is_prewarmed_across_the_cluster() {
+    run("convert_prewarm", NEEDS, |t| {
+        let port = free_port()?;
+        let registry =
+            Registry::start_notifying(t, &format!("http://127.0.0.1:{port}/events"), SECRET)?;
+        let join = t.dir().join("join-secret");
+        std::fs::write(&join, "5".repeat(64))?;
+        let sched_addr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let scheduler = Scheduler::start_with_secret(t, None, sched_addr, Some(&join))?;
+        let dir = t.subdir("node-config")?;
+        std::fs::write(dir.join("secret"), SECRET)?;
+        std::fs::write(
+            dir.join("node.toml"),
+            format!(
+                "[convert]\nlisten = \"127.0.0.1:{port}\"\nsecret_file = \"{}\"\nprewarm = \"bootstrap\"\n",
+                dir.join("secret").display()
+            ),
+        )?;
+        let member = |label: &str, config: Option<PathBuf>| -> Result<Node> {
+            let mut opts = NodeOptions::upstream(&registry.url());
+            opts.label = label.into();
+            opts.config = config;
+            opts.extra_args = vec![
+                "--p2p".into(),
+                format!("127.0.0.1:{}", free_port()?),
+                "--join-secret-file".into(),
+                join.display().to_string(),
+                "--scheduler".into(),
+                scheduler.addr().to_string(),
+            ];
+            Node::start_with(t, opts)
+        };
+        let _a = member("a", Some(dir.join("node.toml")))?;
+        let b = member("b", None)?;
+        skopeo::push_fixture(t, &registry, "app:1")?;
+        wait_tag(&registry, "app", "1-nydus", CONVERTED)?;
+        let m = http::fetch(
+            http::client()?
+                .get(format!("{}/v2/app/manifests/1-nydus", registry.url()))
+                .header("Accept", setup::MANIFEST_ACCEPT),
+        )?
+        .json()?;
+        let boot = m["layers"]
+            .as_array()
+            .and_then(|l| l.last())
+            .and_then(|l| l["digest"].as_str())
+            .context("bootstrap layer")?
+            .to_owned();
+        // B never heard of the image: the prewarm the service started brings it the bootstrap.
+        let start = Instant::now();
+        loop {
+            if b.status()?.blob(&boot).is_some_and(|x| x.complete) {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "node B never got the converted image's bootstrap {boot}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
         Ok(())
     });
 }

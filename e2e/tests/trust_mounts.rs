@@ -7,6 +7,9 @@
 //!    holds from *another* repository (file `gNNN` holds byte NNN; its chunk digest is that of
 //!    the one byte). Before the fix exactly one read succeeded — the secret byte. Now none does:
 //!    the origin does not serve that blob in the image's repository, and the store is not asked.
+//! 3. The store's files: a data dir that other users may enter (a node started by hand, a
+//!    `hostPath` the kubelet made 0755) is closed at start, so no local user reads a cached
+//!    private blob from disk.
 //! 2. The poison: another origin serves a Nydus image whose one file's chunk claims to be the
 //!    first 4 KiB of a public layer P of the default registry, and sends its own bytes for that
 //!    range — while not vouching for P (its `HEAD` of P in that repository says 404, as a
@@ -133,6 +136,47 @@ fn mount_bytes_reach_no_client() {
             whole.short()
         );
         umount(&node, &mnt)
+    });
+}
+
+#[test]
+fn no_local_user_reads_the_store_from_disk() {
+    run("no_local_user_reads_the_store", NEEDS, |t| {
+        let registry = Registry::start(t)?;
+        let secret = b"a private layer's bytes ".repeat(1000);
+        let x = registry.push_blob("secret/app", secret.clone())?;
+        let data = t.subdir("open-data")?;
+        std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let node = Node::start_with(
+            t,
+            NodeOptions {
+                data_dir: Some(data.clone()),
+                ..NodeOptions::upstream(&registry.url())
+            },
+        )?;
+        let got =
+            http::fetch(http::client()?.get(format!("{}/v2/secret/app/blobs/{x}", node.url())))?;
+        ensure!(got.body == secret, "pull: {}", got.short());
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&data)?) & 0o777;
+        ensure!(mode == 0o700, "the data dir is {mode:o} after start");
+        let file = node.blob_file(&x)?;
+        ensure!(file.exists(), "no content file at {}", file.display());
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "cat",
+            ])
+            .arg(&file)
+            .output()?;
+        ensure!(
+            !out.status.success() && out.stdout.is_empty(),
+            "nobody read the cached blob from disk"
+        );
+        Ok(())
     });
 }
 

@@ -53,6 +53,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     if cfg.store.quota_bytes == 0 && !cfg.store.filesystem {
         tracing::warn!("store.quota = 0: the cache may fill its disk (unset it to keep the filesystem below 85 %)");
     }
+    let dir = cfg.data_dir.clone();
+    tokio::task::spawn_blocking(move || private_data_dir(&dir))
+        .await?
+        .with_context(|| format!("the data dir {}", cfg.data_dir.display()))?;
     let store = tokio::task::spawn_blocking(move || Store::open(store_cfg))
         .await?
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
@@ -372,5 +376,27 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     }
     tokio::task::spawn_blocking(move || store.flush()).await??;
     tracing::info!("store flushed; bye");
+    Ok(())
+}
+
+/// The data dir holds every cached blob — private images' too — in plain files, and the mounts'
+/// own chunk caches: only the node's user may enter it. Created 0700; an existing one of ours that
+/// others can enter is closed (a node started by hand, or a `hostPath` the kubelet created 0755).
+fn private_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::metadata(dir)?;
+    if meta.mode() & 0o077 == 0 {
+        return Ok(());
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
+        tracing::warn!(dir = %dir.display(), mode = format!("{:o}", meta.mode() & 0o7777), "the data dir belongs to another user and others may enter it: cached private content is readable there");
+        return Ok(());
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    tracing::info!(dir = %dir.display(), was = format!("{:o}", meta.mode() & 0o7777), "data dir closed to other users (0700)");
     Ok(())
 }
