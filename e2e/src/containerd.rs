@@ -395,13 +395,15 @@ impl Containerd {
         Ok(())
     }
 
-    /// `ctr image rm REF…`.
+    /// `ctr image rm --sync REF…`: the image records go, and containerd's garbage collection runs
+    /// before the command returns (without `--sync` it waits for its next trigger — 100 more
+    /// mutations, or a pause paced by how long the last collection took).
     pub fn remove_images(&self, references: &[String]) -> Result<()> {
         if references.is_empty() {
             return Ok(());
         }
         let mut cmd = self.ctr();
-        cmd.args(["image", "rm"]).args(references);
+        cmd.args(["image", "rm", "--sync"]).args(references);
         run(cmd)?.ok("ctr image rm")?;
         Ok(())
     }

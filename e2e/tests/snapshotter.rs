@@ -845,36 +845,6 @@ fn containers_outlive_a_node_restart() {
         }
         s.containerd.kill_and_remove("c1")?;
         s.containerd.remove_images(&s.containerd.images()?)?;
-        // containerd's GC ran while the node was down (a container removed during a restart):
-        // that collection failed ("connection refused") and containerd paces the next one by how
-        // long the last took. What this test is about is the restart; collection itself is
-        // `nydus_image_runs_lazily_and_leaves_nothing`'s. So what containerd still lists after a
-        // while is removed as an operator would (`ctr snapshots rm`, children first), and then
-        // nothing may be left behind either way.
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_secs(60)
-            && !s.containerd.snapshots(SN)?.is_empty()
-        {
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        }
-        for _ in 0..8 {
-            let rows = s.containerd.snapshots(SN)?;
-            if rows.is_empty() {
-                break;
-            }
-            for r in rows
-                .iter()
-                .filter(|r| !rows.iter().any(|c| c.parent == r.key))
-            {
-                println!(
-                    "containerd's GC left {} ({}): ctr snapshots rm",
-                    r.key, r.kind
-                );
-                s.containerd
-                    .remove_snapshot(SN, &r.key)?
-                    .ok("ctr snapshots rm")?;
-            }
-        }
         s.wait_clean()?;
         let servers = image_servers(&s.root());
         ensure!(

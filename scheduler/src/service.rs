@@ -223,8 +223,33 @@ struct AccessLists {
 const ACCESS_LISTS: usize = 4096;
 
 impl AccessLists {
-    fn put(&mut self, key: BlobId, mut list: AccessList) {
-        list.chunks.truncate(shoal_proto::sched::MAX_SHARED_ACCESS);
+    /// Adds what `list` has that the kept list lacks, after it (up to the cap): a list only
+    /// grows, so no member can replace or wipe what others shared — honest sharers send the
+    /// same first touches, then more as their mounts record them.
+    fn put(&mut self, key: BlobId, list: AccessList) {
+        let list = match self.lists.get(&key) {
+            None => AccessList {
+                chunks: list
+                    .chunks
+                    .into_iter()
+                    .take(shoal_proto::sched::MAX_SHARED_ACCESS)
+                    .collect(),
+            },
+            Some((_, kept)) => {
+                let mut chunks = kept.chunks.clone();
+                let mut seen: std::collections::HashSet<(u32, u64)> =
+                    chunks.iter().copied().collect();
+                for c in list.chunks {
+                    if chunks.len() >= shoal_proto::sched::MAX_SHARED_ACCESS {
+                        break;
+                    }
+                    if seen.insert(c) {
+                        chunks.push(c);
+                    }
+                }
+                AccessList { chunks }
+            }
+        };
         if self.lists.len() >= ACCESS_LISTS && !self.lists.contains_key(&key) {
             let oldest = self
                 .lists
@@ -439,6 +464,29 @@ mod tests {
     use super::*;
     use shoal_proto::sched::{NodeAnnouncement, Traffic};
     use shoal_proto::{Digest, NodeId};
+
+    #[test]
+    fn shared_access_lists_only_grow() {
+        let mut lists = AccessLists::default();
+        let key = Digest::sha256(b"bootstrap");
+        let list = |v: &[(u32, u64)]| AccessList { chunks: v.to_vec() };
+        lists.put(key.clone(), list(&[(0, 0), (0, 4096)]));
+        // Another member cannot wipe or reorder it; what it adds comes after.
+        lists.put(key.clone(), list(&[]));
+        lists.put(key.clone(), list(&[(1, 0), (0, 0)]));
+        assert_eq!(
+            lists.get(&key).unwrap().chunks,
+            vec![(0, 0), (0, 4096), (1, 0)]
+        );
+        let many: Vec<(u32, u64)> = (0..shoal_proto::sched::MAX_SHARED_ACCESS as u64 + 10)
+            .map(|i| (2, i))
+            .collect();
+        lists.put(key.clone(), list(&many));
+        assert_eq!(
+            lists.get(&key).unwrap().chunks.len(),
+            shoal_proto::sched::MAX_SHARED_ACCESS
+        );
+    }
 
     fn announce(i: u8, full: bool) -> AnnounceRequest {
         AnnounceRequest {
