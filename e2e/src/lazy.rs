@@ -1,5 +1,6 @@
 //! `shoal mount` / `shoal umount` through a test node's control socket, python3 in a mounted
-//! image, and a guard that detaches a mount point when a test ends (however it ends).
+//! image, a guard that detaches a mount point when a test ends (however it ends), and what a
+//! mount mode needs from this machine.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -8,6 +9,56 @@ use anyhow::{ensure, Result};
 
 use crate::node::Node;
 use crate::paths;
+
+/// `shoal mount --mode`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    Fuse,
+    Erofs,
+}
+
+impl Mode {
+    pub fn arg(self) -> &'static str {
+        match self {
+            Mode::Fuse => "fuse",
+            Mode::Erofs => "erofs",
+        }
+    }
+}
+
+/// Why a mount of `mode` cannot work here (both modes need /dev/fuse: EROFS mode serves its blob
+/// files with FUSE).
+pub fn missing(mode: Mode) -> Option<String> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        return Some(format!("cannot open /dev/fuse: {e}"));
+    }
+    if mode == Mode::Erofs {
+        let _ = Command::new("modprobe")
+            .arg("erofs")
+            .stderr(Stdio::null())
+            .status();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        if (major, minor) < (6, 12) {
+            return Some(format!(
+                "file-backed EROFS needs Linux 6.12+, this is {}",
+                release.trim()
+            ));
+        }
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs.contains("erofs") {
+            return Some("the kernel has no erofs filesystem (CONFIG_EROFS_FS)".into());
+        }
+    }
+    None
+}
 
 /// Lazily detaches whatever is still mounted at the mount point when dropped.
 #[derive(Debug)]

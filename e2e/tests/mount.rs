@@ -14,7 +14,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use shoal_e2e::lazy::Unmount;
+use shoal_e2e::lazy::{missing, Mode, Unmount};
 use shoal_e2e::node::Node;
 use shoal_e2e::nydus::{self, NydusImage};
 use shoal_e2e::registry::Registry;
@@ -38,55 +38,6 @@ struct Scene {
     mnt: PathBuf,
     reference: String,
     _guard: Unmount,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Fuse,
-    Erofs,
-}
-
-impl Mode {
-    fn arg(self) -> &'static str {
-        match self {
-            Mode::Fuse => "fuse",
-            Mode::Erofs => "erofs",
-        }
-    }
-}
-
-/// Why a mount of `mode` cannot work here (both modes need /dev/fuse: EROFS mode serves its blob
-/// files with FUSE).
-fn missing(mode: Mode) -> Option<String> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        return Some(format!("cannot open /dev/fuse: {e}"));
-    }
-    if mode == Mode::Erofs {
-        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-        let _ = Command::new("modprobe")
-            .arg("erofs")
-            .stderr(std::process::Stdio::null())
-            .status();
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut v = release
-            .split(['.', '-'])
-            .map(|p| p.parse::<u32>().unwrap_or(0));
-        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
-        if (major, minor) < (6, 12) {
-            return Some(format!(
-                "file-backed EROFS needs Linux 6.12+, this is {release}"
-            ));
-        }
-        let fs = fs + &std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-        if !fs.contains("erofs") {
-            return Some("the kernel has no erofs filesystem (CONFIG_EROFS_FS)".into());
-        }
-    }
-    None
 }
 
 fn scene(t: &TestCtx) -> Result<Scene> {

@@ -7,11 +7,12 @@
 //! What is asserted: the mounted tree lists exactly as treeA (the fixtures' `listing.py`: types,
 //! modes, owners, sizes, link targets, xattrs, content sha256), as stock nydusd lists them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
+use shoal_e2e::lazy::{missing, Mode, Unmount};
 use shoal_e2e::node::Node;
 use shoal_e2e::nydus::{gzip, tar_one};
 use shoal_e2e::registry::Registry;
@@ -27,56 +28,6 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const NYDUS_BLOB: &str = "application/vnd.oci.image.layer.nydus.blob.v1";
 const BATCH: &str = "nydus/built/a-v6-zstd-blake3-batch";
 const INLINE_BLOB: &str = "nydus/built/a-v6-zstd-inline-meta/blobs/1afe4e8c9e71b5c18eb980ad27e34ab9edddfc6cddd9879b7feac0b05858b3e3";
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    Fuse,
-    Erofs,
-}
-
-impl Mode {
-    fn arg(self) -> &'static str {
-        match self {
-            Mode::Fuse => "fuse",
-            Mode::Erofs => "erofs",
-        }
-    }
-}
-
-/// Why a mount of `mode` cannot work here.
-fn missing(mode: Mode) -> Option<String> {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-    {
-        return Some(format!("cannot open /dev/fuse: {e}"));
-    }
-    if mode == Mode::Erofs {
-        let _ = Command::new("modprobe")
-            .arg("erofs")
-            .stderr(std::process::Stdio::null())
-            .status();
-        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
-        if !fs.contains("erofs") {
-            return Some("the kernel has no erofs filesystem (CONFIG_EROFS_FS)".into());
-        }
-    }
-    None
-}
-
-/// Lazily detaches whatever is still mounted at the mount point when the test ends.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
 
 /// Push an image manifest with `layers` (`(media type, digest, size, annotations)`) and a
 /// minimal config as `repo:1`.

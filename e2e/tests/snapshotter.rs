@@ -31,7 +31,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use shoal_e2e::containerd::{Containerd, Source};
 use shoal_e2e::node::{Node, NodeOptions};
-use shoal_e2e::nydus::BLOB_MEDIA_TYPE as NYDUS_BLOB;
+use shoal_e2e::nydus::{shoal_convert, BLOB_MEDIA_TYPE as NYDUS_BLOB};
 use shoal_e2e::registry::Registry;
 use shoal_e2e::setup::{self, IMAGE, REPO};
 use shoal_e2e::wait::poll;
@@ -238,25 +238,6 @@ fn scene(t: &TestCtx, convert: bool) -> Result<Scene> {
         nydus,
         manifest,
     })
-}
-
-/// `shoal convert --plain-http SRC DST` with a work dir of the test's own.
-fn shoal_convert(t: &TestCtx, src: &str, dst: &str) -> Result<()> {
-    let work = t.subdir("convert-work")?;
-    let out = Command::new(paths::shoal_bin()?)
-        .args(["convert", "--plain-http", "--json", "--work-dir"])
-        .arg(&work)
-        .args([src, dst])
-        .env("HOME", t.dir())
-        .env_remove("REGISTRY_AUTH_FILE")
-        .output()
-        .context("running shoal convert")?;
-    ensure!(
-        out.status.success(),
-        "shoal convert {src} {dst}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
 }
 
 /// The image manifest under `tag` of [`REPO`].
