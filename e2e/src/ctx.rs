@@ -48,6 +48,8 @@ pub fn run(name: &str, needs: &[Need], body: impl FnOnce(&TestCtx) -> Result<()>
     // filesystem outlives a killed node) goes, passed or failed.
     detach_mounts_under(ctx.dir.path());
     if let Err(err) = outcome {
+        // The error first: a long log dump must not push it out of a truncated CI excerpt.
+        eprintln!("{name} failed: {err:#}");
         ctx.dump_logs();
         let kept = ctx.keep();
         panic!("{name} failed: {err:#}\n(test dir {kept})");

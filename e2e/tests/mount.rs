@@ -395,11 +395,20 @@ fn corrupted_origin_chunk_gives_eio(name: &str, mode: Mode) {
                     "attempt {attempt}: expected EIO, got {e}"
                 ),
             }
-            let log = s.registry.log()?.since(mark);
-            ensure!(
-                log.blob_requests(&blob).iter().any(|r| r.is_blob_fetch()),
-                "attempt {attempt}: the bad chunk was not fetched again (cached?)"
-            );
+            // The registry logs a response once its handler returns, which can be a moment after
+            // the node had every byte it needed (and failed the read): wait for the line.
+            poll(
+                &format!("attempt {attempt}: the bad chunk fetched again (not cached)"),
+                Duration::from_secs(10),
+                || {
+                    let log = s.registry.log()?.since(mark);
+                    Ok(log
+                        .blob_requests(&blob)
+                        .iter()
+                        .any(|r| r.is_blob_fetch())
+                        .then_some(()))
+                },
+            )?;
         }
         // The node's copy of the blob does not hold the corrupted bytes.
         let range = chunk.compressed_offset as usize
