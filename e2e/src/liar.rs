@@ -127,13 +127,5 @@ fn parse_range(v: &str) -> Option<(u64, Option<u64>)> {
 
 /// `len` pseudo-random bytes (unguessable content is not needed: it only has to be wrong).
 fn noise(len: u64) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ len;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    crate::random::pseudo_random(usize::try_from(len).unwrap_or(0), len)
 }

@@ -24,6 +24,7 @@ pub mod netns;
 pub mod node;
 pub mod nydus;
 pub mod paths;
+pub mod random;
 pub mod ranges;
 pub mod registry;
 pub mod registry_log;

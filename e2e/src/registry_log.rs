@@ -1,7 +1,7 @@
 //! Origin-side accounting parsed from the distribution registry's own JSON log (v2.8): one entry per
 //! finished request (`"msg":"response completed"` or `"… with error"`), carrying
-//! `http.request.method`, `http.request.uri`, `http.request.useragent`, `http.response.status` and
-//! `http.response.written`. These entries are the ground truth for "one origin fetch" and "zero
+//! `http.request.method`, `http.request.uri`, `http.request.useragent`,
+//! `http.request.remoteaddr`, `http.response.status` and `http.response.written`. These entries are the ground truth for "one origin fetch" and "zero
 //! blob bytes from the origin". Non-JSON lines (the combined access log) and other messages are
 //! ignored.
 
@@ -17,6 +17,8 @@ pub struct LoggedRequest {
     /// Body bytes the registry wrote.
     pub written: u64,
     pub user_agent: String,
+    /// The client's address as the registry saw it (`IP:port`; empty when not logged).
+    pub remote: String,
 }
 
 impl LoggedRequest {
@@ -101,6 +103,10 @@ fn parse_line(line: &str) -> Option<LoggedRequest> {
         status: u16::try_from(json["http.response.status"].as_u64()?).ok()?,
         written: json["http.response.written"].as_u64().unwrap_or(0),
         user_agent: json["http.request.useragent"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        remote: json["http.request.remoteaddr"]
             .as_str()
             .unwrap_or_default()
             .to_owned(),

@@ -122,6 +122,130 @@ fn eight_nodes_pulling_at_once_read_the_origin_about_once() {
     });
 }
 
+// ---------------------------------------------------------------- the lease holder seeds
+
+/// Issue 15's seed behaviour: while node A streams a blob from a slow origin under the lease,
+/// node B is asked for a range near the blob's end. B gets it from A, which fetches those pieces
+/// ahead of its own fill; the origin never sees a request from B, and sends the blob about once.
+#[test]
+fn a_range_far_ahead_on_a_second_node_comes_from_the_lease_holder_not_the_origin() {
+    cluster_test("seeded_range", |t| {
+        const A: usize = 0;
+        const B: usize = 1;
+        const REPO: &str = "test/seeded";
+        const SIZE: usize = 48 << 20;
+        let mut options = ClusterOptions::members(2);
+        // 5 MB/s: the whole blob takes A about ten seconds.
+        options.origin_mbit = 40;
+        let cluster = Cluster::start(t, &options)?;
+        let data = shoal_e2e::random::pseudo_random(SIZE, 0x5eed);
+        let digest = cluster.origin().push_blob(REPO, data.clone())?;
+        let mark = cluster.origin_mark()?;
+        let url = |i: usize| {
+            format!(
+                "http://{}/v2/{REPO}/blobs/{digest}",
+                cluster.node(i).listen_addr()
+            )
+        };
+
+        // A pulls the whole blob and so takes the origin lease.
+        let whole = t.subdir("pulls")?.join("whole-from-a");
+        let mut pull = cluster
+            .net()
+            .command(cluster.host(A), "curl")
+            .args(["-sSf", "-o"])
+            .arg(&whole)
+            .arg(url(A))
+            .spawn()?;
+        shoal_e2e::wait::poll("node A to stream the blob from the origin", CAP, || {
+            let m = cluster.metrics(A)?;
+            Ok((metric::first_of(&m, metric::FROM_ORIGIN).unwrap_or(0.0) >= 1e6).then_some(()))
+        })?;
+
+        // B is asked for 100 kB near the end, 40 MB ahead of anything A has.
+        let start = SIZE - (3 << 20) + 12_345;
+        let end = start + 100_000;
+        let ranged = t.subdir("ranges")?.join("range-from-b");
+        let out = cluster
+            .net()
+            .command(cluster.host(B), "curl")
+            .args([
+                "-sSf",
+                "-H",
+                &format!("Range: bytes={start}-{}", end - 1),
+                "-o",
+            ])
+            .arg(&ranged)
+            .arg(url(B))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "ranged GET through node B: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = std::fs::read(&ranged)?;
+        ensure!(
+            got == data[start..end],
+            "node B served other bytes for the range"
+        );
+        let a_done_before = pull.try_wait()?.is_some();
+
+        let status = pull.wait()?;
+        ensure!(status.success(), "the whole pull through node A failed");
+        ensure!(
+            std::fs::read(&whole)? == data,
+            "node A served other bytes for the blob"
+        );
+
+        let log = cluster.origin().log()?.since(mark);
+        let requests = log.blob_requests(&digest);
+        let b_ip = format!("{}:", cluster.host(B).ip);
+        // B may check at the origin that the blob is there for it to serve (a `HEAD`, no
+        // bytes); it must fetch nothing.
+        let from_b: Vec<_> = requests
+            .iter()
+            .filter(|r| r.remote.starts_with(&b_ip) && r.method != "HEAD")
+            .collect();
+        let sent: u64 = requests
+            .iter()
+            .filter(|r| r.is_blob_fetch())
+            .map(|r| r.written)
+            .sum();
+        let seeded = cluster.metrics(A)?.sum("shoal_p2p_seed_bytes_total", &[]);
+        let served_by_seed = cluster
+            .metrics(B)?
+            .sum("shoal_blob_seeded_ranges_total", &[]);
+        eprintln!(
+            "seeded range: origin sent {:.1} MB in {} requests for a {:.1} MB blob, none from B \
+             (but {} access check); A fetched {:.1} MB ahead of its fill; B served {served_by_seed} range(s) from A",
+            mb(sent),
+            requests.len(),
+            mb(SIZE as u64),
+            requests.iter().filter(|r| r.remote.starts_with(&b_ip)).count(),
+            mb(seeded as u64),
+        );
+        ensure!(
+            !a_done_before,
+            "A finished before B asked: nothing was tested (origin too fast?)"
+        );
+        ensure!(
+            from_b.is_empty(),
+            "node B fetched from the origin: {from_b:?}"
+        );
+        ensure!(seeded > 0.0, "node A fetched nothing ahead of its fill");
+        ensure!(
+            served_by_seed >= 1.0,
+            "node B did not serve the range from the seed"
+        );
+        // Each byte about once: a dropped stream may have had a few MB in flight.
+        ensure!(
+            sent <= SIZE as u64 + (8 << 20),
+            "the origin sent {sent} bytes for a {SIZE}-byte blob"
+        );
+        Ok(())
+    });
+}
+
 // ---------------------------------------------------------------- a peer dies
 
 /// A node that is serving pieces to peers is SIGKILLed mid-transfer: every other pull still

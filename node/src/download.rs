@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::Stream;
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, RANGE, WWW_AUTHENTICATE};
-use reqwest::{Method, StatusCode};
+use reqwest::header::HeaderValue;
+use reqwest::StatusCode;
 use sha2::Digest as _;
 use shoal_proto::{BlobId, RepoName};
 use tokio::sync::watch;
@@ -53,7 +53,10 @@ use crate::peering::Peering;
 use crate::store::{BlobWriter, RawReader, RepoKey, Store, StoreError, Verifier};
 use crate::upstream::{AuthMode, Origin};
 
+mod origin;
 mod peers;
+
+use origin::origin_fill;
 
 /// Bytes buffered before one write to the content file.
 const WRITE_BATCH: usize = 256 << 10;
@@ -252,6 +255,16 @@ impl Downloads {
                 cancel,
             }),
         }
+    }
+
+    /// The cluster downloads fetch from, if the node is in one.
+    pub fn peering(&self) -> Option<&Peering> {
+        self.inner.peering.as_ref()
+    }
+
+    /// Whether peers may be used for `id` now (not after its peer-fetched copy failed).
+    pub fn peers_allowed(&self, id: &BlobId) -> bool {
+        self.inner.peering.is_some() && !self.inner.no_peers(id)
     }
 
     /// Join or start the download of `id`.
@@ -770,168 +783,6 @@ pub(crate) fn uncommitted(fill: &Fill) -> u64 {
         .map_or(0, |s| fill.pos.saturating_sub(s.committed))
 }
 
-/// Fetch `[fill.pos, size)` from the origin. Under a lease, progress is
-/// announced as it commits and a revocation stops the fill.
-async fn origin_fill(
-    inner: &Inner,
-    d: &Download,
-    src: &Source,
-    fill: &mut Fill,
-    lease: bool,
-) -> Result<OriginEnd, DownloadError> {
-    let id = d.id.clone();
-    let peering = inner.peering.as_ref().filter(|_| lease);
-    if fill.size.is_some_and(|s| fill.pos >= s) && fill.sink.is_some() {
-        return Ok(OriginEnd::Done);
-    }
-    // At most `mirror.max_origin_downloads` origin fetches at once (a quarter of that, at most
-    // ISOLATED_LIMIT, for isolated ones); the rest queue here.
-    let slots = if src.isolated {
-        &inner.isolated_slots
-    } else {
-        &inner.origin_slots
-    };
-    let _slot = tokio::select! {
-        p = slots.clone().acquire_owned() => p.map_err(|_| DownloadError::Shutdown)?,
-        _ = inner.cancel.cancelled() => return Err(DownloadError::Shutdown),
-    };
-    #[cfg(feature = "fault-injection")]
-    crate::faults::maybe_panic_download(&id).await;
-    let resume_from = fill.pos;
-    let path = format!("/v2/{}/blobs/{}", src.repo, id);
-    let mut headers = HeaderMap::new();
-    if resume_from > 0 {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes={resume_from}-")) {
-            headers.insert(RANGE, v);
-        }
-    }
-    let mut resp = src
-        .origin
-        .send(
-            Method::GET,
-            &path,
-            &headers,
-            &src.auth,
-            Some(&src.repo),
-            "blob",
-        )
-        .await
-        .map_err(|e| DownloadError::Origin(e.to_string()))?;
-    // Body bytes to drop before writing: an origin that ignores `Range` sends the blob from
-    // its start, and the kept prefix is already written and hashed.
-    let mut skip = 0u64;
-    let size = match resp.status() {
-        StatusCode::OK if resume_from == 0 => {
-            resp.content_length().ok_or(DownloadError::NoLength)?
-        }
-        StatusCode::OK => {
-            tracing::info!(
-                from = resume_from,
-                "origin ignored Range; reading the blob from its start"
-            );
-            skip = resume_from;
-            resp.content_length().ok_or(DownloadError::NoLength)?
-        }
-        StatusCode::PARTIAL_CONTENT if resume_from > 0 => resp
-            .headers()
-            .get(CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit('/').next())
-            .and_then(|t| t.parse::<u64>().ok())
-            .ok_or(DownloadError::NoLength)?,
-        status => {
-            return Err(DownloadError::Status {
-                status,
-                challenge: resp.headers().get(WWW_AUTHENTICATE).cloned(),
-            })
-        }
-    };
-    ensure_sink(inner, d, fill, size).await?;
-    let commit_every = if inner.peering.is_some() {
-        COMMIT_EVERY_SHARED
-    } else {
-        COMMIT_EVERY
-    };
-    let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
-    let mut abandon = tokio::time::interval(ABANDON_CHECK);
-    abandon.tick().await;
-    loop {
-        let chunk = tokio::select! {
-            c = resp.chunk() => c.map_err(|e| DownloadError::Origin(e.to_string())),
-            _ = inner.cancel.cancelled() => Err(DownloadError::Shutdown),
-            // An isolated download serves only its requesters: when they are all gone, stop
-            // (its bytes could serve no one else, and a slow origin would hold a slot).
-            _ = abandon.tick(), if src.isolated => {
-                if d.progress.receiver_count() == 0 {
-                    Err(DownloadError::Origin("every requester left".into()))
-                } else {
-                    continue;
-                }
-            }
-        };
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                // Keep what arrived intact: a later download resumes there.
-                let commit = fill.may_commit();
-                let _ = write(fill, std::mem::take(&mut batch), commit).await;
-                return Err(e);
-            }
-        };
-        let Some(mut chunk) = chunk else { break };
-        inner.metrics.from_origin("blob", chunk.len() as u64);
-        if skip > 0 {
-            let n = skip.min(chunk.len() as u64);
-            skip -= n;
-            chunk = chunk.slice(n as usize..);
-            if chunk.is_empty() {
-                continue;
-            }
-        }
-        if let Some(p) = peering {
-            p.origin_progress(&id, chunk.len() as u64);
-        }
-        let after = fill.pos + batch.len() as u64 + chunk.len() as u64;
-        if after > size {
-            if let Some(s) = fill.sink.take() {
-                let _ = blocking(move || s.writer.discard()).await;
-            }
-            return Err(DownloadError::Length {
-                got: after,
-                expected: size,
-            });
-        }
-        batch.extend_from_slice(&chunk);
-        if batch.len() >= WRITE_BATCH {
-            // Bytes held back (from a DHT provider) or deferred (an isolated
-            // download) are committed only once the whole blob is verified.
-            let commit =
-                fill.may_commit() && uncommitted(fill) + batch.len() as u64 >= commit_every;
-            let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
-            write(fill, data, commit).await?;
-            fill.expose(d);
-            if commit {
-                if let Some(p) = peering {
-                    p.changed(&id);
-                    if p.lease_revoked(&id) {
-                        return Ok(OriginEnd::Revoked);
-                    }
-                }
-            }
-        }
-    }
-    let commit = fill.may_commit();
-    write(fill, batch, commit).await?;
-    if fill.pos != size {
-        return Err(DownloadError::Length {
-            got: fill.pos,
-            expected: size,
-        });
-    }
-    fill.expose(d);
-    Ok(OriginEnd::Done)
-}
-
 /// Verify the whole blob and mark it complete, or discard it.
 async fn finish(
     inner: &Inner,
@@ -1002,22 +853,7 @@ fn open_sink(store: &Store, id: &BlobId, size: u64, start: u64) -> Result<Sink, 
     };
     let mut verifier = Verifier::new(id);
     if start > 0 {
-        let raw = writer.raw_reader()?;
-        let mut buf = vec![0u8; READ_CHUNK as usize];
-        let mut off = 0;
-        while off < start {
-            let want = (start - off).min(READ_CHUNK) as usize;
-            let n = raw
-                .read_at(off, &mut buf[..want])
-                .map_err(|e| DownloadError::Store(e.to_string()))?;
-            if n == 0 {
-                return Err(DownloadError::Store(
-                    "partial blob shorter than recorded".into(),
-                ));
-            }
-            verifier.update(&buf[..n]);
-            off += n as u64;
-        }
+        origin::hash_from_file(&writer, &mut verifier, 0..start)?;
     }
     Ok(Sink {
         writer,

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub origin_requests: Family<KindLabels, Counter>,
     pub cache_hits: Counter,
     pub cache_misses: Counter,
+    /// Blob ranges far ahead of a running download served from the lease holder (the seed).
+    pub seeded_ranges: Counter,
     pub downloads_in_flight: Gauge,
     pub downloads_failed: Family<KindLabels, Counter>,
     pub access_checks: Family<KindLabels, Counter>,
@@ -206,6 +208,12 @@ impl Metrics {
             "blob_cache_misses",
             "Blob requests that needed a download",
             cache_misses.clone(),
+        );
+        let seeded_ranges = Counter::default();
+        registry.register(
+            "blob_seeded_ranges",
+            "Blob ranges far ahead of a running download served from the lease holder, not the origin",
+            seeded_ranges.clone(),
         );
         let downloads_in_flight = Gauge::default();
         registry.register(
@@ -370,6 +378,7 @@ impl Metrics {
             origin_requests,
             cache_hits,
             cache_misses,
+            seeded_ranges,
             downloads_in_flight,
             downloads_failed,
             access_checks,
@@ -415,6 +424,10 @@ impl Metrics {
     pub fn hit(&self) {
         self.cache_hits.inc();
         self.totals.cache_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn seeded_range(&self) {
+        self.seeded_ranges.inc();
     }
 
     pub fn miss(&self) {

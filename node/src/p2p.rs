@@ -6,7 +6,8 @@
 //! handshake), `frames` (wire frames on QUIC streams), `endpoint` (the quinn
 //! endpoint and its transport limits), `server` (serving ranges from the
 //! store), `client` (the connection pool and fetches), `limits` (upload
-//! slots, bandwidth), `metrics`.
+//! slots, bandwidth), `seeds` (ranges peers want of a blob this node fetches under lease),
+//! `metrics`.
 //!
 //! A node runs the data plane only if it has a join secret: without one it
 //! is standalone (the mirror, the store and origin downloads work; nothing is
@@ -35,6 +36,7 @@ pub mod identity;
 pub mod limits;
 pub mod membership;
 pub mod metrics;
+pub mod seeds;
 pub mod server;
 pub mod tls;
 
@@ -192,6 +194,7 @@ struct Inner {
     slots: limits::UploadSlots,
     rate: limits::RateLimiter,
     pool: client::Pool,
+    seeds: Arc<seeds::Seeds>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -231,6 +234,7 @@ pub async fn start(
         slots: limits::UploadSlots::new(cfg.upload_slots),
         rate: limits::RateLimiter::new(cfg.upload_rate, cfg.upload_rate / 10),
         pool: client::Pool::default(),
+        seeds: Arc::default(),
         cancel: cancel.child_token(),
         tracker: TaskTracker::new(),
         cfg,
@@ -251,6 +255,11 @@ impl P2pHandle {
     /// The bound UDP address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local_addr
+    }
+
+    /// The blobs this node seeds (fetches under an origin lease), for the download that does.
+    pub fn seeds(&self) -> &Arc<seeds::Seeds> {
+        &self.inner.seeds
     }
 
     /// Upload slots free now (for announcements to the scheduler).

@@ -48,6 +48,11 @@ use crate::prewarm::Prewarm;
 use crate::store::pieces::piece_range;
 use crate::store::{BlobRecord, Removal, Store};
 
+/// Most bytes (whole pieces) [`Peering::read_from_seed`] asks the lease holder for at once.
+pub const SEED_READ_MAX: u64 = 16 << 20;
+/// How long [`Peering::read_from_seed`] waits for the seed's piece hashes.
+const SEED_HASH_WAIT: Duration = Duration::from_secs(5);
+
 /// Heartbeat used until a scheduler says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
 /// Announcements triggered by progress are at most this frequent.
@@ -371,6 +376,93 @@ impl Peering {
             }
         }
         None
+    }
+
+    /// `range` of `blob` from the node fetching it under the origin lease (its seed: it fetches
+    /// pieces it has not reached yet when asked), each whole piece the range touches checked
+    /// against the SHA-256 the lease holder announced before any byte is returned. `None`: no
+    /// lease holder other than this node, the range spans more than [`SEED_READ_MAX`] of
+    /// pieces, the holder did not deliver, or a piece did not match (the holder is blamed).
+    pub async fn read_from_seed(
+        &self,
+        blob: &BlobId,
+        range: std::ops::Range<u64>,
+    ) -> Option<Vec<u8>> {
+        let view = self.parents(blob, None, false).await?;
+        let (size, piece) = (view.size?, view.piece_size?.max(1));
+        if range.start >= range.end || range.end > size {
+            return None;
+        }
+        let holder = view
+            .holders
+            .iter()
+            .find(|h| h.lease_holder && h.node != self.inner.node_id)?;
+        let first = range.start / piece;
+        let last = (range.end - 1) / piece;
+        let whole = piece_range(first, piece, size).start..piece_range(last, piece, size).end;
+        if whole.end - whole.start > SEED_READ_MAX {
+            return None;
+        }
+        let bytes = match self
+            .inner
+            .p2p
+            .fetch_exact(
+                holder.node,
+                holder.p2p_addr,
+                blob,
+                whole.start,
+                whole.end - whole.start,
+            )
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(peer = %holder.node.short(), error = %e, "range from the seed failed");
+                return None;
+            }
+        };
+        // The holder announces the hashes of pieces it committed soon after (debounced): wait
+        // for them a little, never longer than SEED_HASH_WAIT.
+        let deadline = Instant::now() + SEED_HASH_WAIT;
+        let mut hashes = view.piece_sha256.unwrap_or_default();
+        loop {
+            let known = (first..=last).all(|i| {
+                usize::try_from(i)
+                    .ok()
+                    .and_then(|i| hashes.get(i))
+                    .is_some_and(Option::is_some)
+            });
+            if known {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::debug!("the seed's piece hashes did not come in time");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            hashes = self
+                .parents(blob, None, false)
+                .await
+                .and_then(|v| v.piece_sha256)
+                .unwrap_or_default();
+        }
+        for i in first..=last {
+            let pr = piece_range(i, piece, size);
+            let at = (pr.start - whole.start) as usize..(pr.end - whole.start) as usize;
+            let want = usize::try_from(i)
+                .ok()
+                .and_then(|i| hashes.get(i).cloned().flatten());
+            if want != Some(PieceSha256::of(&bytes[at])) {
+                tracing::warn!(peer = %holder.node.short(), piece = i, "seed sent a piece that does not match its hash");
+                self.blame(blob, holder.node, FailureReason::BadPiece);
+                return None;
+            }
+        }
+        self.inner
+            .metrics
+            .from_peers("blob", range.end - range.start);
+        let at = (range.start - whole.start) as usize..(range.end - whole.start) as usize;
+        Some(bytes[at].to_vec())
     }
 
     /// Complete holders of `blob` found in the DHT.

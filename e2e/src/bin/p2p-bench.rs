@@ -193,16 +193,7 @@ async fn tcp_pass(addr: std::net::SocketAddr, size: u64) -> Result<Duration> {
 }
 
 fn pseudo_random(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
+    shoal_e2e::random::pseudo_random(len, 0)
 }
 
 fn mbps(bytes: u64, d: Duration) -> f64 {

@@ -115,6 +115,8 @@ async fn follow(
     range_req: Option<range::ByteRange>,
 ) -> Result<Response, MirrorError> {
     let auth = source.auth.clone();
+    // Peers' bytes only for a source whose bytes the cluster may share (never an isolated one).
+    let shared = !source.isolated;
     let download = match st.downloads.join(digest, source).map_err(internal)? {
         Join::Complete => {
             return serve_stored(st, ctx, digest, range_req)
@@ -135,6 +137,16 @@ async fn follow(
     if let Some(r) = &range {
         let written = download.subscribe().borrow().written;
         if r.start > written + DIRECT_RANGE_AHEAD {
+            // Far ahead of the fill: the node fetching the blob under the origin lease fetches
+            // it ahead of its own fill (the seed), so the origin is read once; else the origin.
+            if shared && st.downloads.peers_allowed(digest) {
+                if let Some(p) = st.downloads.peering() {
+                    if let Some(bytes) = p.read_from_seed(digest, r.clone()).await {
+                        st.metrics.seeded_range();
+                        return Ok(blob_response(digest, size, Some(r), Body::from(bytes)));
+                    }
+                }
+            }
             return relay::blob(st, ctx, repo, digest, &auth, Some(r.clone())).await;
         }
     }

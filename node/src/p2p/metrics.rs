@@ -46,6 +46,10 @@ pub struct P2pMetrics {
     pub connections: Gauge,
     /// All range bytes sent to peers (the sum of `upload_bytes`).
     pub upload_total: Counter,
+    /// Range requests for bytes not held yet of a blob this node fetches under the origin lease.
+    pub seed_requests: Counter,
+    /// Bytes this node fetched from the origin ahead of its sequential fill because peers asked.
+    pub seed_bytes: Counter,
 }
 
 impl P2pMetrics {
@@ -82,6 +86,16 @@ impl P2pMetrics {
             "Open member connections",
             self.connections.clone(),
         );
+        sub.register(
+            "seed_requests",
+            "Range requests for bytes not held yet of a blob this node fetches under the origin lease",
+            self.seed_requests.clone(),
+        );
+        sub.register(
+            "seed_bytes",
+            "Bytes fetched from the origin ahead of the sequential fill because peers asked for them",
+            self.seed_bytes.clone(),
+        );
     }
 
     /// Bytes sent to all peers so far.
@@ -113,6 +127,10 @@ impl P2pMetrics {
         self.handshake_failures
             .get_or_create(&OutcomeLabels { outcome: reason })
             .get()
+    }
+
+    pub(crate) fn count_seed_request(&self) {
+        self.seed_requests.inc();
     }
 
     pub(crate) fn count_upload(&self, outcome: &'static str) {

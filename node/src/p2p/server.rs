@@ -170,22 +170,26 @@ async fn upload_with_slot(
     send: &mut SendStream,
     req: GetRange,
 ) -> &'static str {
-    let store = inner.store.clone();
-    let blob = req.blob.clone();
-    let reader = match tokio::task::spawn_blocking(move || store.open_reader(&blob)).await {
-        Ok(Ok(Some(reader))) => reader,
-        Ok(Ok(None)) => {
-            respond(send, RangeStatus::NotFound).await;
-            return "not_found";
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "cannot open blob for upload");
-            respond(send, RangeStatus::Error(ErrorCode::Internal)).await;
+    let (mut reader, mut header) = match open_and_plan(inner, &req).await {
+        Ok(planned) => planned,
+        Err(status) => {
+            respond(send, status).await;
             return "error";
         }
-        Err(_) => return "error",
     };
-    let header = plan(reader.record(), req.offset, req.len);
+    if matches!(
+        header.status,
+        RangeStatus::NotPresent { .. } | RangeStatus::NotFound
+    ) {
+        // This node may be the blob's seed: then it fetches the range ahead of its own fill.
+        if let Some(planned) = seed(inner, &req).await {
+            (reader, header) = planned;
+        }
+    }
+    let Some(reader) = reader else {
+        respond(send, RangeStatus::NotFound).await;
+        return "not_found";
+    };
     let outcome = match &header.status {
         RangeStatus::Ok => "ok",
         RangeStatus::NotPresent { .. } => "not_present",
@@ -218,6 +222,67 @@ async fn upload_with_slot(
         Err(code) => {
             let _ = send.reset(code.to_u32().into());
             "aborted"
+        }
+    }
+}
+
+/// The blob's reader (`None`: not held) and the answer to `req` from what it holds now.
+async fn open_and_plan(
+    inner: &Inner,
+    req: &GetRange,
+) -> Result<(Option<BlobReader>, RangeHeader), RangeStatus> {
+    let store = inner.store.clone();
+    let blob = req.blob.clone();
+    match tokio::task::spawn_blocking(move || store.open_reader(&blob)).await {
+        Ok(Ok(Some(reader))) => {
+            let header = plan(reader.record(), req.offset, req.len);
+            Ok((Some(reader), header))
+        }
+        Ok(Ok(None)) => Ok((
+            None,
+            RangeHeader {
+                status: RangeStatus::NotFound,
+                len: 0,
+            },
+        )),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot open blob for upload");
+            Err(RangeStatus::Error(ErrorCode::Internal))
+        }
+        Err(_) => Err(RangeStatus::Error(ErrorCode::Internal)),
+    }
+}
+
+/// When this node fetches `req.blob` under the origin lease, asks that download for the range
+/// and waits (at most half the request timeout, so the asker still gets an answer in time) until
+/// the start of it is present; then the new reader and answer. `None`: not seeded here, or the
+/// range did not come in time (the asker falls back as before).
+async fn seed(inner: &Inner, req: &GetRange) -> Option<(Option<BlobReader>, RangeHeader)> {
+    let end = req.offset.checked_add(req.len)?;
+    let mut progress = inner.seeds.want(&req.blob, req.offset..end)?;
+    inner.metrics.count_seed_request();
+    let deadline = tokio::time::sleep(inner.cfg.request_timeout / 2);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            changed = progress.changed() => if changed.is_err() {
+                // The download stopped seeding (done, or the lease went): one last look.
+                return open_and_plan(inner, req).await.ok();
+            },
+            _ = &mut deadline => return None,
+            _ = inner.cancel.cancelled() => return None,
+        }
+        if let Ok(
+            planned @ (
+                Some(_),
+                RangeHeader {
+                    status: RangeStatus::Ok,
+                    ..
+                },
+            ),
+        ) = open_and_plan(inner, req).await
+        {
+            return Some(planned);
         }
     }
 }
