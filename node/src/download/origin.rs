@@ -287,16 +287,8 @@ async fn segment(
             let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
             write(fill, data, commit).await?;
             fill.expose(d);
-            if commit {
-                if let Some(s) = seed {
-                    s.progressed();
-                }
-                if let Some(p) = peering {
-                    p.changed(&id);
-                    if p.lease_revoked(&id) {
-                        return Ok(Segment::Revoked);
-                    }
-                }
+            if commit && committed(&id, peering, seed) {
+                return Ok(Segment::Revoked);
             }
         }
         if reached {
@@ -313,14 +305,22 @@ async fn segment(
     }
     fill.expose(d);
     if commit {
-        if let Some(s) = seed {
-            s.progressed();
-        }
-        if let Some(p) = peering {
-            p.changed(&id);
-        }
+        // A revocation now changes nothing: the segment is done; the next one sees it.
+        committed(&id, peering, seed);
     }
     Ok(Segment::End)
+}
+
+/// Bytes were committed: waiting peers look again and the scheduler hears soon. Returns whether
+/// the scheduler took the lease back.
+fn committed(id: &shoal_proto::BlobId, peering: Option<&Peering>, seed: Option<&Seed>) -> bool {
+    if let Some(s) = seed {
+        s.progressed();
+    }
+    peering.is_some_and(|p| {
+        p.changed(id);
+        p.lease_revoked(id)
+    })
 }
 
 /// Bytes present at the fill's position (fetched ahead of it): hashed from the file into the

@@ -171,6 +171,7 @@ mod tests {
     const P: u64 = 100;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one wanted range, not a Vec of its numbers
     fn wants_widen_to_pieces_skip_what_is_near_or_held_and_respect_the_budget() {
         let none = RangeSet::new();
         // A byte in piece 7 of a 1000-byte blob, the fill at 0, nothing near: piece 7 whole.
