@@ -5,9 +5,15 @@
 //! opening for write); every reply carries the image's own attributes under the numbering of
 //! [`Inodes`]; entries, attributes and pages are cacheable for long (the image is immutable);
 //! memory is bounded: queued reads by the pool's queue, decoded chunks by the cache, open
-//! directory listings by the kernel's limit on open files.
+//! directory listings by the kernel's limit on open files, indexed listings by
+//! [`LISTED_ENTRIES_MAX`].
+//!
+//! Lookups: a directory's listing is decoded once and indexed by name (a hash map, so an image
+//! whose entries are not sorted still resolves), then kept for later lookups and `opendir`s — a
+//! lookup in a directory of n entries costs O(1), not a decode of all n. `flush` answers ENOSYS,
+//! so the kernel stops sending it (one round trip less per `close`; nothing to flush here).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +41,61 @@ use crate::model::{Attr, DirEntry, FileType, InodeId};
 
 const GENERATION: Generation = Generation(0);
 const NAME_MAX: usize = 255;
+/// Directory entries kept in indexed listings, in all (the oldest listings go first beyond it).
+pub(crate) const LISTED_ENTRIES_MAX: usize = 256 * 1024;
+
+/// One directory's entries and their index by name (the first of equal names wins).
+pub(crate) struct Listing {
+    entries: Arc<Vec<DirEntry>>,
+    by_name: HashMap<Box<[u8]>, usize>,
+}
+
+impl Listing {
+    fn new(entries: Vec<DirEntry>) -> Self {
+        let mut by_name = HashMap::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            by_name
+                .entry(e.name.clone().into_boxed_slice())
+                .or_insert(i);
+        }
+        Self {
+            entries: Arc::new(entries),
+            by_name,
+        }
+    }
+
+    fn get(&self, name: &[u8]) -> Option<&DirEntry> {
+        self.by_name.get(name).and_then(|&i| self.entries.get(i))
+    }
+}
+
+/// Indexed listings by directory, bounded by [`LISTED_ENTRIES_MAX`] entries (first in, first out).
+#[derive(Default)]
+struct Listings {
+    map: HashMap<InodeId, Arc<Listing>>,
+    order: VecDeque<InodeId>,
+    entries: usize,
+}
+
+impl Listings {
+    fn insert(&mut self, id: InodeId, listing: Arc<Listing>) {
+        let n = listing.entries.len();
+        if n > LISTED_ENTRIES_MAX || self.map.contains_key(&id) {
+            return;
+        }
+        while self.entries + n > LISTED_ENTRIES_MAX {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(l) = self.map.remove(&old) {
+                self.entries -= l.entries.len();
+            }
+        }
+        self.entries += n;
+        self.order.push_back(id);
+        self.map.insert(id, listing);
+    }
+}
 
 /// A read waiting for a worker.
 pub(crate) struct ReadJob {
@@ -52,6 +113,8 @@ pub(crate) struct RafsFs {
     pool: Pool<ReadJob>,
     /// Listings of open directories, by file handle.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
+    /// Indexed listings of directories looked up in, by inode.
+    listings: Mutex<Listings>,
     next_fh: AtomicU64,
     entry_ttl: Duration,
     attr_ttl: Duration,
@@ -86,6 +149,7 @@ impl RafsFs {
             reader,
             pool,
             dirs: Mutex::new(HashMap::new()),
+            listings: Mutex::new(Listings::default()),
             next_fh: AtomicU64::new(1),
             entry_ttl: opts.entry_ttl,
             attr_ttl: opts.attr_ttl,
@@ -133,14 +197,34 @@ impl RafsFs {
 
     fn lookup_name(&self, parent: INodeNo, name: &OsStr) -> Result<Option<FileAttr>, Errno> {
         let pid = self.id(parent)?;
-        let entries = self.dir_entries(pid)?;
+        let listing = self.indexed(pid)?;
         if name.len() > NAME_MAX {
             return Err(Errno::ENAMETOOLONG);
         }
-        let Some(e) = entries.iter().find(|e| e.name == name.as_bytes()) else {
+        let Some(e) = listing.get(name.as_bytes()) else {
             return Ok(None);
         };
         self.entry(pid, e.inode).map(Some)
+    }
+
+    /// Directory `id`'s indexed listing: kept from an earlier use, or decoded (and kept) now.
+    fn indexed(&self, id: InodeId) -> Result<Arc<Listing>, Errno> {
+        let kept = self
+            .listings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map
+            .get(&id)
+            .cloned();
+        if let Some(l) = kept {
+            return Ok(l);
+        }
+        let listing = Arc::new(Listing::new(self.dir_entries(id)?));
+        self.listings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::clone(&listing));
+        Ok(listing)
     }
 
     /// The listing of directory `id`: the one opendir made for `fh`, or a fresh one.
@@ -148,7 +232,7 @@ impl RafsFs {
         let open = self.lock_dirs().get(&fh.0).cloned();
         match open {
             Some(list) => Ok(list),
-            None => self.dir_entries(id).map(Arc::new),
+            None => self.indexed(id).map(|l| Arc::clone(&l.entries)),
         }
     }
 
@@ -341,8 +425,10 @@ impl Filesystem for RafsFs {
         }
     }
 
+    /// ENOSYS: the kernel then never sends `flush` again on this mount (nothing to flush in a
+    /// read-only image), sparing every `close` a round trip.
     fn flush(&self, _: &Request, _: INodeNo, _: FileHandle, _: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn fsync(&self, _: &Request, _: INodeNo, _: FileHandle, _: bool, reply: ReplyEmpty) {
@@ -350,10 +436,10 @@ impl Filesystem for RafsFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.id(ino).and_then(|id| self.dir_entries(id)) {
-            Ok(list) => {
+        match self.id(ino).and_then(|id| self.indexed(id)) {
+            Ok(listing) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                self.lock_dirs().insert(fh, Arc::new(list));
+                self.lock_dirs().insert(fh, Arc::clone(&listing.entries));
                 let flags = FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR;
                 reply.opened(FileHandle(fh), flags);
             }
