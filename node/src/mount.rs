@@ -143,6 +143,9 @@ pub struct MountStats {
     /// Chunks the filesystem asked the backend for (decoded-cache misses).
     pub chunks_fetched: u64,
     pub chunk_cache_hits: u64,
+    /// Chunks read back decoded from the mount's own files (FUSE mode): no fetch, no decoding.
+    #[serde(default)]
+    pub chunk_decoded_hits: u64,
     pub chunk_fetch_errors: u64,
     /// Where the backend found them.
     pub source: SourceSnapshot,
@@ -1001,6 +1004,7 @@ fn stats(live: &Live) -> MountStats {
         read_errors: f.read_errors,
         chunks_fetched: f.chunks_fetched,
         chunk_cache_hits: f.chunk_cache_hits,
+        chunk_decoded_hits: f.chunk_decoded_hits,
         chunk_fetch_errors: f.chunk_fetch_errors,
         source: live.backend.stats().snapshot(),
         latency_p50_us: percentile(lat, 0.50),

@@ -1,10 +1,11 @@
 //! The FUSE filesystem over a [`Bootstrap`] and a [`ChunkSource`]: [`mount`] an image read-only
 //! at a directory and get a [`FuseMount`] whose drop (or [`FuseMount::unmount`]) unmounts it.
 //!
-//! Threads: `fuse_threads` FUSE event loops answer metadata from the in-memory bootstrap; reads
-//! go to a pool of `read_workers` threads through a queue of `read_queue` jobs, so a slow chunk
-//! holds up one worker, not the mount (a full queue makes the FUSE thread serve the read itself:
-//! backpressure, never unbounded memory). The [`ChunkSource`] is called from the workers and may
+//! Threads: `fuse_threads` FUSE event loops answer metadata from the in-memory bootstrap, and
+//! reads whose chunks are at hand (in memory, or in the mount's decoded files: a `pread` of just
+//! the bytes asked for); other reads go to a pool of `read_workers` threads through a queue of
+//! `read_queue` jobs, so a slow chunk holds up one worker, not the mount (a full queue makes the
+//! FUSE thread serve the read itself: backpressure, never unbounded memory). The [`ChunkSource`] is called from the workers and may
 //! block; it must return only verified chunks, which [`crate::LocalBlobDir`] and anything built
 //! on [`crate::decode_chunk`] do.
 //!
@@ -15,11 +16,13 @@
 //! partial data. Mounting needs no root: `fusermount3` mounts when mount(2) is refused.
 //!
 //! Layout: `fs` (the `fuser::Filesystem`), `reader` (byte range → chunks → bytes), `cache`
-//! (decoded-chunk LRU with single-flight), `pool` (bounded worker pool), `inodes` (numbering and
+//! (decoded-chunk LRU with single-flight), `decoded` (verified chunks kept uncompressed in the
+//! mount's own files, `FuseOptions::decoded_dir`), `pool` (bounded worker pool), `inodes` (numbering and
 //! attributes), `errno` (error → errno), `mounting` (mount(2) or fusermount3, and unmount),
 //! `stats` (per-mount counters).
 
 pub(crate) mod cache;
+mod decoded;
 mod errno;
 mod fs;
 mod inodes;
@@ -75,6 +78,12 @@ pub struct FuseOptions {
     pub max_readahead: u32,
     /// Kernel limit on background (readahead, async) requests in flight (default 64).
     pub max_background: u16,
+    /// A directory of the mount's own for decoded chunks (default none): verified chunks are
+    /// kept there uncompressed, so a read the in-memory cache misses is one `pread` instead of a
+    /// fetch, a decompression and a digest. Emptied at mount, removed at unmount.
+    pub decoded_dir: Option<std::path::PathBuf>,
+    /// Most bytes kept in `decoded_dir` (default 1 GiB); beyond, chunks are decoded each time.
+    pub decoded_max_bytes: u64,
 }
 
 impl Default for FuseOptions {
@@ -94,6 +103,8 @@ impl Default for FuseOptions {
             chunk_cache_bytes: 64 << 20,
             max_readahead: 1 << 20,
             max_background: 64,
+            decoded_dir: None,
+            decoded_max_bytes: 1 << 30,
         }
     }
 }

@@ -551,6 +551,66 @@ fn concurrent_readers_get_correct_bytes() {
     }
 }
 
+/// With a directory for decoded chunks and no room in memory, a second pass over the files reads
+/// every chunk back from the decoded files — nothing from the source — byte for byte the image's,
+/// batch chunks included; the directory goes with the mount.
+#[test]
+fn decoded_files_serve_warm_reads_without_the_source() {
+    if !fuse_ready("decoded_files_serve_warm_reads_without_the_source") {
+        return;
+    }
+    for case in [ZSTD_1M, NONE_64K, BATCH] {
+        let tmp = tempfile::tempdir().unwrap();
+        let decoded = tmp.path().join("decoded");
+        let opts = FuseOptions {
+            chunk_cache_bytes: 0,
+            decoded_dir: Some(decoded.clone()),
+            ..Default::default()
+        };
+        let (m, b) = Mounted::case(case, &opts);
+        let src = source(case);
+        let files = [
+            "/sizes/compressible_3.5MiB",
+            "/sizes/f1048577",
+            "/sizes/f4097",
+            "/dedup/one",
+            "/change/modified",
+        ];
+        let want: Vec<Vec<u8>> = files.iter().map(|f| image_bytes(&b, &src, f)).collect();
+        let pass = |m: &Mounted| {
+            for (f, want) in files.iter().zip(&want) {
+                let file = File::open(m.path(f)).unwrap();
+                drop_cache(&file);
+                let mut got = Vec::new();
+                (&file).read_to_end(&mut got).unwrap();
+                assert!(got == *want, "{}: {f} differs", case.name);
+            }
+        };
+        pass(&m);
+        let first = m.mount().stats().snapshot();
+        assert!(decoded.is_dir(), "{}: no decoded files", case.name);
+        pass(&m);
+        let second = m.mount().stats().snapshot();
+        assert_eq!(
+            second.chunks_fetched, first.chunks_fetched,
+            "{}: the second pass went to the source",
+            case.name
+        );
+        assert!(
+            second.chunk_decoded_hits > first.chunk_decoded_hits,
+            "{}: {second:?}",
+            case.name
+        );
+        assert_eq!(second.read_errors, 0);
+        m.unmount();
+        assert!(
+            !decoded.exists(),
+            "{}: decoded files outlived the mount",
+            case.name
+        );
+    }
+}
+
 fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> usize {
     let mut n = 0;
     while n < buf.len() {

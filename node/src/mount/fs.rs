@@ -28,7 +28,16 @@ pub fn mount(
     let blobs_dir = blobs_dir(data_dir, dir);
     table::clear_stale(dir, &root);
     table::clear_stale(&blobs_dir, &root);
-    Mounted::new(mode, boot, source, dir, &blobs_dir)
+    let decoded = decoded_dir(data_dir, dir);
+    Mounted::new(mode, boot, source, dir, &blobs_dir, &decoded)
+}
+
+/// Where a FUSE mount at `dir` keeps its decoded chunks: beside the mounts' private chunk
+/// caches, so a node start clears what a dead node left.
+fn decoded_dir(data_dir: &Path, dir: &Path) -> PathBuf {
+    data_dir
+        .join(super::private::DIR)
+        .join(format!("decoded-{}", dir_key(dir)))
 }
 
 /// Adopt the image server already holding `dir`, or clear what a dead one left and start one
@@ -89,17 +98,23 @@ pub enum Mounted {
 }
 
 impl Mounted {
-    /// Mount (blocking): FUSE at `dir`, or EROFS at `dir` with its blob files at `blobs_dir`.
+    /// Mount (blocking): FUSE at `dir` (its decoded chunks kept in `decoded_dir`), or EROFS at
+    /// `dir` with its blob files at `blobs_dir`.
     fn new(
         mode: MountMode,
         boot: Arc<Bootstrap>,
         source: Arc<ChunkBackend>,
         dir: &Path,
         blobs_dir: &Path,
+        decoded_dir: &Path,
     ) -> Result<Self, MountError> {
         Ok(match mode {
             MountMode::Fuse => {
-                Mounted::Fuse(fuse::mount(boot, source, dir, &FuseOptions::default())?)
+                let opts = FuseOptions {
+                    decoded_dir: Some(decoded_dir.to_path_buf()),
+                    ..FuseOptions::default()
+                };
+                Mounted::Fuse(fuse::mount(boot, source, dir, &opts)?)
             }
             MountMode::Erofs => Mounted::Erofs(erofs::mount(
                 boot,

@@ -17,6 +17,12 @@ use crate::model::{BlobInfo, ChunkRef, Compressor, MAX_CHUNK_SIZE};
 pub struct VerifiedChunk(Vec<u8>);
 
 impl VerifiedChunk {
+    /// Bytes this process verified earlier and kept where only it writes (a mount's decoded
+    /// files), under the same chunk's key.
+    pub(crate) fn kept(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
     /// The verified bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -138,9 +144,7 @@ fn decompress_stored(
                     "chunk flagged compressed in an uncompressed blob".into(),
                 ))
             }
-            Compressor::Zstd => {
-                zstd::bulk::decompress(stored, usize_).map_err(|e| fail(e.to_string()))?
-            }
+            Compressor::Zstd => zstd_decompress(stored, usize_).map_err(|e| fail(e.to_string()))?,
             Compressor::Lz4Block => {
                 lz4_flex::block::decompress(stored, usize_).map_err(|e| fail(e.to_string()))?
             }
@@ -188,6 +192,26 @@ pub fn verify_decoded(blob: &BlobInfo, chunk: &ChunkRef, data: Vec<u8>) -> Resul
     Ok(VerifiedChunk(data))
 }
 
+/// zstd-decompresses `data` into at most `size` bytes with this thread's decompression context:
+/// creating one costs more than decoding a small file's chunk, and every chunk of a lazy mount's
+/// reads comes through here.
+fn zstd_decompress(data: &[u8], size: usize) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    DCTX.with(|cell| {
+        let mut slot = cell.try_borrow_mut().map_err(std::io::Error::other)?;
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, size),
+            None => zstd::bulk::decompress(data, size),
+        }
+    })
+}
+
 /// Decompress a whole buffer of known size (CI tables, inlined bootstraps).
 pub(crate) fn decompress_exact(
     c: Compressor,
@@ -199,7 +223,7 @@ pub(crate) fn decompress_exact(
     let out = match c {
         Compressor::None => data.to_vec(),
         Compressor::Zstd => {
-            zstd::bulk::decompress(data, size).map_err(|_| bad("zstd data does not decode"))?
+            zstd_decompress(data, size).map_err(|_| bad("zstd data does not decode"))?
         }
         Compressor::Lz4Block => {
             lz4_flex::block::decompress(data, size).map_err(|_| bad("lz4 data does not decode"))?

@@ -118,6 +118,23 @@ impl ChunkCache {
         (result, Obtained::Fetched)
     }
 
+    /// The chunk under `key` if it is ready now (a fetch in flight is not waited for).
+    pub(crate) fn peek(&self, key: &ChunkKey) -> Option<Arc<VerifiedChunk>> {
+        let mut guard = self.lock();
+        let st: &mut State = &mut guard;
+        let tick = st.next_tick();
+        match st.slots.get_mut(key) {
+            Some(Slot::Ready { chunk, tick: t }) => {
+                let chunk = chunk.clone();
+                let old = std::mem::replace(t, tick);
+                st.lru.remove(&old);
+                st.lru.insert(tick, *key);
+                Some(chunk)
+            }
+            _ => None,
+        }
+    }
+
     /// Bytes held by ready entries.
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> u64 {

@@ -31,10 +31,11 @@ use tracing::{debug, warn};
 
 use crate::blob::source::ChunkSource;
 use crate::bootstrap::Bootstrap;
+use crate::fuse::decoded::DecodedFiles;
 use crate::fuse::errno;
 use crate::fuse::inodes::{file_attr, kind, negative_attr, Inodes};
 use crate::fuse::pool::Pool;
-use crate::fuse::reader::Reader;
+use crate::fuse::reader::{ReadError, Reader};
 use crate::fuse::stats::FuseStats;
 use crate::fuse::FuseOptions;
 use crate::model::{Attr, DirEntry, FileType, InodeId};
@@ -130,12 +131,11 @@ impl RafsFs {
         opts: &FuseOptions,
         stats: Arc<FuseStats>,
     ) -> std::io::Result<Self> {
-        let reader = Arc::new(Reader::new(
-            bootstrap.clone(),
-            source,
-            opts.chunk_cache_bytes,
-            stats,
-        ));
+        let mut reader = Reader::new(bootstrap.clone(), source, opts.chunk_cache_bytes, stats);
+        if let Some(dir) = &opts.decoded_dir {
+            reader = reader.with_decoded(DecodedFiles::new(dir, opts.decoded_max_bytes)?);
+        }
+        let reader = Arc::new(reader);
         let r = reader.clone();
         let pool = Pool::new(
             "shoal-fuse-read",
@@ -288,8 +288,13 @@ impl RafsFs {
 /// counters are updated before the reply, so a reader that got its answer
 /// always finds its read counted.
 fn serve(reader: &Reader, job: ReadJob) {
-    let stats = reader.stats();
     let result = reader.read(job.ino, job.offset, job.size);
+    answer(reader, job, result);
+}
+
+/// Count and send the answer to one read.
+fn answer(reader: &Reader, job: ReadJob, result: Result<Vec<u8>, ReadError>) {
+    let stats = reader.stats();
     match &result {
         Ok(data) => {
             FuseStats::add(&stats.reads, 1);
@@ -419,6 +424,10 @@ impl Filesystem for RafsFs {
             reply,
             arrived,
         };
+        // Chunks at hand (in memory or decoded on disk): answered here, no hand-off.
+        if let Some(result) = self.reader.read_ready(id, offset, size) {
+            return answer(&self.reader, job, result);
+        }
         if let Err(job) = self.pool.try_submit(job) {
             FuseStats::add(&self.reader.stats().reads_inline, 1);
             serve(&self.reader, job);

@@ -13,6 +13,7 @@ use crate::blob::source::ChunkSource;
 use crate::bootstrap::Bootstrap;
 use crate::error::Error;
 use crate::fuse::cache::{ChunkCache, FetchError, Obtained};
+use crate::fuse::decoded::DecodedFiles;
 use crate::fuse::stats::FuseStats;
 use crate::model::{ChunkRef, FileType, InodeId};
 
@@ -56,6 +57,8 @@ pub(crate) struct Reader {
     bootstrap: Arc<Bootstrap>,
     source: Arc<dyn ChunkSource + Send + Sync>,
     cache: ChunkCache,
+    /// Verified chunks kept decoded on disk, when the mount has a directory for them.
+    decoded: Option<DecodedFiles>,
     stats: Arc<FuseStats>,
 }
 
@@ -70,8 +73,36 @@ impl Reader {
             bootstrap,
             source,
             cache: ChunkCache::new(cache_bytes),
+            decoded: None,
             stats,
         }
+    }
+
+    /// Keep verified chunks decoded in `decoded` too.
+    pub(crate) fn with_decoded(mut self, decoded: DecodedFiles) -> Self {
+        self.decoded = Some(decoded);
+        self
+    }
+
+    /// Chunk `c` from the decoded files (setting `from_file`), else from the source (then kept
+    /// decoded).
+    fn fetch(
+        &self,
+        blob: &crate::model::BlobInfo,
+        c: &ChunkRef,
+        from_file: &std::cell::Cell<bool>,
+    ) -> crate::Result<VerifiedChunk> {
+        let Some(d) = &self.decoded else {
+            return self.source.read_chunk(blob, c);
+        };
+        let (index, offset) = (c.blob_index, c.uncompressed_offset);
+        if let Some(bytes) = d.get(index, offset, c.uncompressed_size, &c.digest) {
+            from_file.set(true);
+            return Ok(VerifiedChunk::kept(bytes));
+        }
+        let v = self.source.read_chunk(blob, c)?;
+        d.put(index, offset, &c.digest, &v);
+        Ok(v)
     }
 
     pub(crate) fn stats(&self) -> &FuseStats {
@@ -80,6 +111,59 @@ impl Reader {
 
     /// Bytes `[offset, offset + size)` of regular file `ino`, cut at the end of the file.
     pub(crate) fn read(&self, ino: InodeId, offset: u64, size: u32) -> Result<Vec<u8>, ReadError> {
+        let read = self.assemble(ino, offset, size, |c, within, dst| {
+            let data = self.chunk(ino, c)?;
+            copy_from(ino, c, &data, within, dst)?;
+            Ok(true)
+        })?;
+        // `chunk` never answers "not now".
+        Ok(read.unwrap_or_default())
+    }
+
+    /// [`Reader::read`] if every chunk it needs is at hand — in memory, or in the decoded files
+    /// (then only the bytes asked for are read) — so it costs no fetch and no wait: the FUSE
+    /// thread answers it without a hand-off to a worker. `None`: some chunk is not at hand.
+    pub(crate) fn read_ready(
+        &self,
+        ino: InodeId,
+        offset: u64,
+        size: u32,
+    ) -> Option<Result<Vec<u8>, ReadError>> {
+        self.assemble(ino, offset, size, |c, within, dst| {
+            let key = (c.blob_index, c.compressed_offset, c.digest);
+            if let Some(data) = self.cache.peek(&key) {
+                FuseStats::add(&self.stats.chunk_cache_hits, 1);
+                copy_from(ino, c, &data, within, dst)?;
+                return Ok(true);
+            }
+            let Some(d) = &self.decoded else {
+                return Ok(false);
+            };
+            let hit = d.read_part(
+                c.blob_index,
+                c.uncompressed_offset,
+                c.uncompressed_size,
+                &c.digest,
+                within.start as u64,
+                dst,
+            );
+            if hit {
+                FuseStats::add(&self.stats.chunk_decoded_hits, 1);
+            }
+            Ok(hit)
+        })
+        .transpose()
+    }
+
+    /// The file range, each chunk's part of it filled by `fill(chunk, range within the chunk,
+    /// destination)`; `Ok(None)` as soon as `fill` says it cannot.
+    fn assemble(
+        &self,
+        ino: InodeId,
+        offset: u64,
+        size: u32,
+        mut fill: impl FnMut(&ChunkRef, std::ops::Range<usize>, &mut [u8]) -> Result<bool, ReadError>,
+    ) -> Result<Option<Vec<u8>>, ReadError> {
         let meta = |source| ReadError::Metadata { ino, source };
         let attr = self.bootstrap.getattr(ino).map_err(meta)?;
         match attr.file_type {
@@ -89,7 +173,7 @@ impl Reader {
         }
         let end = attr.size.min(offset.saturating_add(u64::from(size)));
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         }
         // At most `size` (a u32), so the cast cannot truncate.
         let mut buf = vec![0u8; (end - offset) as usize];
@@ -103,11 +187,13 @@ impl Reader {
             if from >= to {
                 continue;
             }
-            let data = self.chunk(ino, &c)?;
-            let src = (from - c.file_offset) as usize..(to - c.file_offset) as usize;
-            buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(&data[src]);
+            let within = (from - c.file_offset) as usize..(to - c.file_offset) as usize;
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            if !fill(&c, within, dst)? {
+                return Ok(None);
+            }
         }
-        Ok(buf)
+        Ok(Some(buf))
     }
 
     /// One verified chunk, through the cache.
@@ -123,11 +209,16 @@ impl Reader {
             .blob(c.blob_index)
             .map_err(|source| ReadError::Metadata { ino, source })?;
         let key = (c.blob_index, c.compressed_offset, c.digest);
+        let from_file = std::cell::Cell::new(false);
         let (result, how) = self
             .cache
-            .get_or_fetch(key, || self.source.read_chunk(blob, c));
+            .get_or_fetch(key, || self.fetch(blob, c, &from_file));
         let s = &self.stats;
         let data = match (result, how) {
+            (Ok(d), Obtained::Fetched) if from_file.get() => {
+                FuseStats::add(&s.chunk_decoded_hits, 1);
+                d
+            }
             (Ok(d), Obtained::Fetched) => {
                 FuseStats::add(&s.chunks_fetched, 1);
                 FuseStats::add(&s.chunk_bytes_fetched, d.len() as u64);
@@ -147,14 +238,32 @@ impl Reader {
                 }));
             }
         };
-        if data.len() != c.uncompressed_size as usize {
-            return Err(fail(ChunkFailure::Length {
-                got: data.len(),
-                expected: c.uncompressed_size,
-            }));
-        }
         Ok(data)
     }
+}
+
+/// Copies `within` of verified chunk `data` into `dst`, after checking its length is the
+/// bootstrap's.
+fn copy_from(
+    ino: InodeId,
+    c: &ChunkRef,
+    data: &[u8],
+    within: std::ops::Range<usize>,
+    dst: &mut [u8],
+) -> Result<(), ReadError> {
+    if data.len() != c.uncompressed_size as usize {
+        return Err(ReadError::Chunk {
+            ino,
+            blob_index: c.blob_index,
+            ci_index: c.ci_index,
+            reason: ChunkFailure::Length {
+                got: data.len(),
+                expected: c.uncompressed_size,
+            },
+        });
+    }
+    dst.copy_from_slice(&data[within]);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub struct FuseStats {
     /// Chunks served from the decoded-chunk cache, including readers that joined a fetch
     /// already in flight.
     pub chunk_cache_hits: AtomicU64,
+    /// Chunks read back from the mount's decoded files (no fetch, no decompression).
+    pub chunk_decoded_hits: AtomicU64,
     /// Time from a read request's arrival to its reply.
     pub read_latency: LatencyHistogram,
 }
@@ -46,6 +48,7 @@ pub struct FuseStatsSnapshot {
     pub chunk_bytes_fetched: u64,
     pub chunk_fetch_errors: u64,
     pub chunk_cache_hits: u64,
+    pub chunk_decoded_hits: u64,
     pub read_latency: LatencySnapshot,
 }
 
@@ -61,6 +64,7 @@ impl FuseStats {
             chunk_bytes_fetched: self.chunk_bytes_fetched.load(Relaxed),
             chunk_fetch_errors: self.chunk_fetch_errors.load(Relaxed),
             chunk_cache_hits: self.chunk_cache_hits.load(Relaxed),
+            chunk_decoded_hits: self.chunk_decoded_hits.load(Relaxed),
             read_latency: self.read_latency.snapshot(),
         }
     }
