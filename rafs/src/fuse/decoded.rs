@@ -115,23 +115,21 @@ impl DecodedFiles {
         if *bytes + u64::from(len) > self.max_bytes {
             return;
         }
-        if !blobs.contains_key(&blob) {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(self.dir.join(blob.to_string()));
-            match file {
-                Ok(f) => {
-                    blobs.insert(blob, (f, BTreeMap::new()));
+        let (file, entries) = match blobs.entry(blob) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(self.dir.join(blob.to_string()));
+                match file {
+                    Ok(f) => v.insert((f, BTreeMap::new())),
+                    Err(_) => return,
                 }
-                Err(_) => return,
             }
-        }
-        let Some((file, entries)) = blobs.get_mut(&blob) else {
-            return;
         };
         let entry = Entry {
             len,
