@@ -157,10 +157,22 @@ fn a_range_far_ahead_on_a_second_node_comes_from_the_lease_holder_not_the_origin
             .arg(&whole)
             .arg(url(A))
             .spawn()?;
-        shoal_e2e::wait::poll("node A to stream the blob from the origin", CAP, || {
-            let m = cluster.metrics(A)?;
-            Ok((metric::first_of(&m, metric::FROM_ORIGIN).unwrap_or(0.0) >= 1e6).then_some(()))
-        })?;
+        // The scheduler knows it: A holds the lease and announced the blob's geometry and its
+        // first pieces (what B's node asks for before it asks A).
+        shoal_e2e::wait::poll(
+            "the scheduler to know A's lease and first pieces of the blob",
+            CAP,
+            || {
+                let status = cluster.scheduler_status()?;
+                let known = status.blobs.iter().any(|b| {
+                    b.blob.to_string() == digest
+                        && b.piece_size.is_some()
+                        && b.piece_sha256_known > 0
+                        && !b.leases.is_empty()
+                });
+                Ok(known.then_some(()))
+            },
+        )?;
 
         // B is asked for 100 kB near the end, 40 MB ahead of anything A has.
         let start = SIZE - (3 << 20) + 12_345;

@@ -216,8 +216,10 @@ fn render(mounts: &[MountInfo]) -> String {
         let src = &s.source;
         let _ = writeln!(
             o,
-            "    fetched: {} chunks; local store {} ({} chunks), peers {} ({} chunks), origin {} ({} chunks in {} requests, {} failed); {} chunks failed verification",
+            "    fetched: {} chunks ({} more from memory, {} from the mount's decoded files); local store {} ({} chunks), peers {} ({} chunks), origin {} ({} chunks in {} requests, {} failed); {} chunks failed verification",
             s.chunks_fetched,
+            s.chunk_cache_hits,
+            s.chunk_decoded_hits,
             ByteSize(src.local_bytes),
             src.local_chunks,
             ByteSize(src.peer_bytes),
