@@ -51,6 +51,11 @@ use crate::upstream::{AuthMode, Origin};
 pub const MAX_REQUEST: u64 = 4 << 20;
 /// Chunks separated by at most this many bytes still count as adjacent.
 const MAX_GAP: u64 = 64 << 10;
+/// A request that goes past the end of the file being read takes other files' chunks along up
+/// to this many bytes in all (nydusd amplifies its reads to 1 MiB the same way): a cold read of
+/// many small files is then a few requests, not one per file. Within one file, up to
+/// [`MAX_REQUEST`].
+pub const AMPLIFY: u64 = 1 << 20;
 
 /// Where one data blob of the image lives.
 #[derive(Clone, Debug)]
@@ -893,12 +898,16 @@ pub fn plan(
     let start = chunk.compressed_offset;
     let mut end = compressed_range(chunk).end;
     let mut last_full = chunk.uncompressed_size == full;
+    let mut crossed = false;
     for c in &table[at + 1..] {
         let r = compressed_range(c);
-        if !last_full
-            || r.start < end
+        // Past a file's end (a chunk shorter than full), other files' chunks come along only up
+        // to AMPLIFY in all.
+        crossed |= !last_full;
+        if r.start < end
             || r.start - end > MAX_GAP
             || r.end - start > MAX_REQUEST
+            || (crossed && r.end - start > AMPLIFY)
             || !wanted(c)
         {
             break;
@@ -978,11 +987,25 @@ mod tests {
     }
 
     #[test]
-    fn plan_does_not_follow_a_file_end() {
+    fn plan_follows_a_file_end_only_up_to_the_amplification() {
+        // Small files (chunks shorter than full): neighbours come along, within AMPLIFY.
         let mut t: Vec<_> = (0..4).map(|i| chunk(i, u64::from(i) * 100, 100)).collect();
         t[1].uncompressed_size = 4096;
-        assert_eq!(offsets(&plan(&t, &t[0], FULL, |_| true)), vec![0, 100]);
-        assert_eq!(offsets(&plan(&t, &t[1], FULL, |_| true)), vec![100]);
+        assert_eq!(
+            offsets(&plan(&t, &t[0], FULL, |_| true)),
+            vec![0, 100, 200, 300]
+        );
+        assert_eq!(
+            offsets(&plan(&t, &t[1], FULL, |_| true)),
+            vec![100, 200, 300]
+        );
+        // Big chunks: past the end of the file, nothing that would exceed AMPLIFY.
+        let mut t: Vec<_> = (0..4)
+            .map(|i| chunk(i, u64::from(i) * 600_000, 600_000))
+            .collect();
+        t[1].uncompressed_size = 4096;
+        assert_eq!(offsets(&plan(&t, &t[0], FULL, |_| true)), vec![0, 600_000]);
+        assert_eq!(offsets(&plan(&t, &t[1], FULL, |_| true)), vec![600_000]);
     }
 
     #[test]
@@ -999,11 +1022,16 @@ mod tests {
             sizes in proptest::collection::vec(1u32..3_000_000, 1..40),
             gaps in proptest::collection::vec(0u64..100_000, 40),
             pick in 0usize..40,
+            partial in proptest::collection::vec(proptest::bool::ANY, 40),
         ) {
             let mut t = Vec::new();
             let mut off = 0;
             for (i, s) in sizes.iter().enumerate() {
-                t.push(chunk(i as u32, off, *s));
+                let mut c = chunk(i as u32, off, *s);
+                if partial[i] {
+                    c.uncompressed_size = 4096;
+                }
+                t.push(c);
                 off += u64::from(*s) + gaps[i];
             }
             let c = &t[pick % t.len()];
@@ -1011,6 +1039,9 @@ mod tests {
             proptest::prop_assert_eq!(p[0].compressed_offset, c.compressed_offset);
             let end = compressed_range(&p[p.len() - 1]).end;
             proptest::prop_assert!(p.len() == 1 || end - c.compressed_offset <= MAX_REQUEST);
+            // Past a chunk shorter than full, the request stays within AMPLIFY.
+            let crosses = p[..p.len() - 1].iter().any(|x| x.uncompressed_size != FULL);
+            proptest::prop_assert!(!crosses || end - c.compressed_offset <= AMPLIFY);
             for w in p.windows(2) {
                 let gap = w[1].compressed_offset - compressed_range(&w[0]).end;
                 proptest::prop_assert!(gap <= MAX_GAP);
