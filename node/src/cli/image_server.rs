@@ -30,7 +30,7 @@ pub struct ImageServerArgs {
     pub dir: PathBuf,
     #[arg(long, value_enum)]
     pub mode: MountMode,
-    /// EROFS mode: where the blob files are served.
+    /// EROFS mode: where the blob files are served; FUSE mode: where decoded chunks are kept.
     #[arg(long)]
     pub blobs_dir: PathBuf,
     /// The node's chunk socket.
@@ -100,11 +100,16 @@ fn mount(args: &ImageServerArgs) -> anyhow::Result<Held> {
         Duration::from_secs(args.patience),
     ));
     Ok(match args.mode {
+        // FUSE mode keeps its decoded chunks where EROFS mode serves its blob files: a
+        // directory of this mount's own, emptied at mount and removed at unmount.
         MountMode::Fuse => Held::Fuse(fuse::mount(
             boot,
             source,
             &args.dir,
-            &FuseOptions::default(),
+            &FuseOptions {
+                decoded_dir: Some(args.blobs_dir.clone()),
+                ..FuseOptions::default()
+            },
         )?),
         MountMode::Erofs => Held::Erofs(erofs::mount(
             boot,
