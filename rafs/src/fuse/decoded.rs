@@ -59,19 +59,9 @@ impl DecodedFiles {
         len: u32,
         digest: &[u8; 32],
     ) -> Option<Vec<u8>> {
-        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        let (file, entries) = state.blobs.get(&blob)?;
-        if entries.get(&offset)
-            != Some(&Entry {
-                len,
-                digest: *digest,
-            })
-        {
-            return None;
-        }
         let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, offset).ok()?;
-        Some(buf)
+        self.read_part(blob, offset, len, digest, 0, &mut buf)
+            .then_some(buf)
     }
 
     /// Fills `dst` with the chunk's bytes from `within` on, if it is kept under exactly this key.
