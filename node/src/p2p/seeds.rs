@@ -140,6 +140,11 @@ pub fn plan(
     let piece = piece.max(1);
     let mut want = crate::store::ranges::RangeSet::new();
     for r in wanted {
+        // A range from the end of the blob on wants nothing (a member may ask for any range of a
+        // blob the seed has no size for yet).
+        if r.start >= size {
+            continue;
+        }
         let start = (r.start / piece) * piece;
         let end = r.end.div_ceil(piece).saturating_mul(piece).min(size);
         let start = start.max(ahead_of);
@@ -193,6 +198,17 @@ mod tests {
             plan(&[990..995], P, 995, 0, 0, &none, u64::MAX),
             vec![900..995]
         );
+        // A member asking past the blob's end, or for nothing, makes the seed fetch nothing.
+        assert!(plan(
+            &[995..2000, 5000..u64::MAX, 7..7],
+            P,
+            995,
+            0,
+            0,
+            &none,
+            u64::MAX
+        )
+        .is_empty());
         // Held bytes are not fetched again; overlapping wants merge.
         let held = RangeSet::from_range(720..760);
         assert_eq!(
