@@ -140,9 +140,9 @@ pub fn plan(
     let piece = piece.max(1);
     let mut want = crate::store::ranges::RangeSet::new();
     for r in wanted {
-        // A range from the end of the blob on wants nothing (a member may ask for any range of a
-        // blob the seed has no size for yet).
-        if r.start >= size {
+        // An empty range, or one from the end of the blob on, wants nothing (a member may ask for
+        // any range of a blob the seed has no size for yet).
+        if r.start >= size || r.start >= r.end {
             continue;
         }
         let start = (r.start / piece) * piece;
