@@ -24,6 +24,17 @@ pub fn client() -> Result<Client> {
         .context("building an HTTP client")
 }
 
+/// A client that talks to loopback servers directly and keeps its connections open between
+/// requests (as containerd and other registry clients do), with `timeout` per request.
+pub fn pooled_client(timeout: Duration) -> Result<Client> {
+    builder()
+        .no_proxy()
+        .pool_max_idle_per_host(4)
+        .timeout(timeout)
+        .build()
+        .context("building an HTTP client")
+}
+
 /// A client that sends every plain-HTTP request as an absolute URI to the proxy at `proxy_addr`
 /// (`127.0.0.1:P`), the way nydusd uses `backend.config.proxy.url`.
 pub fn proxy_client(proxy_addr: &str) -> Result<Client> {

@@ -18,6 +18,7 @@ pub mod hostile;
 pub mod http;
 pub mod lazy;
 pub mod liar;
+pub mod load;
 pub mod loopback;
 pub mod metrics;
 pub mod netns;

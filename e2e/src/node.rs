@@ -227,6 +227,11 @@ impl Node {
         crate::ctx::tail(&self.log_path, lines)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {

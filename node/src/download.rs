@@ -53,7 +53,7 @@ use crate::peering::Peering;
 use crate::store::{BlobWriter, RawReader, RepoKey, Store, StoreError, Verifier};
 use crate::upstream::{AuthMode, Origin};
 
-mod origin;
+pub(crate) mod origin;
 mod peers;
 
 use origin::origin_fill;

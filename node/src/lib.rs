@@ -9,6 +9,8 @@ pub mod control;
 pub mod convert;
 pub mod download;
 pub mod faults;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod mirror;
 pub mod mount;

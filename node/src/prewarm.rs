@@ -241,7 +241,7 @@ impl Prewarm {
 /// The raw fields of a manifest or index that prewarm needs.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RawManifest {
+pub(crate) struct RawManifest {
     #[serde(default)]
     media_type: Option<String>,
     #[serde(default)]
@@ -413,7 +413,11 @@ async fn keep_manifests(
     .map_err(|_| PrewarmError::Shutdown)?
 }
 
-fn parse(image: &str, digest: &Digest, bytes: &[u8]) -> Result<RawManifest, PrewarmError> {
+pub(crate) fn parse(
+    image: &str,
+    digest: &Digest,
+    bytes: &[u8],
+) -> Result<RawManifest, PrewarmError> {
     let raw: RawManifest = serde_json::from_slice(bytes).map_err(|e| PrewarmError::NotImage {
         image: image.into(),
         what: format!("manifest {digest}"),

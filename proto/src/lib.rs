@@ -7,6 +7,8 @@
 
 pub mod auth;
 pub mod digest;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod name;
 pub mod node_id;
 pub mod sched;

@@ -1,98 +1,20 @@
 //! The fuzz smoke run: every cargo-fuzz target body (`shoal_rafs::fuzzing`) over a few thousand
 //! seeded inputs — real images, blob tails, chunks and layer tars, mutated (bit flips, byte
 //! overwrites with boundary values, truncation, insertion, splicing) plus plain random bytes.
-//! No panic, no hang (each target must finish within a deadline). Real fuzzing needs nightly:
-//! see rafs/DESIGN.md.
+//! No panic, no hang (each target must finish within a deadline). The seeds are also what the
+//! libFuzzer runner (`e2e/fuzz/run`) starts from, and `node/tests/fuzz_smoke.rs` replays the
+//! committed corpus (`fuzz/corpus/`) through these bodies.
 #![allow(clippy::unwrap_used)]
 
 #[path = "support/common.rs"]
 mod common;
 
-use std::sync::mpsc;
 use std::time::Duration;
 
 use common::nydus;
 
 const INLINE_META_BLOB: &str = "built/a-v6-zstd-inline-meta/blobs/1afe4e8c9e71b5c18eb980ad27e34ab9edddfc6cddd9879b7feac0b05858b3e3";
-use shoal_rafs::fuzzing;
-
-/// splitmix64: the same inputs on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// One mutation of one seed (or, now and then, random bytes).
-fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    if rng.below(20) == 0 {
-        let n = rng.below(4096);
-        return (0..n).map(|_| rng.next() as u8).collect();
-    }
-    let mut d = seeds[rng.below(seeds.len())].clone();
-    for _ in 0..1 + rng.below(4) {
-        if d.is_empty() {
-            break;
-        }
-        let at = rng.below(d.len());
-        match rng.below(6) {
-            0 => d[at] ^= 1 << rng.below(8),
-            1 => d[at] = rng.next() as u8,
-            2 => {
-                // A boundary value over a 4- or 8-byte field.
-                let v: u64 = [0, 1, u64::MAX, u64::from(u32::MAX), 1 << 31, 4096][rng.below(6)];
-                let w = if rng.below(2) == 0 { 4 } else { 8 };
-                let end = (at + w).min(d.len());
-                d[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
-            }
-            3 => d.truncate(at),
-            4 => {
-                let n = rng.below(64);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
-                d.splice(at..at, bytes);
-            }
-            _ => {
-                // Copy a range of the input over another place (duplicated structures).
-                let len = rng.below(256).min(d.len() - at);
-                let src = rng.below(d.len() - len + 1);
-                let chunk = d[src..src + len].to_vec();
-                let end = (at + len).min(d.len());
-                d[at..end].copy_from_slice(&chunk[..end - at]);
-            }
-        }
-    }
-    d
-}
-
-/// Run `target` over the seeds and `n` mutations, failing if it takes longer than `limit`.
-fn smoke(name: &str, seeds: Vec<Vec<u8>>, n: usize, limit: Duration, target: fn(&[u8])) {
-    let (tx, rx) = mpsc::channel();
-    let name2 = name.to_string();
-    std::thread::spawn(move || {
-        let mut rng = Rng(0x5EED ^ name2.len() as u64);
-        for s in &seeds {
-            target(s);
-        }
-        for _ in 0..n {
-            target(&mutate(&mut rng, &seeds));
-        }
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(()) => {}
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{name}: {n} inputs took over {limit:?}"),
-        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{name}: the target panicked"),
-    }
-}
+use shoal_rafs::fuzzing::{self, smoke};
 
 fn read(rel: &str) -> Vec<u8> {
     std::fs::read(nydus().join(rel)).unwrap()

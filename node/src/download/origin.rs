@@ -101,7 +101,7 @@ fn next_present(present: &RangeSet, pos: u64, size: u64) -> u64 {
 }
 
 /// The first byte of a `Content-Range: bytes a-b/total` answer, and the total.
-fn content_range(headers: &HeaderMap) -> Option<(u64, u64)> {
+pub(crate) fn content_range(headers: &HeaderMap) -> Option<(u64, u64)> {
     let v = headers.get(CONTENT_RANGE)?.to_str().ok()?;
     let rest = v.trim().strip_prefix("bytes ")?;
     let (span, total) = rest.split_once('/')?;

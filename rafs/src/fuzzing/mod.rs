@@ -1,9 +1,12 @@
-//! The bodies of the cargo-fuzz targets (`rafs/fuzz`), as plain functions so that a normal
+//! The bodies of the cargo-fuzz targets (`fuzz/`), as plain functions so that a normal
 //! test can run them over seeded random and mutated inputs (the fuzz smoke run in the test
 //! suite) without nightly. Each takes arbitrary bytes and must return without panicking,
 //! hanging or allocating without bound; results are ignored.
 
 use std::path::Path;
+
+mod smoke;
+pub use smoke::{replay, smoke};
 
 use crate::{
     decode_blob_meta, decode_chunk, parse_blob_tail, parse_ci_header, parse_toc, walk_tolerant,
