@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod containerd;
+pub mod crash;
 pub mod ctx;
 pub mod fixture;
 pub mod hostile;

@@ -677,6 +677,15 @@ async fn attempt(
     use_peers: bool,
 ) -> Result<(), DownloadError> {
     let peering = inner.peering.as_ref().filter(|_| use_peers);
+    if fill.sink.is_none() {
+        if let Some(size) = fill.size.filter(|&s| fill.pos >= s) {
+            // Every byte was committed but the node stopped before recording the blob complete
+            // (a crash between the last commit and completion): nothing is left to fetch — and
+            // asking the origin for `bytes=<size>-` gets a 416. Re-hash the file and complete.
+            ensure_sink(inner, d, fill, size).await?;
+            return finish(inner, d, src, fill).await;
+        }
+    }
     loop {
         let mut lease = false;
         if let Some(p) = peering {

@@ -333,6 +333,7 @@ async fn send_body(
             // serves wrong bytes.
             buf[0] ^= 0x55;
         }
+        crate::faults::crash_point("p2p.serve.mid_body");
         for slice in buf[..n].chunks(WRITE_MAX) {
             inner.rate.acquire(slice.len() as u64).await;
             // `write` takes what flow control allows; counting each part

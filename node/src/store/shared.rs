@@ -175,7 +175,9 @@ impl Shared {
             // longer has it, so nothing uses it before then).
             let batch = self.tables().delete_blob(id)?;
             self.db.write(batch, Durability::Sync)?;
+            crate::faults::crash_point("drop.after_record");
             self.content.remove(id)?;
+            crate::faults::crash_point("drop.after_file");
         }
         match reason {
             Removal::Evicted => self.stats.evicted.fetch_add(1, Ordering::Relaxed),

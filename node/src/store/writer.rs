@@ -159,6 +159,7 @@ impl BlobWriter {
         self.file
             .write_all_at(data, offset)
             .map_err(StoreError::io(&self.path))?;
+        crate::faults::crash_at_offset(offset + n);
         let slot = &mut self.slot;
         slot.uncommitted += n;
         slot.shared
@@ -175,6 +176,7 @@ impl BlobWriter {
         if range.start >= range.end {
             return Ok(());
         }
+        crate::faults::crash_point("commit.before_sync");
         self.file.sync_data().map_err(StoreError::io(&self.path))?;
         let id = self.slot.id.clone();
         let mut stored = self.stored.clone();
@@ -189,7 +191,9 @@ impl BlobWriter {
             batch.put(keys::piece_hash(&id, piece), hash.to_vec());
         }
         put_blob(&mut batch, &id, &stored);
+        crate::faults::crash_point("commit.before_record");
         self.write_record(batch, &stored)?;
+        crate::faults::crash_point("commit.after_record");
         self.stored = stored;
         self.slot.release_uncommitted();
         let shared = &self.slot.shared;
@@ -228,7 +232,9 @@ impl BlobWriter {
         stored.complete = true;
         let mut batch = Batch::default();
         put_blob(&mut batch, &id, &stored);
+        crate::faults::crash_point("complete.before_record");
         self.write_record(batch, &stored)?;
+        crate::faults::crash_point("complete.after_record");
         self.stored = stored;
         let shared = &self.slot.shared;
         let last_access = shared
