@@ -17,6 +17,8 @@ pub mod metrics;
 pub mod process_metrics;
 pub mod server;
 pub mod service;
+#[doc(hidden)]
+pub mod sim;
 pub mod state;
 
 pub use client::{ClientError, ClientOptions, SchedulerClient, SchedulerSet};

@@ -23,6 +23,11 @@
 //!   the holder expires, drops the blob, or is reported for a bad piece. No
 //!   lease is granted during `warmup_ms` after start, so that nodes that held
 //!   leases before a restart can re-announce them (`origin_fetch`) first.
+//!   Leases spread over nodes: an asker already holding a lease (of another
+//!   blob) is told to ask again (`retry_after_ms`) when another node holding
+//!   none wanted this blob's lease within the last half heartbeat; that one
+//!   gets it when it asks again. So one node does not seed every layer of an
+//!   image (its upload slots shared by all of them, all lost if it leaves).
 //! - **Piece hashes** are taken from the lease holder (filling in) and from
 //!   complete holders (authoritative, since they verified the whole blob).
 //! - **Blame** from failure reports decays with half-life `blame_half_life_ms`.
@@ -59,6 +64,13 @@ use ranking::Candidate;
 
 /// Most blobs asked for in one `piece_sha256_wanted` reply.
 const MAX_HASHES_WANTED: usize = 64;
+
+/// Holders of a blob ranked per parents request, at most: past this, the
+/// ranking sees a random sample of this many holders plus as many complete
+/// ones (and the lease holders), drawn afresh for every request, so its cost
+/// stays flat however many nodes hold the blob, and askers spread over the
+/// holders instead of all getting the same few.
+pub const RANK_SAMPLE: usize = 32;
 
 /// The rules' parameters, in milliseconds.
 #[derive(Clone, Debug)]
@@ -188,6 +200,9 @@ pub struct State {
     blobs: HashMap<BlobId, BlobRecord>,
     /// (blob, node) → when that node's lease was revoked for stalling.
     cooldown: HashMap<(BlobId, NodeId), u64>,
+    /// blob → the latest asker that wanted its lease while holding no lease,
+    /// and when (pruned by `tick`).
+    lease_askers: HashMap<BlobId, (NodeId, u64)>,
     jobs: jobs::Jobs,
     events: Vec<Event>,
 }
@@ -200,6 +215,7 @@ impl State {
             nodes: HashMap::new(),
             blobs: HashMap::new(),
             cooldown: HashMap::new(),
+            lease_askers: HashMap::new(),
             jobs: jobs::Jobs::default(),
             events: Vec::new(),
         }
@@ -304,10 +320,16 @@ impl State {
         let asker = req.asker;
         let asker_known = self.alive(asker, now_ms);
         let warming = now_ms < self.started_ms.saturating_add(self.cfg.warmup_ms);
+        let lease_free = self.nodes.get(&asker).is_some_and(|n| n.leases == 0);
+        if req.want_lease && asker_known && lease_free {
+            self.lease_askers.insert(blob.clone(), (asker, now_ms));
+        }
+        let mut deferred = None;
         if req.want_lease && asker_known && !warming {
-            self.try_grant(blob, asker, req.size, now_ms);
+            deferred = self.try_grant(blob, asker, req.size, now_ms);
         }
         let resp = self.parents_response(blob, asker, now_ms);
+        let deferred = deferred.filter(|_| resp.lease.is_none());
         let resp = ParentsResponse {
             retry_after_ms: (req.want_lease && resp.lease.is_none() && (warming || !asker_known))
                 .then(|| {
@@ -317,7 +339,8 @@ impl State {
                     } else {
                         self.cfg.heartbeat_ms
                     }
-                }),
+                })
+                .or(deferred),
             ..resp
         };
         if self.blobs.get(blob).is_some_and(BlobRecord::is_empty) {
@@ -371,6 +394,10 @@ impl State {
             .filter(|(_, n)| !n.alive(now_ms, ttl))
             .map(|(id, _)| *id)
             .collect();
+        // In id order, not hash order: the holder index then evolves the
+        // same way in every run (the simulation relies on it).
+        let mut dead = dead;
+        dead.sort_unstable();
         for id in dead {
             self.forget_node(id, LeaseEnd::Expired);
             self.jobs.node_lost(id, now_ms);
@@ -390,6 +417,9 @@ impl State {
         let stall = self.cfg.lease_stall_ms;
         self.cooldown
             .retain(|_, at| now_ms.saturating_sub(*at) <= stall);
+        let window = self.lease_spread_ms();
+        self.lease_askers
+            .retain(|_, (_, at)| now_ms.saturating_sub(*at) < window);
     }
 
     /// Start prewarm job `id` (chosen by the caller, random) among the
@@ -488,10 +518,11 @@ impl State {
             b.have.clone()
         };
         let pieces = have.count();
-        rec.holders.insert(
+        rec.insert_holder(
             id,
             HolderRecord {
                 have,
+                pieces,
                 complete: b.complete,
                 partial: b.present_bytes > 0,
             },
@@ -544,6 +575,9 @@ impl State {
             if let Some(rec) = self.blobs.get_mut(&b.blob) {
                 rec.leases
                     .push(Lease::new(id, now_ms, pieces, b.origin_bytes));
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    n.leases += 1;
+                }
                 self.events.push(Event::LeaseGranted {
                     blob: b.blob.clone(),
                     node: id,
@@ -555,24 +589,63 @@ impl State {
         }
     }
 
-    fn try_grant(&mut self, blob: &BlobId, asker: NodeId, size: Option<u64>, now_ms: u64) {
+    /// Grant `blob`'s lease to `asker` if the rules allow. `Some(ms)`: not
+    /// now, another node should have it (see [`State::defer_lease`]); ask
+    /// again after `ms`.
+    fn try_grant(
+        &mut self,
+        blob: &BlobId,
+        asker: NodeId,
+        size: Option<u64>,
+        now_ms: u64,
+    ) -> Option<u64> {
         let rec = self.blobs.entry(blob.clone()).or_default();
         if rec.size_hint.is_none() {
             rec.size_hint = size;
         }
         if rec.lease_of(asker).is_some() || !self.can_grant(blob, asker, now_ms) {
-            return;
+            return None;
         }
-        let Some(rec) = self.blobs.get_mut(blob) else {
-            return;
-        };
-        let pieces = rec.holders.get(&asker).map_or(0, |h| h.have.count());
+        if let Some(wait) = self.defer_lease(blob, asker, now_ms) {
+            return Some(wait);
+        }
+        let rec = self.blobs.get_mut(blob)?;
+        let pieces = rec.holders.get(&asker).map_or(0, |h| h.pieces);
         rec.leases.push(Lease::new(asker, now_ms, pieces, 0));
+        if let Some(n) = self.nodes.get_mut(&asker) {
+            n.leases += 1;
+        }
         self.events.push(Event::LeaseGranted {
             blob: blob.clone(),
             node: asker,
             adopted: false,
         });
+        None
+    }
+
+    /// How long a node that asked for a lease without holding one still
+    /// has the first claim on a blob's lease over askers holding another.
+    fn lease_spread_ms(&self) -> u64 {
+        (self.cfg.heartbeat_ms / 2).max(1)
+    }
+
+    /// Whether `asker`, which holds a lease of another blob, should leave
+    /// `blob`'s lease to a node holding none that asked for it within
+    /// [`State::lease_spread_ms`] (and may take it): then the milliseconds
+    /// left of that claim.
+    fn defer_lease(&self, blob: &BlobId, asker: NodeId, now_ms: u64) -> Option<u64> {
+        if self.nodes.get(&asker).is_none_or(|n| n.leases == 0) {
+            return None;
+        }
+        let &(other, at) = self.lease_askers.get(blob)?;
+        let age = now_ms.saturating_sub(at);
+        let window = self.lease_spread_ms();
+        let other_free = self
+            .nodes
+            .get(&other)
+            .is_some_and(|n| n.leases == 0 && n.alive(now_ms, self.cfg.node_ttl_ms));
+        (other != asker && age < window && other_free && self.can_grant(blob, other, now_ms))
+            .then(|| window - age)
     }
 
     /// May `node` take a (new) lease on `blob` now?
@@ -587,9 +660,8 @@ impl State {
             return false;
         }
         let half_life = self.cfg.blame_half_life_ms;
-        let complete_elsewhere = rec.holders.iter().any(|(id, h)| {
-            h.complete
-                && *id != node
+        let complete_elsewhere = rec.complete_holders().iter().any(|id| {
+            *id != node
                 && self.nodes.get(id).is_some_and(|n| {
                     n.alive(now_ms, self.cfg.node_ttl_ms)
                         && n.blame.bad_piece.get(now_ms, half_life) < ranking::BAD_PIECE_EXCLUDE
@@ -637,7 +709,7 @@ impl State {
         let Some(rec) = self.blobs.get_mut(blob) else {
             return;
         };
-        rec.holders.remove(&node);
+        rec.remove_holder(&node);
         end_lease(rec, blob, node, why, &mut self.nodes, &mut self.events);
         if rec.is_empty() {
             self.blobs.remove(blob);
@@ -715,8 +787,22 @@ impl State {
         let half_life = self.cfg.blame_half_life_ms;
         let empty = PieceBits::empty(rec.geometry.map_or(0, |g| g.pieces));
         let leased: HashSet<NodeId> = rec.leases.iter().map(|l| l.holder).collect();
-        let mut ids: Vec<NodeId> = rec.holders.keys().copied().collect();
-        ids.extend(leased.iter().filter(|id| !rec.holders.contains_key(id)));
+        let mut ids: Vec<NodeId> = if rec.holders.len() <= RANK_SAMPLE {
+            rec.holders.keys().copied().collect()
+        } else {
+            let seed = sample_seed(asker, now_ms);
+            let mut ids = rec.sample(seed, RANK_SAMPLE, true);
+            ids.extend(rec.sample(seed ^ 0x5bd1_e995, RANK_SAMPLE, false));
+            ids.sort_unstable();
+            ids.dedup();
+            ids
+        };
+        // The lease holders always (they seed the blob), once each.
+        for l in &leased {
+            if !ids.contains(l) {
+                ids.push(*l);
+            }
+        }
         let candidates: Vec<Candidate<'_>> = ids
             .into_iter()
             .filter_map(|id| {
@@ -725,6 +811,7 @@ impl State {
                 Some(Candidate {
                     node: id,
                     have: h.map_or(&empty, |h| &h.have),
+                    held: h.map_or(0, |h| h.pieces),
                     complete: h.is_some_and(|h| h.complete),
                     partial: h.is_some_and(|h| h.partial),
                     lease_holder: leased.contains(&id),
@@ -803,6 +890,16 @@ impl State {
     }
 }
 
+/// The seed of the holder sample for `asker` at `now_ms`: another sample
+/// per asker and per request.
+fn sample_seed(asker: NodeId, now_ms: u64) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    asker.hash(&mut h);
+    now_ms.hash(&mut h);
+    h.finish()
+}
+
 /// Longest zone or version string kept from a node.
 const MAX_LABEL: usize = 64;
 
@@ -830,6 +927,9 @@ fn end_lease(
     rec.leases.retain(|l| l.holder != node);
     if rec.leases.len() == before {
         return;
+    }
+    if let Some(n) = nodes.get_mut(&node) {
+        n.leases = n.leases.saturating_sub(1);
     }
     if why.notify_holder() {
         if let Some(n) = nodes.get_mut(&node) {

@@ -2,8 +2,11 @@
 //! which nodes hold which pieces, its per-piece SHA-256 list, and its origin
 //! leases.
 //!
-//! Invariants: every holder's `have` has `pieces` bits; a hash list, when
-//! present, has `pieces` entries; a record with no holder and no lease is
+//! Invariants: every holder's `have` has `pieces` bits and `pieces` is its
+//! count; a hash list, when present, has `pieces` entries; `order` lists
+//! exactly the holders and `complete` exactly the complete ones (holders
+//! change only through [`BlobRecord::insert_holder`] and
+//! [`BlobRecord::remove_holder`]); a record with no holder and no lease is
 //! dropped by `State`.
 
 use std::collections::HashMap;
@@ -22,8 +25,40 @@ pub struct BlobRecord {
     /// The hash list came complete from a node holding the whole,
     /// digest-verified blob: lease holders no longer overwrite it.
     pub hashes_verified: bool,
+    /// Read freely; change only through `insert_holder` / `remove_holder`.
     pub holders: HashMap<NodeId, HolderRecord>,
     pub leases: Vec<Lease>,
+    /// The holders, indexable: ranking samples them when there are many.
+    order: IdList,
+    /// The complete holders, indexable.
+    complete: IdList,
+}
+
+/// A set of node ids that can also be indexed (for sampling): a vector and
+/// each id's position in it. Removal swaps the last id into the hole.
+#[derive(Clone, Debug, Default)]
+struct IdList {
+    ids: Vec<NodeId>,
+    at: HashMap<NodeId, usize>,
+}
+
+impl IdList {
+    fn insert(&mut self, id: NodeId) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.at.entry(id) {
+            e.insert(self.ids.len());
+            self.ids.push(id);
+        }
+    }
+
+    fn remove(&mut self, id: &NodeId) {
+        let Some(i) = self.at.remove(id) else {
+            return;
+        };
+        self.ids.swap_remove(i);
+        if let Some(moved) = self.ids.get(i) {
+            self.at.insert(*moved, i);
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +71,8 @@ pub struct Geometry {
 #[derive(Clone, Debug)]
 pub struct HolderRecord {
     pub have: PieceBits,
+    /// Pieces held (`have.count()`, kept so ranking does not recount).
+    pub pieces: u32,
     pub complete: bool,
     /// It holds bytes of the blob, whole pieces or not (chunks a lazy mount read).
     pub partial: bool,
@@ -124,6 +161,53 @@ impl BlobRecord {
         }
     }
 
+    /// Add or replace `node`'s holding.
+    pub fn insert_holder(&mut self, node: NodeId, h: HolderRecord) {
+        self.order.insert(node);
+        if h.complete {
+            self.complete.insert(node);
+        } else {
+            self.complete.remove(&node);
+        }
+        self.holders.insert(node, h);
+    }
+
+    pub fn remove_holder(&mut self, node: &NodeId) -> Option<HolderRecord> {
+        self.order.remove(node);
+        self.complete.remove(node);
+        self.holders.remove(node)
+    }
+
+    /// The holders that announced the whole blob.
+    pub fn complete_holders(&self) -> &[NodeId] {
+        &self.complete.ids
+    }
+
+    /// Up to `k` holders drawn (uniformly, with repeats removed) by a
+    /// generator seeded with `seed`; every holder when there are at most `k`.
+    /// `complete_only`: draw among the complete holders.
+    pub fn sample(&self, seed: u64, k: usize, complete_only: bool) -> Vec<NodeId> {
+        let ids = if complete_only {
+            &self.complete.ids
+        } else {
+            &self.order.ids
+        };
+        if ids.len() <= k {
+            return ids.clone();
+        }
+        let mut x = seed;
+        let mut out: Vec<NodeId> = (0..k)
+            .map(|_| {
+                x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let r = splitmix(x);
+                ids[((u128::from(r) * ids.len() as u128) >> 64) as usize]
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     pub fn lease_of(&self, node: NodeId) -> Option<&Lease> {
         self.leases.iter().find(|l| l.holder == node)
     }
@@ -140,6 +224,13 @@ impl BlobRecord {
     pub fn size(&self) -> Option<u64> {
         self.geometry.map(|g| g.size).or(self.size_hint)
     }
+}
+
+/// The SplitMix64 output function: a cheap, well-mixed 64-bit hash.
+fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -169,6 +260,49 @@ mod tests {
         );
         assert_eq!(r.accept_geometry(10, 0, 0), Err(BlobRejection::BadGeometry));
         assert_eq!(r.accept_geometry(10, 5, 2), Err(BlobRejection::BadGeometry));
+    }
+
+    fn holder(pieces: u32, complete: bool) -> HolderRecord {
+        HolderRecord {
+            have: PieceBits::empty(4),
+            pieces,
+            complete,
+            partial: false,
+        }
+    }
+
+    #[test]
+    fn holder_index_follows_holders() {
+        let id = |i: u8| NodeId::from_bytes([i; 32]);
+        let mut r = BlobRecord::default();
+        for i in 0..50 {
+            r.insert_holder(id(i), holder(1, i % 5 == 0));
+        }
+        r.insert_holder(id(0), holder(2, false)); // no longer complete
+        r.insert_holder(id(1), holder(4, true)); // now complete
+        for i in (0..50).step_by(3) {
+            r.remove_holder(&id(i));
+        }
+        let mut all = r.sample(1, 1000, false);
+        all.sort();
+        let mut want: Vec<NodeId> = r.holders.keys().copied().collect();
+        want.sort();
+        assert_eq!(all, want, "a large sample is every holder");
+        let mut complete = r.complete_holders().to_vec();
+        complete.sort();
+        let mut want: Vec<NodeId> = r
+            .holders
+            .iter()
+            .filter(|(_, h)| h.complete)
+            .map(|(k, _)| *k)
+            .collect();
+        want.sort();
+        assert_eq!(complete, want);
+        let s = r.sample(7, 10, false);
+        assert!(!s.is_empty() && s.len() <= 10);
+        assert!(s.iter().all(|n| r.holders.contains_key(n)));
+        assert_eq!(s, r.sample(7, 10, false), "a seed draws the same sample");
+        assert_ne!(s, r.sample(8, 10, false), "another seed, another sample");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! announced, its traffic counters, the blobs (of this scheduler's shard) it
 //! holds, its failure blame, and lease revocations it has not been told of.
 //!
-//! Invariant: `blobs` lists exactly the blobs whose record has a holder
-//! entry for this node (kept by `State`).
+//! Invariants (kept by `State`): `blobs` lists exactly the blobs whose
+//! record has a holder entry for this node; `leases` counts the leases it
+//! holds.
 
 use std::collections::{BTreeSet, HashSet};
 
@@ -20,6 +21,8 @@ pub struct NodeRecord {
     pub blame: Blame,
     /// Blobs whose lease this node lost since its last announcement.
     pub revoked: BTreeSet<BlobId>,
+    /// Origin leases it holds now (kept by `State` where leases start and end).
+    pub leases: u32,
 }
 
 impl NodeRecord {
@@ -32,6 +35,7 @@ impl NodeRecord {
             blobs: HashSet::new(),
             blame: Blame::default(),
             revoked: BTreeSet::new(),
+            leases: 0,
         }
     }
 

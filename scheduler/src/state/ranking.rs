@@ -32,6 +32,8 @@ const SLOTS_SATURATE: u32 = 4;
 pub struct Candidate<'a> {
     pub node: NodeId,
     pub have: &'a PieceBits,
+    /// Pieces held (`have.count()`, counted once per announcement).
+    pub held: u32,
     pub complete: bool,
     /// Holds bytes of the blob short of any whole piece (served to range readers).
     pub partial: bool,
@@ -54,7 +56,7 @@ pub fn score(c: &Candidate<'_>, asker_zone: Option<&str>) -> f64 {
     } else if c.have.is_empty() {
         0.0
     } else {
-        f64::from(c.have.count()) / f64::from(c.have.len())
+        f64::from(c.held.min(c.have.len())) / f64::from(c.have.len())
     };
     let bonus = if c.complete || c.lease_holder {
         0.1
@@ -75,7 +77,7 @@ pub fn score(c: &Candidate<'_>, asker_zone: Option<&str>) -> f64 {
 pub fn eligible(c: &Candidate<'_>, asker: NodeId) -> bool {
     c.node != asker
         && c.bad_piece_blame < BAD_PIECE_EXCLUDE
-        && (c.complete || c.lease_holder || c.have.count() > 0 || c.partial)
+        && (c.complete || c.lease_holder || c.held > 0 || c.partial)
 }
 
 /// The eligible candidates, best first, at most `max`, each with its score.
@@ -95,13 +97,21 @@ pub fn rank<'a>(
             (c, s, demoted, tie)
         })
         .collect();
-    scored.sort_by(|a, b| {
+    let order = |a: &(Candidate<'a>, f64, bool, u64), b: &(Candidate<'a>, f64, bool, u64)| {
         a.2.cmp(&b.2)
             .then_with(|| b.0.complete.cmp(&a.0.complete))
             .then_with(|| b.1.partial_cmp(&a.1).unwrap_or(Ordering::Equal))
             .then_with(|| a.3.cmp(&b.3))
-    });
-    scored.truncate(max);
+    };
+    // Only the best `max` are returned: select them, then sort just those.
+    if max == 0 {
+        return Vec::new();
+    }
+    if scored.len() > max {
+        scored.select_nth_unstable_by(max - 1, order);
+        scored.truncate(max);
+    }
+    scored.sort_by(order);
     scored.into_iter().map(|(c, s, _, _)| (c, s)).collect()
 }
 
@@ -134,6 +144,7 @@ mod tests {
         Candidate {
             node: id(node),
             have,
+            held: have.count(),
             complete: have.is_full() && !have.is_empty(),
             partial: false,
             lease_holder: false,
@@ -236,6 +247,7 @@ mod tests {
             let cands: Vec<Candidate<'_>> = specs.iter().zip(&haves).enumerate().map(|(i, (s, h))| Candidate {
                 node: id(i as u8),
                 have: h,
+                held: h.count(),
                 complete: h.is_full(),
                 partial: false,
                 lease_holder: s.1,

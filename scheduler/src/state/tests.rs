@@ -189,6 +189,81 @@ fn ranking_complete_first_never_asker() {
 }
 
 #[test]
+fn leases_spread_over_askers() {
+    let mut s = with_nodes(
+        StateConfig {
+            warmup_ms: 100,
+            ..cfg()
+        },
+        &[1, 2, 3],
+        0,
+    );
+    // During warm-up, 2 wants blob 2 and 3 wants blob 3: no lease yet.
+    assert!(ask(&mut s, 2, 2, true, 50).retry_after_ms.is_some());
+    assert!(ask(&mut s, 3, 3, true, 60).retry_after_ms.is_some());
+    // 1 asks first once it is over: it gets blob 1, but not blob 2, which
+    // 2 (holding no lease) asked for within half a heartbeat.
+    assert_eq!(lease_of(&ask(&mut s, 1, 1, true, 100)), Some((1, true)));
+    let deferred = ask(&mut s, 2, 1, true, 100);
+    assert_eq!(lease_of(&deferred), None);
+    assert_eq!(
+        deferred.retry_after_ms,
+        Some(950),
+        "ask again when 2's claim lapses"
+    );
+    assert_eq!(lease_of(&ask(&mut s, 2, 2, true, 150)), Some((2, true)));
+    // A claim lapses: 3 did not come back within 1 s, so 1 takes blob 3.
+    assert_eq!(lease_of(&ask(&mut s, 3, 1, true, 200)), None);
+    assert_eq!(lease_of(&ask(&mut s, 3, 1, true, 1_060)), Some((1, true)));
+    // Nobody else asked for blob 4: a node holding leases gets it at once.
+    assert_eq!(lease_of(&ask(&mut s, 4, 2, true, 1_100)), Some((2, true)));
+    assert_eq!(s.lease_count(), 4);
+}
+
+fn big_id(i: u32) -> NodeId {
+    let mut b = [0xa5; 32];
+    b[..4].copy_from_slice(&i.to_be_bytes());
+    NodeId::from_bytes(b)
+}
+
+#[test]
+fn many_holders_rank_a_fresh_sample() {
+    let mut s = State::new(cfg(), 0);
+    let n = 4 * RANK_SAMPLE as u32;
+    for i in 0..n {
+        let held = if i < 3 { PIECES } else { 1 + i % (PIECES - 1) };
+        let mut req = announce(true, 1, vec![have(1, held)]);
+        req.node.id = big_id(i);
+        assert!(!s.announce(req, 0).resync);
+    }
+    let max = s.config().max_parents;
+    let complete: Vec<NodeId> = (0..3).map(big_id).collect();
+    let mut firsts = HashSet::new();
+    for asker in 3..60 {
+        let req = ParentsRequest {
+            asker: big_id(asker),
+            size: Some(SIZE),
+            want_lease: true,
+        };
+        let r = s.parents(&blob(1), &req, 10 + u64::from(asker)).unwrap();
+        assert!(r.lease.is_none(), "complete holders exist");
+        assert_eq!(r.holders.len(), max);
+        assert!(r.holders.iter().all(|h| h.node != big_id(asker)));
+        let top: Vec<NodeId> = r.holders[..3].iter().map(|h| h.node).collect();
+        assert!(
+            complete.iter().all(|c| top.contains(c)),
+            "every complete holder first, sample or not"
+        );
+        assert!(r.holders[3..].iter().all(|h| !h.complete));
+        firsts.insert(r.holders[3].node);
+    }
+    assert!(
+        firsts.len() > 5,
+        "askers spread over the partial holders, not all sent to the same few"
+    );
+}
+
+#[test]
 fn long_labels_are_clipped() {
     let mut s = State::new(cfg(), 0);
     let mut req = announce(true, 1, vec![]);
