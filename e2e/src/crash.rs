@@ -10,9 +10,11 @@
 //!   the quota leaves room for everything: [`Scenario::Download`]);
 //! - the time the restart took (start to healthy, recovery included).
 //!
-//! Two scenarios: [`Scenario::Download`] (room for everything: commits and completion) and
-//! [`Scenario::Eviction`] (a quota that makes the crash phase evict: the drop points).
+//! Three scenarios: [`Scenario::Download`] (room for everything: commits and completion),
+//! [`Scenario::Eviction`] (a quota that makes the crash phase evict: the drop points) and
+//! [`Scenario::Peer`] (a transfer between two nodes over QUIC, either side killed).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -22,6 +24,8 @@ use crate::http;
 use crate::node::{Node, NodeOptions};
 use crate::random::pseudo_random;
 use crate::registry::Registry;
+use crate::scheduler::Scheduler;
+use crate::wait::{free_port, poll};
 use crate::TestCtx;
 
 const REPO: &str = "crash/blobs";
@@ -37,6 +41,10 @@ pub enum Scenario {
     Download,
     /// Holds blobs 0 and 1 under a 24 MiB quota; the crash phase pulls blob 2, which evicts.
     Eviction,
+    /// Two nodes and a scheduler: node A holds blob 0, node B pulls it from A over QUIC. The
+    /// crash point is A's (`p2p.serve.*`: the sender dies mid-transfer) or B's (`write:*`: the
+    /// receiver dies); both nodes are checked after.
+    Peer,
 }
 
 impl Scenario {
@@ -44,6 +52,7 @@ impl Scenario {
         match self {
             Scenario::Download => &[0],
             Scenario::Eviction => &[0, 1],
+            Scenario::Peer => &[],
         }
     }
 
@@ -51,6 +60,7 @@ impl Scenario {
         match self {
             Scenario::Download => &[1],
             Scenario::Eviction => &[2],
+            Scenario::Peer => &[0],
         }
     }
 
@@ -58,6 +68,7 @@ impl Scenario {
         match self {
             Scenario::Download => "download",
             Scenario::Eviction => "eviction",
+            Scenario::Peer => "peer transfer",
         }
     }
 }
@@ -85,12 +96,14 @@ pub struct CaseResult {
     pub restart: Duration,
 }
 
-/// The origin and its blobs, shared by every case.
+/// The origin and its blobs, and a scheduler for the peer cases, shared by every case.
 #[derive(Debug)]
 pub struct Origin {
     pub registry: Registry,
     /// Digests of the blobs, in pull order.
     pub blobs: Vec<String>,
+    pub scheduler: Scheduler,
+    pub join_secret: PathBuf,
 }
 
 impl Origin {
@@ -99,12 +112,57 @@ impl Origin {
         let blobs = (0..3)
             .map(|i| registry.push_blob(REPO, pseudo_random(BLOB_SIZE, 0xc4a5 + i)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { registry, blobs })
+        let join_secret = t.dir().join("join-secret");
+        std::fs::write(&join_secret, "5".repeat(64))?;
+        let listen = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let scheduler = Scheduler::start_with_secret(t, None, listen, Some(&join_secret))?;
+        Ok(Self {
+            registry,
+            blobs,
+            scheduler,
+            join_secret,
+        })
+    }
+
+    /// Options of a cluster member (QUIC on a free port, the scheduler, the join secret).
+    fn member(&self, label: String) -> Result<NodeOptions> {
+        let mut options = NodeOptions::upstream(&self.registry.url());
+        options.label = label;
+        options.extra_args = vec![
+            "--p2p".into(),
+            format!("127.0.0.1:{}", free_port()?),
+            "--join-secret-file".into(),
+            self.join_secret.display().to_string(),
+            "--scheduler".into(),
+            self.scheduler.addr().to_string(),
+        ];
+        Ok(options)
+    }
+
+    /// Waits until the scheduler counts `holders` complete holders of `digest`.
+    fn wait_holders(&self, digest: &str, holders: u32) -> Result<()> {
+        poll(
+            "the scheduler to see the blob's holder",
+            Duration::from_secs(30),
+            || {
+                Ok(self
+                    .scheduler
+                    .status()?
+                    .blobs
+                    .iter()
+                    .any(|b| b.blob.to_string() == digest && b.complete_holders >= holders)
+                    .then_some(()))
+            },
+        )
     }
 }
 
-/// Runs `case` with a node of its own (label `label`, fresh data dir).
+/// Runs `case` with a node (or, for [`Scenario::Peer`], two) of its own (label `label`, fresh
+/// data dirs).
 pub fn run_case(t: &TestCtx, origin: &Origin, case: &Case, label: &str) -> Result<CaseResult> {
+    if case.scenario == Scenario::Peer {
+        return run_peer_case(t, origin, case, label);
+    }
     let mut options = NodeOptions::upstream(&origin.registry.url());
     options.label = label.to_owned();
     if case.scenario == Scenario::Eviction {
@@ -138,16 +196,7 @@ pub fn run_case(t: &TestCtx, origin: &Origin, case: &Case, label: &str) -> Resul
         .with_context(|| format!("{label}: restarting after {}", case.spec))?;
     let restart = started.elapsed();
 
-    let mut bad_at_rest = Vec::new();
-    for digest in complete_blobs(&node)? {
-        let file = node.blob_file(&digest)?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut std::fs::File::open(&file)?, &mut hasher)
-            .with_context(|| format!("reading {}", file.display()))?;
-        if format!("sha256:{}", hex::encode(hasher.finalize())) != digest {
-            bad_at_rest.push(digest);
-        }
-    }
+    let (bad_at_rest, bad_served) = check(&node, origin)?;
     let lost = if case.scenario == Scenario::Download {
         let after = complete_blobs(&node)?;
         held_before
@@ -157,12 +206,6 @@ pub fn run_case(t: &TestCtx, origin: &Origin, case: &Case, label: &str) -> Resul
     } else {
         Vec::new()
     };
-    let mut bad_served = Vec::new();
-    for digest in &origin.blobs {
-        if let Err(e) = pull(&node, digest) {
-            bad_served.push(format!("{digest}: {e:#}"));
-        }
-    }
     node.terminate()?;
     Ok(CaseResult {
         case: case.clone(),
@@ -172,6 +215,79 @@ pub fn run_case(t: &TestCtx, origin: &Origin, case: &Case, label: &str) -> Resul
         lost,
         restart,
     })
+}
+
+/// A peer case: A pulls blob 0 from the origin; the crashing side restarts with the fault; B
+/// pulls blob 0 (from A); whoever died restarts clean; both are checked.
+fn run_peer_case(t: &TestCtx, origin: &Origin, case: &Case, label: &str) -> Result<CaseResult> {
+    let digest = &origin.blobs[0];
+    let mut a = Node::start_with(t, origin.member(format!("{label}-a"))?)?;
+    let mut b = Node::start_with(t, origin.member(format!("{label}-b"))?)?;
+    pull(&a, digest).with_context(|| format!("{label}: A pulling the blob"))?;
+    origin.wait_holders(digest, 1)?;
+    let sender_dies = case.spec.starts_with("p2p.");
+    let victim = if sender_dies { &mut a } else { &mut b };
+    victim.terminate()?;
+    victim.set_env(vec![("SHOAL_FAULT_CRASH_AT".into(), case.spec.clone())]);
+    victim.restart()?;
+    if sender_dies {
+        // A re-announces after its restart before B asks for parents.
+        origin.wait_holders(digest, 1)?;
+    }
+    let _ = pull(&b, digest);
+    let victim = if sender_dies { &mut a } else { &mut b };
+    let crashed = victim.wait_exit(Duration::from_secs(10))?.is_some();
+    if !crashed {
+        victim.terminate()?;
+    }
+    victim.set_env(Vec::new());
+    let started = Instant::now();
+    victim
+        .restart()
+        .with_context(|| format!("{label}: restarting after {}", case.spec))?;
+    let restart = started.elapsed();
+    let (mut bad_at_rest, mut bad_served) = check(&b, origin)?;
+    let (a_rest, a_served) = check(&a, origin)?;
+    bad_at_rest.extend(a_rest);
+    bad_served.extend(a_served);
+    // A held the blob complete before the crash: it must still.
+    let lost = if complete_blobs(&a)?.contains(digest) {
+        Vec::new()
+    } else {
+        vec![format!("A lost {digest}")]
+    };
+    a.terminate()?;
+    b.terminate()?;
+    Ok(CaseResult {
+        case: case.clone(),
+        crashed,
+        bad_at_rest,
+        bad_served,
+        lost,
+        restart,
+    })
+}
+
+/// Every complete blob on disk against its digest (the corrupt ones), then every blob of the
+/// origin read whole through the mirror (the ones served wrong or not at all).
+fn check(node: &Node, origin: &Origin) -> Result<(Vec<String>, Vec<String>)> {
+    let mut bad_at_rest = Vec::new();
+    for digest in complete_blobs(node)? {
+        let file = node.blob_file(&digest)?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&file)?, &mut hasher)
+            .with_context(|| format!("reading {}", file.display()))?;
+        if format!("sha256:{}", hex::encode(hasher.finalize())) != digest {
+            bad_at_rest.push(digest);
+        }
+    }
+    let mut bad_served = Vec::new();
+    for digest in &origin.blobs {
+        if let Err(e) = pull(node, digest) {
+            bad_served.push(format!("{digest}: {e:#}"));
+        }
+    }
+    Ok((bad_at_rest, bad_served))
 }
 
 /// GETs `digest` through the node's mirror and checks every byte against the digest.
@@ -235,6 +351,21 @@ pub fn cases(step: usize, hits: u64) -> Vec<Case> {
             scenario: Scenario::Eviction,
             spec: format!("{point}:1"),
         });
+    }
+    // A peer transfer: the sender dies at its n-th body write, the receiver at byte offsets.
+    for n in 1..=hits {
+        out.push(Case {
+            scenario: Scenario::Peer,
+            spec: format!("p2p.serve.mid_body:{n}"),
+        });
+    }
+    let mut offset = step * 3 / 2;
+    while offset < BLOB_SIZE {
+        out.push(Case {
+            scenario: Scenario::Peer,
+            spec: format!("write:{offset}"),
+        });
+        offset += step * 4;
     }
     out
 }

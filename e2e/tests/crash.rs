@@ -1,5 +1,6 @@
 //! The crash-point smoke run (issue 12, R5): a handful of `kill -9`s of a node — at byte offsets
-//! of a download, inside a commit, at completion and in the middle of an eviction — each followed
+//! of a download, inside a commit, at completion, in the middle of an eviction, and on either side
+//! of a peer transfer over QUIC — each followed
 //! by a clean restart, after which every blob the node holds must hash to its digest on disk,
 //! every blob it serves must be byte-exact, and no blob complete before the crash may be lost.
 //! The ≥ 100-point run is `cargo run -p shoal-e2e --bin crash-bench`. Needs the `shoal` binary
@@ -24,6 +25,8 @@ fn a_node_killed_at_crash_points_restarts_with_every_byte_right_and_nothing_comm
                 (Scenario::Download, "complete.before_record:1"),
                 (Scenario::Eviction, "write:4194304"),
                 (Scenario::Eviction, "drop.after_record:1"),
+                (Scenario::Peer, "p2p.serve.mid_body:2"),
+                (Scenario::Peer, "write:3000000"),
             ];
             for (i, (scenario, spec)) in cases.into_iter().enumerate() {
                 let case = Case {

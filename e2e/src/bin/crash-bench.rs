@@ -1,7 +1,8 @@
 //! Crash-point runner (issue 12, R5; not a test). `crash-bench [--step-kib 192] [--hits 4]`:
 //! `kill -9`s a node at every case of `shoal_e2e::crash::cases` — byte offsets every `--step-kib`
 //! over a download and over a download that evicts, each store crash point at its first `--hits`
-//! hits, completion and the eviction's drop points — restarts it each time and checks every
+//! hits, completion and the eviction's drop points, and both sides of a peer transfer — restarts
+//! it each time and checks every
 //! byte it holds and serves. Prints one table: points tried, bad bytes served, corrupt at rest,
 //! committed blobs lost, restart times.
 //!
