@@ -26,6 +26,7 @@ pub mod netns;
 pub mod node;
 pub mod nydus;
 pub mod paths;
+pub mod pressure;
 pub mod random;
 pub mod ranges;
 pub mod registry;
