@@ -906,13 +906,14 @@ async fn mount_image(deps: &MountDeps, rec: &MountRecord) -> Result<Live, MountE
         (Some(r), Some(file)) if rec.own_process => Some((r.socket.clone(), file.clone())),
         _ => None,
     };
+    let decoded_max = fs::decoded_budget(deps.store.byte_quota());
     let fs = tokio::task::spawn_blocking(move || {
         if user {
             still_the_checked_dir(&dir, &data_dir)?;
         }
         match remote {
             Some((socket, file)) => fs::mount_remote(mode, &data_dir, &file, &dir, &socket),
-            None => fs::mount(mode, &data_dir, b, source, &dir),
+            None => fs::mount(mode, &data_dir, b, source, &dir, decoded_max),
         }
     })
     .await

@@ -60,6 +60,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let store = tokio::task::spawn_blocking(move || Store::open(store_cfg))
         .await?
         .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
+    // What the mounts keep beside the store counts against its byte quota too.
+    store.charge_dirs(vec![
+        crate::mount::fs::erofs_root(&cfg.data_dir),
+        cfg.data_dir.join(crate::mount::private::DIR),
+        cfg.snapshotter.root.join("images"),
+    ]);
     let usage = store.usage();
     tracing::info!(dir = %cfg.data_dir.display(), blobs = usage.blobs, complete = usage.complete, bytes = usage.bytes, "store open");
 

@@ -182,6 +182,7 @@ impl Store {
             state: Mutex::new(State::default()),
             listener: RwLock::new(None),
             stats: shared::Stats::default(),
+            charged: RwLock::new(Vec::new()),
         };
         let mut state = State::default();
         let report = recovery::recover(&shared, &mut state)?;
@@ -285,6 +286,23 @@ impl Store {
 
     pub fn usage(&self) -> StoreUsage {
         self.shared.usage()
+    }
+
+    /// Counts the files under `dirs` (derived from blobs, kept outside the store: mounts' decoded
+    /// chunks and EROFS blob files) against a byte quota, so that the node's whole cache stays
+    /// within it: the store evicts its own blobs to make room for them. No effect without a byte
+    /// quota (a filesystem quota sees every file anyway).
+    pub fn charge_dirs(&self, dirs: Vec<PathBuf>) {
+        *self
+            .shared
+            .charged
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dirs;
+    }
+
+    /// The byte quota (0: none, or a filesystem quota).
+    pub fn byte_quota(&self) -> u64 {
+        self.shared.cfg.quota_bytes
     }
 
     pub fn stats(&self) -> StoreStats {

@@ -30,6 +30,7 @@ both_backends!(
     remove_refuses_pinned_blobs,
     no_quota_never_evicts,
     bad_watermarks_are_refused,
+    charged_dirs_count_against_the_quota,
 );
 
 fn open(dir: &Path, backend: Backend, quota_bytes: u64) -> Store {
@@ -193,4 +194,35 @@ fn bad_watermarks_are_refused(backend: Backend) {
             "{err:?}"
         );
     }
+}
+
+/// Files the mounts keep beside the store (decoded chunks, EROFS blob files) count against the
+/// byte quota: with 300 KiB of them, three blobs (600 KiB) reach the 900 KiB high watermark and
+/// the fourth's commit passes it, and the store evicts its least recently used blobs down to 500 KiB.
+fn charged_dirs_count_against_the_quota(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mounts = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), backend, QUOTA);
+    store.charge_dirs(vec![
+        mounts.path().join("missing"),
+        mounts.path().to_owned(),
+    ]);
+    std::fs::create_dir(mounts.path().join("decoded")).expect("mkdir");
+    std::fs::write(
+        mounts.path().join("decoded/blob"),
+        vec![7u8; 300 * KIB as usize],
+    )
+    .expect("write");
+    let [a, b, c] = [1, 2, 3].map(|s| put(&store, s));
+    assert_eq!(held(&store, &[&a, &b, &c]), [true, true, true]);
+    assert!(store.usage().measured_bytes >= 900 * KIB);
+    let d = put(&store, 4);
+    // 300 KiB charged + 800 KiB of blobs > 900 KiB: drop a, b, c (LRU) to reach <= 500 KiB.
+    assert_eq!(held(&store, &[&a, &b, &c, &d]), [false, false, false, true]);
+    assert_eq!(store.stats().evicted, 3);
+    // Without the charged files, the same four blobs fit.
+    let plain = tempfile::tempdir().expect("tempdir");
+    let store = open(plain.path(), backend, QUOTA);
+    let ids = [1, 2, 3, 4].map(|s| put(&store, s));
+    assert!(ids.iter().all(|id| store.blob(id).expect("blob").is_some()));
 }

@@ -23,13 +23,33 @@ pub fn mount(
     boot: Arc<Bootstrap>,
     source: Arc<ChunkBackend>,
     dir: &Path,
+    decoded_max_bytes: u64,
 ) -> Result<Mounted, MountError> {
     let root = erofs_root(data_dir);
     let blobs_dir = blobs_dir(data_dir, dir);
     table::clear_stale(dir, &root);
     table::clear_stale(&blobs_dir, &root);
     let decoded = decoded_dir(data_dir, dir);
-    Mounted::new(mode, boot, source, dir, &blobs_dir, &decoded)
+    Mounted::new(
+        mode,
+        boot,
+        source,
+        dir,
+        &blobs_dir,
+        &decoded,
+        decoded_max_bytes,
+    )
+}
+
+/// The most a FUSE mount keeps decoded: 1 GiB, and at most a quarter of a byte quota (the
+/// decoded files count against it, see `Store::charge_dirs`).
+pub fn decoded_budget(byte_quota: u64) -> u64 {
+    let cap = 1 << 30;
+    if byte_quota == 0 {
+        cap
+    } else {
+        cap.min(byte_quota / 4)
+    }
 }
 
 /// Where a FUSE mount at `dir` keeps its decoded chunks: beside the mounts' private chunk
@@ -107,11 +127,13 @@ impl Mounted {
         dir: &Path,
         blobs_dir: &Path,
         decoded_dir: &Path,
+        decoded_max_bytes: u64,
     ) -> Result<Self, MountError> {
         Ok(match mode {
             MountMode::Fuse => {
                 let opts = FuseOptions {
                     decoded_dir: Some(decoded_dir.to_path_buf()),
+                    decoded_max_bytes,
                     ..FuseOptions::default()
                 };
                 Mounted::Fuse(fuse::mount(boot, source, dir, &opts)?)

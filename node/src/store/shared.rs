@@ -17,6 +17,7 @@
 //!   never held across I/O other than the in-memory bookkeeping.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{
     Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
@@ -54,6 +55,10 @@ pub struct Shared {
     pub state: Mutex<State>,
     pub listener: RwLock<Option<RemovalListener>>,
     pub stats: Stats,
+    /// Directories of files derived from blobs outside the store (mounts' decoded chunks and
+    /// EROFS blob files, private chunk caches), whose allocated bytes count against a byte
+    /// quota: the store evicts its own blobs to make room for them.
+    pub charged: RwLock<Vec<PathBuf>>,
 }
 
 #[derive(Default)]
@@ -225,7 +230,7 @@ impl Shared {
     fn limits(&self, content: u64) -> Option<Limits> {
         let at = |total: u64, f: f64| (total as f64 * f) as u64;
         let (total, used) = if self.cfg.quota_bytes != 0 {
-            (self.cfg.quota_bytes, content)
+            (self.cfg.quota_bytes, content + self.charged_bytes())
         } else if self.cfg.filesystem_quota {
             let fs = rustix::fs::statvfs(&self.cfg.dir).ok()?;
             let total = fs.f_blocks.saturating_mul(fs.f_frsize);
@@ -240,6 +245,12 @@ impl Shared {
             high: at(total, self.cfg.high_watermark),
             low: at(total, self.cfg.low_watermark),
         })
+    }
+
+    /// Allocated bytes of the charged directories (a filesystem quota sees them anyway).
+    pub fn charged_bytes(&self) -> u64 {
+        let dirs = self.charged.read().unwrap_or_else(PoisonError::into_inner);
+        dirs.iter().map(|d| allocated_bytes(d)).sum()
     }
 
     fn content_bytes(&self) -> u64 {
@@ -421,4 +432,25 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Allocated bytes (blocks, as `du` counts them) of the files under `dir`; 0 if it is missing.
+/// Symlinks are not followed.
+fn allocated_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) if m.is_file() => total += m.blocks() * 512,
+                _ => {}
+            }
+        }
+    }
+    total
 }
