@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use shoal_e2e::crash::{cases, run_case, CaseResult, Origin, Scenario};
+use shoal_e2e::crash::{cases, run_case, CaseResult, Origin};
 use shoal_e2e::TestCtx;
 
 fn main() -> Result<()> {
@@ -62,27 +62,24 @@ fn main() -> Result<()> {
     );
     println!("| scenario | points | crashed | bad blobs served | corrupt at rest | committed blobs lost | restart p50 | restart max |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (label, filter) in [
-        (
-            "download: byte offsets",
-            &(|r: &CaseResult| {
-                r.case.scenario == Scenario::Download && r.case.spec.starts_with("write:")
-            }) as &dyn Fn(&CaseResult) -> bool,
-        ),
-        (
-            "download: commit and completion points",
-            &|r: &CaseResult| {
-                r.case.scenario == Scenario::Download && !r.case.spec.starts_with("write:")
-            },
-        ),
-        ("eviction: byte offsets", &|r: &CaseResult| {
-            r.case.scenario == Scenario::Eviction && r.case.spec.starts_with("write:")
-        }),
-        ("eviction: drop points", &|r: &CaseResult| {
-            r.case.scenario == Scenario::Eviction && !r.case.spec.starts_with("write:")
-        }),
-        ("all", &|_: &CaseResult| true),
-    ] {
+    // One row per scenario and kind of point (byte offsets or named points), in run order.
+    let group = |r: &CaseResult| {
+        let kind = if r.case.spec.starts_with("write:") {
+            "byte offsets"
+        } else {
+            "named crash points"
+        };
+        format!("{}: {kind}", r.case.scenario.label())
+    };
+    let mut groups: Vec<String> = Vec::new();
+    for r in &results {
+        if !groups.contains(&group(r)) {
+            groups.push(group(r));
+        }
+    }
+    groups.push("all".to_owned());
+    for label in &groups {
+        let filter = |r: &CaseResult| label == "all" || group(r) == *label;
         let rows: Vec<&CaseResult> = results.iter().filter(|r| filter(r)).collect();
         let mut restarts: Vec<Duration> = rows.iter().map(|r| r.restart).collect();
         restarts.sort_unstable();

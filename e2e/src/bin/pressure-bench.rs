@@ -1,5 +1,5 @@
-//! Disk-pressure runner (issue 12, R6; not a test; root). `pressure-bench [--quota-mib 256]
-//! [--factor 3] [--blob-mib 32]`: pulls totalling `factor` × a node's quota while two lazy mounts
+//! Disk-pressure runner (issue 12, R6; not a test; root). `pressure-bench [--quota-mib 512]
+//! [--factor 3] [--blob-mib 16]`: pulls totalling `factor` × a node's quota while two lazy mounts
 //! of the debian-python Nydus image (FUSE and EROFS) are live and read end to end over and over
 //! (see `shoal_e2e::pressure`). Prints peak disk against the quota — the store's own bytes and
 //! the whole data dir, entry by entry — evictions, and mount read errors.
@@ -12,9 +12,9 @@ use shoal_e2e::TestCtx;
 
 fn main() -> Result<()> {
     let mut plan = Plan {
-        quota_mib: 256,
+        quota_mib: 512,
         pull_factor: 3,
-        blob_mib: 32,
+        blob_mib: 16,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
