@@ -111,8 +111,24 @@ impl Content {
         })
     }
 
-    /// Reads every manifest and the cached blob once through `base_url`, so that the node holds
-    /// them before the clients start. Waits for nothing else: the caller checks the node's status.
+    /// Reads every manifest and the cached blob once through `node`, then waits until the node
+    /// records the blob complete: from then on both are cached.
+    pub fn prime_node(&self, node: &crate::node::Node) -> Result<()> {
+        self.prime(&node.url())?;
+        crate::wait::poll(
+            "the node to hold the cached blob",
+            Duration::from_secs(60),
+            || {
+                Ok(node
+                    .status()?
+                    .blob(&self.cached.0)
+                    .is_some_and(|b| b.complete)
+                    .then_some(()))
+            },
+        )
+    }
+
+    /// Reads every manifest and the cached blob once through `base_url`.
     pub fn prime(&self, base_url: &str) -> Result<()> {
         let client = http::client()?;
         for (digest, _) in &self.manifests {

@@ -7,7 +7,6 @@
 //! metric), mount read errors (an I/O error or bytes differing from the first pass), pull errors.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,24 +58,7 @@ pub struct Outcome {
 
 /// Allocated bytes under `dir` (what `du` counts).
 pub fn allocated(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += m.blocks() * 512;
-            }
-        }
-    }
-    total
+    shoal_node::store::allocated_bytes(dir)
 }
 
 /// Every regular file under `root`, relative paths sorted.

@@ -5,13 +5,11 @@
 //! 200-client figures come from `cargo run -p shoal-e2e --bin load-bench`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use shoal_e2e::load::{self, Content, Kind, Plan};
 use shoal_e2e::node::Node;
 use shoal_e2e::registry::Registry;
-use shoal_e2e::wait::poll;
 use shoal_e2e::{run, Need};
 
 #[test]
@@ -32,18 +30,7 @@ fn a_burst_of_50_clients_gets_every_byte_right_and_each_cold_blob_once_from_the_
             let registry = Registry::start(t)?;
             let content = Arc::new(Content::push(&registry, &plan)?);
             let node = Node::start(t, &registry.url())?;
-            content.prime(&node.url())?;
-            poll(
-                "the node to hold the cached blob",
-                Duration::from_secs(60),
-                || {
-                    Ok(node
-                        .status()?
-                        .blob(&content.cached.0)
-                        .is_some_and(|b| b.complete)
-                        .then_some(()))
-                },
-            )?;
+            content.prime_node(&node)?;
             let before = registry.log()?.requests.len();
             let outcome = load::run(&node.url(), &plan, &content)?;
             let errors = outcome.errors();

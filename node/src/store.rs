@@ -53,6 +53,7 @@ pub use ranges::RangeSet;
 pub use reader::BlobReader;
 pub use records::{BlobRecord, ManifestRecord, Provenance, RepoKey, TagRecord};
 pub use recovery::RecoveryReport;
+pub use shared::allocated_bytes;
 pub use shared::PinGuard;
 pub use verify::{DigestMismatch, VerifiedDigest, Verifier};
 pub use writer::{BlobWriter, RawReader};

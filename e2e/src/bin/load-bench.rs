@@ -19,7 +19,6 @@ use anyhow::{bail, ensure, Context, Result};
 use shoal_e2e::load::{self, Content, Kind, Outcome, Plan, ProcStat};
 use shoal_e2e::node::Node;
 use shoal_e2e::registry::Registry;
-use shoal_e2e::wait::poll;
 use shoal_e2e::TestCtx;
 
 fn main() -> Result<()> {
@@ -137,18 +136,7 @@ struct Measured {
 fn measure(registry: &Registry, node: &Node, plan: &Plan) -> Result<Measured> {
     eprintln!("pushing content for {plan:?}");
     let content = Arc::new(Content::push(registry, plan)?);
-    content.prime(&node.url())?;
-    poll(
-        "the node to hold the cached blob",
-        Duration::from_secs(60),
-        || {
-            Ok(node
-                .status()?
-                .blob(&content.cached.0)
-                .is_some_and(|b| b.complete)
-                .then_some(()))
-        },
-    )?;
+    content.prime_node(node)?;
     let pid = node.pid().context("the node is not running")?;
     let node_before = ProcStat::of(pid)?;
     let log_before = registry.log()?.requests.len();

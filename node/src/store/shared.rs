@@ -436,7 +436,7 @@ pub fn now_ms() -> u64 {
 
 /// Allocated bytes (blocks, as `du` counts them) of the files under `dir`; 0 if it is missing.
 /// Symlinks are not followed.
-fn allocated_bytes(dir: &Path) -> u64 {
+pub fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
