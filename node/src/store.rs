@@ -184,6 +184,7 @@ impl Store {
             listener: RwLock::new(None),
             stats: shared::Stats::default(),
             charged: RwLock::new(Vec::new()),
+            charged_cache: Mutex::new(None),
         };
         let mut state = State::default();
         let report = recovery::recover(&shared, &mut state)?;
@@ -299,6 +300,11 @@ impl Store {
             .charged
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = dirs;
+        *self
+            .shared
+            .charged_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     /// The byte quota (0: none, or a filesystem quota).

@@ -59,7 +59,13 @@ pub struct Shared {
     /// EROFS blob files, private chunk caches), whose allocated bytes count against a byte
     /// quota: the store evicts its own blobs to make room for them.
     pub charged: RwLock<Vec<PathBuf>>,
+    /// The last sum of `charged` and when it was taken (walked at most every
+    /// [`CHARGED_FRESH`]; quota checks come at every commit).
+    pub charged_cache: Mutex<Option<(std::time::Instant, u64)>>,
 }
+
+/// How long a sum of the charged directories is reused.
+const CHARGED_FRESH: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Default)]
 pub struct Stats {
@@ -249,8 +255,19 @@ impl Shared {
 
     /// Allocated bytes of the charged directories (a filesystem quota sees them anyway).
     pub fn charged_bytes(&self) -> u64 {
+        let mut cache = self
+            .charged_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, bytes)) = *cache {
+            if at.elapsed() < CHARGED_FRESH {
+                return bytes;
+            }
+        }
         let dirs = self.charged.read().unwrap_or_else(PoisonError::into_inner);
-        dirs.iter().map(|d| allocated_bytes(d)).sum()
+        let bytes = dirs.iter().map(|d| allocated_bytes(d)).sum();
+        *cache = Some((std::time::Instant::now(), bytes));
+        bytes
     }
 
     fn content_bytes(&self) -> u64 {
