@@ -124,7 +124,7 @@ fn fuzz_smoke_names() {
         "3:all",
         "-",
     ]);
-    smoke("names", seeds, 20_000, LIMIT, shoal_proto::fuzzing::names);
+    smoke("names", seeds, 100_000, LIMIT, shoal_proto::fuzzing::names);
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn fuzz_smoke_manifest() {
     smoke(
         "manifest",
         seeds,
-        5_000,
+        20_000,
         LIMIT,
         shoal_node::fuzzing::manifest,
     );
@@ -202,7 +202,7 @@ fn fuzz_smoke_notification() {
     smoke(
         "notification",
         seeds,
-        5_000,
+        20_000,
         LIMIT,
         shoal_node::fuzzing::notification,
     );
@@ -235,7 +235,7 @@ fn fuzz_smoke_sched_message() {
     smoke(
         "sched_message",
         seeds,
-        5_000,
+        20_000,
         LIMIT,
         shoal_node::fuzzing::sched_message,
     );
