@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use shoal_rafs::fuzzing::Rng;
+
 use crate::http;
 use crate::random::pseudo_random;
 use crate::registry::Registry;
@@ -232,22 +234,6 @@ impl Outcome {
     }
 }
 
-/// splitmix64, per client.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// Runs `plan` against the mirror at `base_url`: every client starts at one barrier.
 pub fn run(base_url: &str, plan: &Plan, content: &Arc<Content>) -> Result<Outcome> {
     let barrier = Arc::new(Barrier::new(plan.clients + 1));
@@ -314,8 +300,7 @@ fn one(
     let start = Instant::now();
     let (bytes, error) = match kind {
         Kind::Manifest => {
-            let (digest, body) =
-                &content.manifests[rng.below(content.manifests.len() as u64) as usize];
+            let (digest, body) = &content.manifests[rng.below(content.manifests.len())];
             let got = http::fetch(
                 client
                     .get(format!("{base}/v2/{REPO}/manifests/{digest}"))
@@ -329,9 +314,9 @@ fn one(
         }
         Kind::Range => {
             let data = &content.cached.1;
-            let len = 4096 + rng.below((1 << 20) - 4096);
+            let len = 4096 + rng.below((1 << 20) - 4096) as u64;
             let len = len.min(data.len() as u64);
-            let at = rng.below(data.len() as u64 - len + 1);
+            let at = rng.below(data.len() - len as usize + 1) as u64;
             let got = http::fetch(
                 client
                     .get(format!("{base}/v2/{REPO}/blobs/{}", content.cached.0))

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 mod smoke;
-pub use smoke::{replay, smoke};
+pub use smoke::{replay, smoke, Rng};
 
 use crate::{
     decode_blob_meta, decode_chunk, parse_blob_tail, parse_ci_header, parse_toc, walk_tolerant,

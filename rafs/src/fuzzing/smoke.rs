@@ -8,19 +8,21 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-/// splitmix64.
-struct Rng(u64);
+/// splitmix64: cheap, seeded, the same sequence on every run (also the load runner's, in e2e).
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -28,7 +30,7 @@ impl Rng {
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     if rng.below(20) == 0 || seeds.is_empty() {
         let n = rng.below(4096);
-        return (0..n).map(|_| rng.next() as u8).collect();
+        return (0..n).map(|_| rng.next_u64() as u8).collect();
     }
     let mut d = seeds[rng.below(seeds.len())].clone();
     for _ in 0..1 + rng.below(4) {
@@ -38,7 +40,7 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
         let at = rng.below(d.len());
         match rng.below(6) {
             0 => d[at] ^= 1 << rng.below(8),
-            1 => d[at] = rng.next() as u8,
+            1 => d[at] = rng.next_u64() as u8,
             2 => {
                 let v: u64 = [0, 1, u64::MAX, u64::from(u32::MAX), 1 << 31, 4096][rng.below(6)];
                 let w = if rng.below(2) == 0 { 4 } else { 8 };
@@ -48,7 +50,7 @@ fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
             3 => d.truncate(at),
             4 => {
                 let n = rng.below(64);
-                let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
                 d.splice(at..at, bytes);
             }
             _ => {
