@@ -332,6 +332,11 @@ impl Cluster {
         self.nodes[i].node.kill()
     }
 
+    /// SIGTERMs node `i` and waits until it has exited cleanly.
+    pub fn terminate_node(&mut self, i: usize) -> Result<()> {
+        self.nodes[i].node.terminate().map(drop)
+    }
+
     /// Starts the (stopped) node `i` again on the same host and data dir; waits until healthy.
     pub fn restart_node(&mut self, i: usize) -> Result<()> {
         self.nodes[i].node.restart()

@@ -271,16 +271,7 @@ fn run_peer_case(t: &TestCtx, origin: &Origin, case: &Case, label: &str) -> Resu
 /// Every complete blob on disk against its digest (the corrupt ones), then every blob of the
 /// origin read whole through the mirror (the ones served wrong or not at all).
 fn check(node: &Node, origin: &Origin) -> Result<(Vec<String>, Vec<String>)> {
-    let mut bad_at_rest = Vec::new();
-    for digest in complete_blobs(node)? {
-        let file = node.blob_file(&digest)?;
-        let mut hasher = Sha256::new();
-        std::io::copy(&mut std::fs::File::open(&file)?, &mut hasher)
-            .with_context(|| format!("reading {}", file.display()))?;
-        if format!("sha256:{}", hex::encode(hasher.finalize())) != digest {
-            bad_at_rest.push(digest);
-        }
-    }
+    let bad_at_rest = corrupt_at_rest(node)?;
     let mut bad_served = Vec::new();
     for digest in &origin.blobs {
         if let Err(e) = pull(node, digest) {
@@ -288,6 +279,21 @@ fn check(node: &Node, origin: &Origin) -> Result<(Vec<String>, Vec<String>)> {
         }
     }
     Ok((bad_at_rest, bad_served))
+}
+
+/// The blobs `node` reports complete whose file does not hash to their digest.
+pub fn corrupt_at_rest(node: &Node) -> Result<Vec<String>> {
+    let mut bad = Vec::new();
+    for digest in complete_blobs(node)? {
+        let file = node.blob_file(&digest)?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut std::fs::File::open(&file)?, &mut hasher)
+            .with_context(|| format!("reading {}", file.display()))?;
+        if format!("sha256:{}", hex::encode(hasher.finalize())) != digest {
+            bad.push(digest);
+        }
+    }
+    Ok(bad)
 }
 
 /// GETs `digest` through the node's mirror and checks every byte against the digest.

@@ -34,6 +34,7 @@ pub mod registry_log;
 pub mod scheduler;
 pub mod setup;
 pub mod skopeo;
+pub mod soak;
 pub mod tarball;
 pub mod tiny;
 pub mod token;

@@ -29,7 +29,8 @@ use crate::registry::Registry;
 pub const SHARED_COLD: usize = 4;
 /// How long one request may take before it counts as an error.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-const REPO: &str = "load/app";
+/// The repository the content is pushed to.
+pub const REPO: &str = "load/app";
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -180,6 +181,8 @@ impl Kind {
 #[derive(Debug, Clone)]
 pub struct Sample {
     pub kind: Kind,
+    /// When it started, from the release of the clients.
+    pub at: Duration,
     pub took: Duration,
     pub bytes: u64,
     /// Why it failed, if it did.
@@ -210,26 +213,52 @@ impl Outcome {
     }
 
     pub fn summary(&self, kind: Kind) -> Summary {
-        let mut took: Vec<Duration> = self
-            .samples
+        self.summary_from(kind, Duration::ZERO)
+    }
+
+    /// [`Outcome::summary`] of the requests started `from` the release of the clients on.
+    pub fn summary_from(&self, kind: Kind, from: Duration) -> Summary {
+        Summary::of(
+            self.samples
+                .iter()
+                .filter(|s| s.kind == kind && s.at >= from)
+                .map(|s| (s.took, s.error.is_some(), s.bytes)),
+        )
+    }
+
+    /// When the last cold blob was answered, from the release of the clients.
+    pub fn cold_done(&self) -> Duration {
+        self.samples
             .iter()
-            .filter(|s| s.kind == kind)
-            .map(|s| s.took)
-            .collect();
+            .filter(|s| s.kind == Kind::Cold)
+            .map(|s| s.at + s.took)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl Summary {
+    /// Figures of `(latency, failed, bytes)` samples.
+    pub fn of(samples: impl Iterator<Item = (Duration, bool, u64)>) -> Self {
+        let (mut took, mut errors, mut bytes) = (Vec::new(), 0, 0);
+        for (t, failed, b) in samples {
+            took.push(t);
+            errors += usize::from(failed);
+            bytes += b;
+        }
         took.sort_unstable();
         let pick = |q: f64| {
             took.get(((took.len() as f64 * q).ceil() as usize).saturating_sub(1))
                 .copied()
                 .unwrap_or_default()
         };
-        let of_kind = self.samples.iter().filter(|s| s.kind == kind);
         Summary {
             count: took.len(),
-            errors: of_kind.clone().filter(|s| s.error.is_some()).count(),
+            errors,
             p50: pick(0.50),
             p99: pick(0.99),
             max: took.last().copied().unwrap_or_default(),
-            bytes: of_kind.map(|s| s.bytes).sum(),
+            bytes,
         }
     }
 }
@@ -267,7 +296,10 @@ pub fn run(base_url: &str, plan: &Plan, content: &Arc<Content>) -> Result<Outcom
                         } else {
                             Kind::Range
                         };
-                        mine.push(one(&client, &base, kind, c, &mut rng, &content));
+                        let at = start.elapsed();
+                        let mut sample = one(&client, &base, kind, c, &mut rng, &content);
+                        sample.at = at;
+                        mine.push(sample);
                     }
                     samples
                         .lock()
@@ -288,8 +320,9 @@ pub fn run(base_url: &str, plan: &Plan, content: &Arc<Content>) -> Result<Outcom
     Ok(Outcome { samples, wall })
 }
 
-/// One request of `kind` by client `c`, timed and checked.
-fn one(
+/// One request of `kind` by client `c`, timed and checked (a cold blob is client `c`'s share of
+/// `content.cold`).
+pub fn one(
     client: &reqwest::blocking::Client,
     base: &str,
     kind: Kind,
@@ -341,6 +374,7 @@ fn one(
     };
     Sample {
         kind,
+        at: Duration::ZERO,
         took: start.elapsed(),
         bytes,
         error,

@@ -367,7 +367,8 @@ impl Node {
             .arg("--control")
             .arg(self.control_path())
             .args(["--upstream", &self.options.upstream]);
-        if !self.options.filesystem_quota {
+        let own_quota = self.options.extra_args.iter().any(|a| a == "--store-quota");
+        if !self.options.filesystem_quota && !own_quota {
             cmd.args(["--store-quota", TEST_QUOTA]);
         }
         for (host, url) in &self.options.host_upstreams {

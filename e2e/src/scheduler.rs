@@ -80,6 +80,11 @@ impl Scheduler {
         self.listen
     }
 
+    /// The running scheduler's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {

@@ -112,10 +112,17 @@ fn main() -> Result<()> {
         failed |= !m.node.errors().is_empty();
         report_errors(&format!("{label}, shoal node"), &m.node);
         report_errors(&format!("{label}, origin registry"), &m.direct);
+        let done = m.node.cold_done();
+        let after = m.node.summary_from(Kind::Manifest, done);
         println!(
-            "goals, {label}: node errors {} (goal 0); cached-manifest p99 {} (goal < 10 ms)",
+            "goals, {label}: node errors {} (goal 0); cached-manifest p99 {} (goal < 10 ms); \
+             after the last cold blob ({:.2} s): {} manifests, p50 {}, p99 {}",
             m.node.errors().len(),
-            ms(m.node.summary(Kind::Manifest).p99)
+            ms(m.node.summary(Kind::Manifest).p99),
+            done.as_secs_f64(),
+            after.count,
+            ms(after.p50),
+            ms(after.p99)
         );
     }
     ensure!(!failed, "the node answered with errors");

@@ -210,11 +210,30 @@ pub(crate) fn compressor_enum(c: Compressor) -> u32 {
 fn compress(c: Compressor, data: &[u8]) -> Result<Option<Vec<u8>>, BuildError> {
     Ok(match c {
         Compressor::None => None,
-        Compressor::Zstd => Some(
-            zstd::bulk::compress(data, 3).map_err(|e| BuildError::io("zstd", Path::new(""), e))?,
-        ),
+        Compressor::Zstd => {
+            Some(zstd_compress(data).map_err(|e| BuildError::io("zstd", Path::new(""), e))?)
+        }
         Compressor::Lz4Block => Some(lz4_flex::block::compress(data)),
         Compressor::Gzip => return Err(BuildError::Unsupported("gzip chunk compression")),
+    })
+}
+
+/// zstd level 3 with one compression context per thread: creating a context costs more than
+/// compressing a small chunk (it allocates and clears its tables).
+fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    thread_local! {
+        static CCTX: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = Some(zstd::bulk::Compressor::new(3)?);
+        }
+        match c.as_mut() {
+            Some(c) => c.compress(data),
+            None => zstd::bulk::compress(data, 3),
+        }
     })
 }
 
