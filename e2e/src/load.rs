@@ -5,9 +5,10 @@
 //!   holds (body checked against the digest);
 //! - **cached ranges**: `Range` GETs of 4 KiB–1 MiB at random offsets of a blob the node already
 //!   holds (bytes checked against the blob);
-//! - **cold blobs**: every client's first request is a whole blob the node has never seen, each
+//! - **cold blobs**: one request of every client is a whole blob the node has never seen, each
 //!   blob asked by [`SHARED_COLD`] clients at the same instant (one origin fetch, several waiters;
-//!   body checked against the digest).
+//!   body checked against the digest) — every client's first request (a burst of all cold blobs
+//!   at the start) or spread over the run ([`Plan::spread_cold`]).
 //!
 //! Each client is a thread with its own HTTP client (its own connections), all released by one
 //! barrier; every request has a timeout, and the run is bounded by `clients × requests`. An error
@@ -49,9 +50,22 @@ pub struct Plan {
     /// offered load is `clients / pace` whatever the latency. `None`: closed loop, each client
     /// sends its next request as soon as the last one is answered (saturation).
     pub pace: Option<Duration>,
+    /// Where in each client's requests its cold blob comes: `false`, first (all cold blobs in
+    /// one burst at the start, a thundering herd); `true`, spread over the run (the clients
+    /// sharing a blob still ask for it at the same request, so at the same time).
+    pub spread_cold: bool,
 }
 
 impl Plan {
+    /// Which of client `c`'s requests is its cold blob.
+    pub fn cold_request(&self, c: usize) -> usize {
+        if !self.spread_cold || self.requests <= 1 {
+            return 0;
+        }
+        let groups = self.cold_blobs().max(1);
+        (c / SHARED_COLD) * self.requests / groups
+    }
+
     /// The cold blobs this plan needs: one per [`SHARED_COLD`] clients.
     pub fn cold_blobs(&self) -> usize {
         self.clients.div_ceil(SHARED_COLD)
@@ -289,7 +303,7 @@ pub fn run(base_url: &str, plan: &Plan, content: &Arc<Content>) -> Result<Outcom
                                 std::thread::sleep(wait);
                             }
                         }
-                        let kind = if r == 0 {
+                        let kind = if r == plan.cold_request(c) {
                             Kind::Cold
                         } else if rng.below(10) < 6 {
                             Kind::Manifest

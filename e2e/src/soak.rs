@@ -379,6 +379,7 @@ pub fn run(t: &TestCtx, plan: &Plan) -> Result<Outcome> {
         cold_blob: 0,
         seed: plan.seed,
         pace: None,
+        spread_cold: false,
     };
     let content = Content::push(cluster.origin(), &load_plan)?;
     for i in 0..plan.nodes {

@@ -26,6 +26,7 @@ fn a_burst_of_50_clients_gets_every_byte_right_and_each_cold_blob_once_from_the_
                 cold_blob: 2 << 20,
                 seed: 0x5eed,
                 pace: None,
+                spread_cold: false,
             };
             let registry = Registry::start(t)?;
             let content = Arc::new(Content::push(&registry, &plan)?);

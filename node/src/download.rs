@@ -596,12 +596,47 @@ impl Fill {
     }
 }
 
+/// The nice value of the threads that ingest downloads, over the node's own.
+pub(crate) const INGEST_NICE: i32 = 10;
+
+/// Runs a download's CPU and disk work — writing fetched bytes, hashing them, committing,
+/// checking peers' pieces — on the ingest threads ([`ingest_pool`]).
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, DownloadError> {
-    tokio::task::spawn_blocking(f)
-        .await
+    let task = match ingest_pool() {
+        Some(pool) => pool.spawn_blocking(f),
+        None => tokio::task::spawn_blocking(f),
+    };
+    task.await
         .map_err(|e| DownloadError::Store(format!("blocking task failed: {e}")))
+}
+
+/// The threads that ingest downloads: a blocking pool of its own whose threads run
+/// [`INGEST_NICE`] lower in CPU priority than the node's other threads. When the cores are
+/// busy, answers from what the node already holds (manifests, cached blobs and ranges, lazy
+/// mount reads) and the host's own workloads go first, and cold fills take the CPU left over;
+/// with idle cores nothing changes. (Raising one's own nice needs no privilege; Linux keeps it
+/// per thread.) `None` if the pool cannot be built: the caller's runtime does the work then.
+fn ingest_pool() -> Option<&'static tokio::runtime::Handle> {
+    static POOL: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(64)
+            .thread_name("shoal-ingest")
+            .on_thread_start(|| {
+                // The calling thread only (who = 0 is the thread on Linux).
+                if let Err(e) = rustix::process::setpriority_process(None, INGEST_NICE) {
+                    tracing::debug!(error = %e, "ingest thread keeps the node's priority");
+                }
+            })
+            .build()
+            .map_err(|e| tracing::warn!(error = %e, "no ingest pool; downloads share the node's threads"))
+            .ok()
+    })
+    .as_ref()
+    .map(tokio::runtime::Runtime::handle)
 }
 
 /// How an origin fill ended short of an error.
@@ -892,4 +927,25 @@ async fn flush(
         Ok(sink)
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Download work yields the CPU to the node's answers: its threads run INGEST_NICE lower.
+    #[tokio::test]
+    async fn download_work_runs_at_a_lower_cpu_priority() {
+        let mine = rustix::process::getpriority_process(None).expect("own priority");
+        let theirs = blocking(|| rustix::process::getpriority_process(None))
+            .await
+            .expect("ran")
+            .expect("ingest priority");
+        assert_eq!(theirs, (mine + INGEST_NICE).min(19));
+        // The caller's thread is untouched.
+        assert_eq!(
+            rustix::process::getpriority_process(None).expect("own"),
+            mine
+        );
+    }
 }

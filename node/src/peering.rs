@@ -446,17 +446,30 @@ impl Peering {
                 .and_then(|v| v.piece_sha256)
                 .unwrap_or_default();
         }
-        for i in first..=last {
-            let pr = piece_range(i, piece, size);
-            let at = (pr.start - whole.start) as usize..(pr.end - whole.start) as usize;
-            let want = usize::try_from(i)
-                .ok()
-                .and_then(|i| hashes.get(i).cloned().flatten());
-            if want != Some(PieceSha256::of(&bytes[at])) {
-                tracing::warn!(peer = %holder.node.short(), piece = i, "seed sent a piece that does not match its hash");
-                self.blame(blob, holder.node, FailureReason::BadPiece);
-                return None;
-            }
+        let checks: Vec<(u64, Option<PieceSha256>, std::ops::Range<usize>)> = (first..=last)
+            .map(|i| {
+                let pr = piece_range(i, piece, size);
+                let at = (pr.start - whole.start) as usize..(pr.end - whole.start) as usize;
+                let want = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| hashes.get(i).cloned().flatten());
+                (i, want, at)
+            })
+            .collect();
+        // Hashed off the async workers: up to SEED_READ_MAX bytes.
+        let (bytes, bad) = tokio::task::spawn_blocking(move || {
+            let bad = checks
+                .into_iter()
+                .find(|(_, want, at)| *want != bytes.get(at.clone()).map(PieceSha256::of))
+                .map(|(i, _, _)| i);
+            (bytes, bad)
+        })
+        .await
+        .ok()?;
+        if let Some(i) = bad {
+            tracing::warn!(peer = %holder.node.short(), piece = i, "seed sent a piece that does not match its hash");
+            self.blame(blob, holder.node, FailureReason::BadPiece);
+            return None;
         }
         self.inner
             .metrics

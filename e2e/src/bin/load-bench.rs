@@ -2,10 +2,13 @@
 //! [--manifests 50] [--cached-mib 64] [--cold-mib 4] [--seed N] [--rate 400]`: starts an origin
 //! registry and one standalone node on loopback, pushes the content, primes the node with the
 //! manifests and the cached blob, then releases all clients at once (see `shoal_e2e::load` for
-//! the mix). Twice, each with fresh content: open loop (clients pace themselves to `--rate`
-//! requests per second in all, so latency is the service time at that load) and closed loop
-//! (each client's next request as soon as the last is answered: saturation, where latency is
-//! mostly queueing). Each plan then runs straight against the origin registry, as the baseline. Prints latency per
+//! the mix). Three times, each with fresh content: open loop (clients pace themselves to
+//! `--rate` requests per second in all, so latency is the service time at that load) with every
+//! cold blob asked at the start (a burst of 200 cold requests), the same with the cold blobs
+//! spread over the run, and closed loop (each client's next request as soon as the last is
+//! answered: saturation, where latency is mostly queueing). Each plan then runs straight against
+//! the origin registry, as the baseline. For each, the cached-manifest figures after the last
+//! cold blob was answered are printed too. Prints latency per
 //! kind, errors, node CPU, RSS and file descriptors, and the origin bytes the node's cold blobs
 //! cost.
 //!
@@ -31,10 +34,19 @@ fn main() -> Result<()> {
         seed: plan.seed ^ 0x9ace,
         ..plan.clone()
     };
+    let spread = Plan {
+        spread_cold: true,
+        seed: plan.seed ^ 0x5b4e,
+        ..paced.clone()
+    };
     let runs = [
         (
-            format!("open loop, {rate:.0} req/s offered"),
+            format!("open loop, {rate:.0} req/s offered, cold blobs first"),
             measure(&registry, &node, &paced)?,
+        ),
+        (
+            format!("open loop, {rate:.0} req/s offered, cold blobs spread"),
+            measure(&registry, &node, &spread)?,
         ),
         (
             "closed loop (saturation)".to_owned(),
@@ -202,6 +214,7 @@ fn parse(args: Vec<String>) -> Result<(Plan, f64)> {
         cold_blob: 4 << 20,
         seed: 0x10ad,
         pace: None,
+        spread_cold: false,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {

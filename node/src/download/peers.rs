@@ -152,8 +152,9 @@ struct Fetched {
     index: u64,
     peer: NodeId,
     range: Range<u64>,
-    hash: PieceSha256,
     bytes: Result<Vec<u8>, FetchError>,
+    /// Whether the bytes hash to the piece's hash (checked where they were fetched).
+    matches: Result<bool, DownloadError>,
 }
 
 /// One round of piece fetching with the holders of `view`. Returns whether
@@ -238,7 +239,7 @@ async fn pieces(
                 break;
             }
         };
-        if PieceSha256::of(&bytes) != got.hash {
+        if !got.matches? {
             tracing::warn!(peer = %got.peer, piece = got.index, "piece from peer does not match its hash; peer blamed and avoided");
             inner.metrics.bad_pieces.inc();
             avoid.forever(got.peer);
@@ -280,13 +281,25 @@ async fn fetch_piece(
     hash: PieceSha256,
 ) -> Fetched {
     let len = range.end - range.start;
-    let bytes = p2p.fetch_exact(peer, addr, &blob, range.start, len).await;
+    let (bytes, matches) = match p2p.fetch_exact(peer, addr, &blob, range.start, len).await {
+        // Hashed on the ingest threads, the pieces in flight side by side.
+        Ok(b) => match super::blocking(move || {
+            let matches = PieceSha256::of(&b) == hash;
+            (b, matches)
+        })
+        .await
+        {
+            Ok((b, matches)) => (Ok(b), Ok(matches)),
+            Err(e) => (Ok(Vec::new()), Err(e)),
+        },
+        Err(e) => (Err(e), Ok(false)),
+    };
     Fetched {
         index,
         peer,
         range,
-        hash,
         bytes,
+        matches,
     }
 }
 
