@@ -40,6 +40,7 @@ both_backends!(
     corrupt_file_is_detected_after_reopen,
     recovery_removes_orphans_and_broken_records,
     repos_are_merged_and_open_is_sticky_per_repository,
+    piece_hashes_follow_the_bytes_whatever_the_write_order,
 );
 
 fn open(dir: &Path, backend: Backend) -> Store {
@@ -153,6 +154,50 @@ fn write_commit_read(backend: Backend) {
     assert_eq!(r.read_at(SIZE - 4, &mut buf).expect("tail"), 4);
     assert_eq!(&buf[..4], &bytes[SIZE as usize - 4..]);
     assert_eq!(store.blobs().expect("blobs").len(), 1);
+}
+
+/// Piece hashes are taken from the bytes as they are written when a piece is written front to
+/// back, and read back from the file otherwise: out-of-order writes, a run broken by another
+/// piece's write, and a piece first written with other bytes and then rewritten back to front
+/// (whose streamed hash must be forgotten) all record the hashes of the final bytes.
+fn piece_hashes_follow_the_bytes_whatever_the_write_order(backend: Backend) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path(), backend);
+    let bytes = data(7, SIZE);
+    let id = Digest::sha256(&bytes);
+    let mut w = store.open_writer(&id, SIZE).expect("writer");
+    let put = |w: &mut BlobWriter, r: std::ops::Range<u64>, b: &[u8]| {
+        w.write_at(r.start, &b[r.start as usize..r.end as usize])
+            .expect("write");
+    };
+    // Piece 0 front to back in three writes.
+    put(&mut w, 0..1000, &bytes);
+    put(&mut w, 1000..100_000, &bytes);
+    put(&mut w, 100_000..PIECE, &bytes);
+    // Piece 1: half, then all of piece 3, then the rest of 1 (its run broken).
+    put(&mut w, PIECE..PIECE + 500, &bytes);
+    put(&mut w, 3 * PIECE..4 * PIECE, &bytes);
+    put(&mut w, PIECE + 500..2 * PIECE, &bytes);
+    // Piece 2: whole with other bytes (streamed), then the right bytes back half first.
+    let other = data(8, SIZE);
+    put(&mut w, 2 * PIECE..3 * PIECE, &other);
+    put(&mut w, 2 * PIECE + PIECE / 2..3 * PIECE, &bytes);
+    put(&mut w, 2 * PIECE..2 * PIECE + PIECE / 2, &bytes);
+    // Piece 4 (short) with a rewrite of its middle, same bytes.
+    put(&mut w, 4 * PIECE..SIZE, &bytes);
+    put(&mut w, 4 * PIECE + 10..4 * PIECE + 20, &bytes);
+    w.commit(0..SIZE).expect("commit");
+    let rec = w.complete(verified(&id, &bytes)).expect("complete");
+    for (i, hash) in rec.piece_sha256.iter().enumerate() {
+        let piece = &bytes[i * PIECE as usize..((i as u64 + 1) * PIECE).min(SIZE) as usize];
+        assert_eq!(
+            hash.as_ref().map(|h| h.as_slice()),
+            Some(Digest::sha256(piece).bytes()),
+            "piece {i}"
+        );
+    }
+    let r = store.open_reader(&id).expect("reader").expect("present");
+    assert_eq!(read_all(&r).expect("every piece verifies"), bytes);
 }
 
 fn partial_blob_serves_only_committed_ranges(backend: Backend) {

@@ -1,6 +1,7 @@
 //! Benchmark runner (not a test). `shoal-bench mirror [--size-mib N] [--rounds N]`: serves a cached
 //! random blob (1 GiB by default) through a node's mirror and, in the same run and the same way,
-//! straight from the origin registry, and prints both throughputs, their ratio and the machine.
+//! straight from the origin registry, and prints both throughputs, their ratio, each server's CPU
+//! per GiB served (and the node's for the cold pull before them) and the machine.
 //!
 //! Needs `docker-registry` on PATH and the `shoal` binary (`cargo build -p shoal-node`, or SHOAL_BIN).
 
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use sha2::{Digest as _, Sha256};
+use shoal_e2e::load::ProcStat;
 use shoal_e2e::node::Node;
 use shoal_e2e::registry::Registry;
 use shoal_e2e::wait::poll;
@@ -77,6 +79,10 @@ fn mirror(options: Options) -> Result<()> {
     let mirror_url = format!("{}/v2/{REPO}/blobs/{digest}", node.url());
     let origin_url = format!("{}/v2/{REPO}/blobs/{digest}", registry.url());
 
+    let node_pid = node.pid().context("the node is not running")?;
+    let reg_pid = registry.pid().context("the registry is not running")?;
+    let cpu = |pid: u32| ProcStat::of(pid).map(|s| s.cpu);
+    let cold_cpu_before = cpu(node_pid)?;
     let cold = Instant::now();
     let first = http::fetch_hashed(http::client()?.get(&mirror_url))?;
     ensure!(
@@ -95,9 +101,11 @@ fn mirror(options: Options) -> Result<()> {
                 .then_some(()))
         },
     )?;
+    let cold_cpu = cpu(node_pid)?.saturating_sub(cold_cpu_before);
     println!(
-        "cold pull through the mirror (origin fetch + store): {}",
-        rate(size, cold)
+        "cold pull through the mirror (origin fetch + store): {}; node CPU {:.2} s per GiB",
+        rate(size, cold),
+        per_gib(cold_cpu, size)
     );
 
     // One untimed read of each side first, so neither is measured against the other's
@@ -112,6 +120,7 @@ fn mirror(options: Options) -> Result<()> {
 
     let mut mirror_times = Vec::new();
     let mut origin_times = Vec::new();
+    let (mut node_cpu, mut reg_cpu) = (Duration::ZERO, Duration::ZERO);
     for round in 1..=options.rounds {
         // Alternate the order so neither side always runs on a warmer page cache.
         let order = if round % 2 == 1 {
@@ -121,7 +130,15 @@ fn mirror(options: Options) -> Result<()> {
         };
         for via_mirror in order {
             let url = if via_mirror { &mirror_url } else { &origin_url };
+            let pid = if via_mirror { node_pid } else { reg_pid };
+            let before = cpu(pid)?;
             let took = timed_get(url, size)?;
+            let used = cpu(pid)?.saturating_sub(before);
+            if via_mirror {
+                node_cpu += used;
+            } else {
+                reg_cpu += used;
+            }
             let (label, times) = if via_mirror {
                 ("mirror (cached)", &mut mirror_times)
             } else {
@@ -155,8 +172,19 @@ fn mirror(options: Options) -> Result<()> {
         "ratio mirror/origin (median): {:.2}",
         mbs(size, median(&mirror_times)?) / mbs(size, median(&origin_times)?)
     );
+    let served = size * options.rounds as u64;
+    println!(
+        "server CPU per GiB served: node (cached) {:.2} s, origin registry {:.2} s",
+        per_gib(node_cpu, served),
+        per_gib(reg_cpu, served)
+    );
     println!("machine: {}", machine());
     Ok(())
+}
+
+/// CPU seconds per GiB of `bytes`.
+fn per_gib(cpu: Duration, bytes: u64) -> f64 {
+    cpu.as_secs_f64() * (1u64 << 30) as f64 / bytes.max(1) as f64
 }
 
 /// GETs `url`, reads and discards the whole body, checks its length; returns the wall time.

@@ -1,14 +1,18 @@
 //! `BlobWriter`: the one writer of a blob's content file and record.
 //!
 //! Protocol: `write_at` any bytes (no sync, nothing recorded), `commit` a
-//! range once its bytes are written (fdatasync, then hash the pieces it
-//! completes, then one synced record batch), `complete` with the
+//! range once its bytes are written (fdatasync, then the hashes of the pieces
+//! it completes, then one synced record batch), `complete` with the
 //! `VerifiedDigest` of the whole blob (fsync, record `complete`), or `discard`.
 //!
 //! Invariants: at most one writer per blob (`State::writers`), and the writer
 //! counts as a pin. A range is recorded present only after its bytes were
 //! synced; a piece hash is recorded in the same batch that makes the piece
-//! fully present, computed from the synced bytes on disk.
+//! fully present. It is the hash of the bytes this writer wrote: taken as they
+//! are written when the piece was written front to back by this writer (one
+//! pass over the bytes, the usual case of a fill), else read back from the
+//! synced file. A write into a piece outside that front-to-back run forgets
+//! the piece's streamed hash, so the file is read back for it.
 
 use std::fs::File;
 use std::io;
@@ -37,6 +41,17 @@ pub struct BlobWriter {
     file: File,
     path: PathBuf,
     stored: StoredBlob,
+    /// The piece being written front to back, hashed as it goes.
+    stream: Option<PieceStream>,
+    /// Pieces written front to back in one run, with their hash, not yet recorded.
+    streamed: std::collections::HashMap<u64, [u8; 32]>,
+}
+
+/// A piece written from its first byte up to `next`, hashed so far.
+struct PieceStream {
+    piece: u64,
+    next: u64,
+    hasher: sha2::Sha256,
 }
 
 /// A clone of the writer's file handle for streaming bytes written but not
@@ -156,9 +171,12 @@ impl BlobWriter {
                 }
             }
         }
-        self.file
-            .write_all_at(data, offset)
-            .map_err(StoreError::io(&self.path))?;
+        if let Err(e) = self.file.write_all_at(data, offset) {
+            // Part of it may be on disk: no streamed hash covers these pieces any more.
+            self.hash_written(offset, &[], data.len() as u64);
+            return Err(StoreError::io(&self.path)(e));
+        }
+        self.hash_written(offset, data, n);
         crate::faults::crash_at_offset(offset + n);
         let slot = &mut self.slot;
         slot.uncommitted += n;
@@ -187,7 +205,10 @@ impl BlobWriter {
             if self.stored.present.contains_range(&pr) || !stored.present.contains_range(&pr) {
                 continue;
             }
-            let hash = sha256_of_range(&self.file, pr).map_err(StoreError::io(&self.path))?;
+            let hash = match self.streamed.remove(&piece) {
+                Some(h) => h,
+                None => sha256_of_range(&self.file, pr).map_err(StoreError::io(&self.path))?,
+            };
             batch.put(keys::piece_hash(&id, piece), hash.to_vec());
         }
         put_blob(&mut batch, &id, &stored);
@@ -195,6 +216,13 @@ impl BlobWriter {
         self.write_record(batch, &stored)?;
         crate::faults::crash_point("commit.after_record");
         self.stored = stored;
+        let (present, piece_size, size) = (
+            &self.stored.present,
+            self.stored.piece_size,
+            self.stored.size,
+        );
+        self.streamed
+            .retain(|&p, _| !present.contains_range(&piece_range(p, piece_size, size)));
         self.slot.release_uncommitted();
         let shared = &self.slot.shared;
         if shared.over_high_watermark() {
@@ -205,6 +233,53 @@ impl BlobWriter {
             }
         }
         Ok(())
+    }
+
+    /// Follows what was written at `offset` (`len` bytes; `data` empty when the bytes on
+    /// disk are unknown) into the streamed piece hashes: a piece's hash is taken as it is
+    /// written from its first byte to its last in order; any other write into a piece
+    /// forgets what was streamed of it.
+    fn hash_written(&mut self, offset: u64, data: &[u8], len: u64) {
+        use sha2::Digest as _;
+        let (piece_size, size) = (self.stored.piece_size, self.stored.size);
+        let end = offset.saturating_add(len).min(size);
+        let mut pos = offset;
+        while pos < end {
+            let piece = pos / piece_size;
+            let pr = piece_range(piece, piece_size, size);
+            let seg_end = pr.end.min(end);
+            let bytes = data.get((pos - offset) as usize..(seg_end - offset) as usize);
+            self.streamed.remove(&piece);
+            let continues = self
+                .stream
+                .as_ref()
+                .is_some_and(|s| s.piece == piece && s.next == pos);
+            if !continues {
+                self.stream = (pos == pr.start).then(|| PieceStream {
+                    piece,
+                    next: pos,
+                    hasher: sha2::Sha256::new(),
+                });
+            }
+            match (self.stream.as_mut(), bytes) {
+                (Some(s), Some(b)) if !b.is_empty() => {
+                    s.hasher.update(b);
+                    s.next = seg_end;
+                    if seg_end == pr.end {
+                        if let Some(s) = self.stream.take() {
+                            self.streamed.insert(piece, s.hasher.finalize().into());
+                        }
+                    }
+                }
+                // Unknown bytes: nothing of this piece can be trusted from the stream.
+                _ => {
+                    if self.stream.as_ref().is_some_and(|s| s.piece == piece) {
+                        self.stream = None;
+                    }
+                }
+            }
+            pos = seg_end;
+        }
     }
 
     /// A handle for reading back uncommitted bytes.
@@ -277,6 +352,8 @@ impl BlobWriter {
             generation,
             file,
             stored,
+            stream: None,
+            streamed: Default::default(),
         }))
     }
 
@@ -299,6 +376,8 @@ impl BlobWriter {
             generation,
             file,
             stored,
+            stream: None,
+            streamed: Default::default(),
         })
     }
 
