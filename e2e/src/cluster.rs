@@ -35,6 +35,16 @@ use crate::scheduler::{Scheduler, SCHEDULER_PORT};
 use crate::setup::{self, IMAGE};
 use crate::{skopeo, TestCtx};
 
+/// What a cluster test needs on the machine.
+pub const NEEDS: &[crate::Need] = &[
+    crate::Need::Root,
+    crate::Need::Bin("ip"),
+    crate::Need::Bin("tc"),
+    crate::Need::Bin("docker-registry"),
+    crate::Need::Bin("skopeo"),
+    crate::Need::Shoal,
+];
+
 /// The origin's link, as issue 5 sets it: what the registry can send, in Mbit/s.
 pub const ORIGIN_MBIT: u32 = 200;
 /// Every node's link, both directions, in Mbit/s.

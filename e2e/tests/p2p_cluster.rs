@@ -22,14 +22,7 @@ use shoal_e2e::cluster::{
 use shoal_e2e::{netns, nydus, paths, skopeo};
 use shoal_e2e::{run, Need, TestCtx};
 
-const NEEDS: &[Need] = &[
-    Need::Root,
-    Need::Bin("ip"),
-    Need::Bin("tc"),
-    Need::Bin("docker-registry"),
-    Need::Bin("skopeo"),
-    Need::Shoal,
-];
+const NEEDS: &[Need] = cluster::NEEDS;
 /// Most the origin may serve for N concurrent pulls, in images (issue 5).
 const MAX_ORIGIN_IMAGES: f64 = 1.05;
 /// Upper bound for anything the tests wait for; never an assertion about speed.

@@ -20,19 +20,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use shoal_e2e::cluster::{mb, node_report, pull_together, verify_all, Cluster, ClusterOptions};
+use shoal_e2e::cluster::{
+    self, mb, node_report, pull_together, verify_all, Cluster, ClusterOptions,
+};
 use shoal_e2e::registry_log::{LoggedRequest, RegistryLog};
 use shoal_e2e::setup::IMAGE;
 use shoal_e2e::{netns, nydus, paths, run, Need, TestCtx};
 
-const NEEDS: &[Need] = &[
-    Need::Root,
-    Need::Bin("ip"),
-    Need::Bin("tc"),
-    Need::Bin("docker-registry"),
-    Need::Bin("skopeo"),
-    Need::Shoal,
-];
+const NEEDS: &[Need] = cluster::NEEDS;
 const MOUNT_NEEDS: &[Need] = &[
     Need::Root,
     Need::Fuse,

@@ -10,7 +10,7 @@
 
 use anyhow::{ensure, Result};
 use shoal_e2e::soak::{self, Fault, Kind, Plan};
-use shoal_e2e::{netns, run, Need};
+use shoal_e2e::{cluster, netns, run};
 
 #[test]
 fn mixed_load_through_node_and_scheduler_restarts_gets_every_byte_right() {
@@ -19,15 +19,7 @@ fn mixed_load_through_node_and_scheduler_restarts_gets_every_byte_right() {
         shoal_e2e::skip(name, &why);
         return;
     }
-    let needs = [
-        Need::Root,
-        Need::Bin("ip"),
-        Need::Bin("tc"),
-        Need::Bin("docker-registry"),
-        Need::Bin("skopeo"),
-        Need::Shoal,
-    ];
-    run(name, &needs, |t| -> Result<()> {
+    run(name, cluster::NEEDS, |t| -> Result<()> {
         let plan = Plan::smoke();
         let o = soak::run(t, &plan)?;
         let errors = o.errors();
