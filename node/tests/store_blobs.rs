@@ -106,6 +106,18 @@ fn read_all(r: &BlobReader) -> Result<Vec<u8>, StoreError> {
     }
 }
 
+/// Every piece hash `rec` records is the SHA-256 of that piece of `bytes`.
+fn assert_piece_hashes(rec: &shoal_node::store::BlobRecord, bytes: &[u8]) {
+    for (i, hash) in rec.piece_sha256.iter().enumerate() {
+        let piece = &bytes[i * PIECE as usize..((i as u64 + 1) * PIECE).min(SIZE) as usize];
+        assert_eq!(
+            hash.as_ref().map(|h| h.as_slice()),
+            Some(Digest::sha256(piece).bytes()),
+            "piece {i}"
+        );
+    }
+}
+
 /// Flips one byte of a file behind the store's back (like `dd conv=notrunc`).
 fn flip_byte(path: &Path, offset: u64) {
     let f = OpenOptions::new()
@@ -136,13 +148,7 @@ fn write_commit_read(backend: Backend) {
     assert_eq!(rec.piece_size, piece_size(SIZE));
     assert_eq!(rec.present.iter().collect::<Vec<_>>(), vec![0..SIZE]);
     assert_eq!(rec.piece_sha256.len(), 5);
-    for (i, hash) in rec.piece_sha256.iter().enumerate() {
-        let piece = &bytes[i * PIECE as usize..((i as u64 + 1) * PIECE).min(SIZE) as usize];
-        assert_eq!(
-            hash.as_ref().map(|h| h.as_slice()),
-            Some(Digest::sha256(piece).bytes())
-        );
-    }
+    assert_piece_hashes(&rec, &bytes);
     let usage = store.usage();
     assert_eq!((usage.bytes, usage.blobs, usage.complete), (SIZE, 1, 1));
 
@@ -188,14 +194,7 @@ fn piece_hashes_follow_the_bytes_whatever_the_write_order(backend: Backend) {
     put(&mut w, 4 * PIECE + 10..4 * PIECE + 20, &bytes);
     w.commit(0..SIZE).expect("commit");
     let rec = w.complete(verified(&id, &bytes)).expect("complete");
-    for (i, hash) in rec.piece_sha256.iter().enumerate() {
-        let piece = &bytes[i * PIECE as usize..((i as u64 + 1) * PIECE).min(SIZE) as usize];
-        assert_eq!(
-            hash.as_ref().map(|h| h.as_slice()),
-            Some(Digest::sha256(piece).bytes()),
-            "piece {i}"
-        );
-    }
+    assert_piece_hashes(&rec, &bytes);
     let r = store.open_reader(&id).expect("reader").expect("present");
     assert_eq!(read_all(&r).expect("every piece verifies"), bytes);
 }
