@@ -413,6 +413,9 @@ fn check(
 pub struct ProcStat {
     pub cpu: Duration,
     pub rss_bytes: u64,
+    /// The anonymous part of `rss_bytes` (heap, stacks): what a leak grows. The rest is mostly
+    /// the executable's pages, faulted in as code paths run for the first time.
+    pub anon_bytes: u64,
     pub peak_rss_bytes: u64,
     pub fds: usize,
 }
@@ -445,6 +448,7 @@ impl ProcStat {
         Ok(Self {
             cpu,
             rss_bytes: kib("VmRSS:"),
+            anon_bytes: kib("RssAnon:"),
             peak_rss_bytes: kib("VmHWM:"),
             fds,
         })

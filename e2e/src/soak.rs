@@ -180,6 +180,9 @@ pub struct ProcSample {
     pub stat: ProcStat,
     /// The node's data dir, allocated bytes (0 for the scheduler).
     pub disk: u64,
+    /// The node's metadata database's memory (`shoal_store_meta_memory_bytes`, all parts; 0 for
+    /// the scheduler or when the scrape failed).
+    pub meta_memory: u64,
 }
 
 /// Everything a run measured.
@@ -231,27 +234,25 @@ impl Outcome {
             .collect();
         let warm = mine.iter().find(|s| s.at >= warmup).copied()?;
         let last = *mine.last()?;
-        let after: Vec<&&ProcSample> = mine.iter().filter(|s| s.at >= warmup).collect();
-        // Least squares of RSS over time, after the warm-up.
-        let n = after.len() as f64;
-        let (sx, sy) = after.iter().fold((0.0, 0.0), |(x, y), s| {
-            (x + s.at.as_secs_f64(), y + s.stat.rss_bytes as f64)
-        });
-        let (mx, my) = (sx / n, sy / n);
-        let (mut num, mut den) = (0.0, 0.0);
-        for s in &after {
-            let dx = s.at.as_secs_f64() - mx;
-            num += dx * (s.stat.rss_bytes as f64 - my);
-            den += dx * dx;
-        }
-        let slope = if den > 0.0 { num / den } else { 0.0 };
+        let half = warm.at + (last.at.saturating_sub(warm.at)) / 2;
+        let rss = |s: &ProcSample| s.stat.rss_bytes as f64;
+        let meta = |s: &ProcSample| s.meta_memory as f64;
+        let anon = |s: &ProcSample| s.stat.anon_bytes as f64;
+        let per_hour = 3600.0 / (1u64 << 20) as f64;
         Some(Trend {
             warm_at: warm.at,
             end_at: last.at,
             warm_rss: warm.stat.rss_bytes,
             end_rss: last.stat.rss_bytes,
             max_rss: mine.iter().map(|s| s.stat.rss_bytes).max().unwrap_or(0),
-            rss_slope_mib_per_hour: slope * 3600.0 / (1u64 << 20) as f64,
+            rss_slope_mib_per_hour: slope(&mine, warmup, rss) * per_hour,
+            rss_slope_last_half_mib_per_hour: slope(&mine, half, rss) * per_hour,
+            warm_anon: warm.stat.anon_bytes,
+            end_anon: last.stat.anon_bytes,
+            anon_slope_last_half_mib_per_hour: slope(&mine, half, anon) * per_hour,
+            warm_meta: warm.meta_memory,
+            end_meta: last.meta_memory,
+            meta_slope_mib_per_hour: slope(&mine, warmup, meta) * per_hour,
             warm_fds: warm.stat.fds,
             end_fds: last.stat.fds,
             max_fds: mine.iter().map(|s| s.stat.fds).max().unwrap_or(0),
@@ -285,6 +286,30 @@ impl Outcome {
     }
 }
 
+/// Least-squares slope of `value` over time (per second), for the samples from `from` on.
+fn slope(samples: &[&ProcSample], from: Duration, value: impl Fn(&ProcSample) -> f64) -> f64 {
+    let after: Vec<&ProcSample> = samples.iter().copied().filter(|s| s.at >= from).collect();
+    let n = after.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (sx, sy) = after.iter().fold((0.0, 0.0), |(x, y), s| {
+        (x + s.at.as_secs_f64(), y + value(s))
+    });
+    let (mx, my) = (sx / n, sy / n);
+    let (mut num, mut den) = (0.0, 0.0);
+    for s in &after {
+        let dx = s.at.as_secs_f64() - mx;
+        num += dx * (value(s) - my);
+        den += dx * dx;
+    }
+    if den > 0.0 {
+        num / den
+    } else {
+        0.0
+    }
+}
+
 /// A process's memory and descriptors between the end of the warm-up and the end of the run.
 #[derive(Debug, Clone, Copy)]
 pub struct Trend {
@@ -293,7 +318,17 @@ pub struct Trend {
     pub warm_rss: u64,
     pub end_rss: u64,
     pub max_rss: u64,
+    /// Least squares of RSS over time after the warm-up, and over the run's second half only.
     pub rss_slope_mib_per_hour: f64,
+    pub rss_slope_last_half_mib_per_hour: f64,
+    /// The anonymous part of RSS (heap and stacks), and its trend over the second half.
+    pub warm_anon: u64,
+    pub end_anon: u64,
+    pub anon_slope_last_half_mib_per_hour: f64,
+    /// The metadata database's memory, after the warm-up and at the end, and its trend.
+    pub warm_meta: u64,
+    pub end_meta: u64,
+    pub meta_slope_mib_per_hour: f64,
     pub warm_fds: usize,
     pub end_fds: usize,
     pub max_fds: usize,
@@ -576,12 +611,17 @@ pub fn run(t: &TestCtx, plan: &Plan) -> Result<Outcome> {
                         continue;
                     }
                     if let Some(stat) = c.node(i).pid().and_then(|p| ProcStat::of(p).ok()) {
+                        let meta_memory = c
+                            .metrics(i)
+                            .map(|m| m.sum("shoal_store_meta_memory_bytes", &[]) as u64)
+                            .unwrap_or(0);
                         got.push(ProcSample {
                             at,
                             who: Who::Node(i),
                             life,
                             stat,
                             disk: crate::pressure::allocated(c.node(i).data_dir()),
+                            meta_memory,
                         });
                     }
                 }
@@ -593,6 +633,7 @@ pub fn run(t: &TestCtx, plan: &Plan) -> Result<Outcome> {
                         life: lives[plan.nodes],
                         stat,
                         disk: 0,
+                        meta_memory: 0,
                     });
                 }
                 drop(c);

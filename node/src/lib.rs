@@ -11,6 +11,7 @@ pub mod download;
 pub mod faults;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod heap;
 pub mod metrics;
 pub mod mirror;
 pub mod mount;

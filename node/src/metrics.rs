@@ -127,6 +127,13 @@ pub struct StoreGauges {
     pub evictions: Counter,
     /// Blobs dropped because a piece did not match its hash.
     pub corrupt_dropped: Counter,
+    /// The metadata database's memory, by part (`memtables`, `block_cache`, `table_readers`).
+    pub meta_memory: Family<PartLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabels {
+    pub part: &'static str,
 }
 
 /// Plain totals mirrored from the counters for the status API.
@@ -472,6 +479,16 @@ impl Metrics {
         g.quota_bytes.set(clamp(usage.quota_bytes));
         catch_up(&g.evictions, stats.evicted);
         catch_up(&g.corrupt_dropped, stats.corrupt_dropped);
+        let mem = store.meta_memory();
+        for (part, bytes) in [
+            ("memtables", mem.memtables),
+            ("block_cache", mem.block_cache),
+            ("table_readers", mem.table_readers),
+        ] {
+            g.meta_memory
+                .get_or_create(&PartLabels { part })
+                .set(clamp(bytes));
+        }
         if let Ok(fs) = rustix::fs::statvfs(data_dir) {
             let frag = fs.f_frsize.max(1);
             g.fs_size_bytes.set(clamp(fs.f_blocks.saturating_mul(frag)));
@@ -531,6 +548,11 @@ impl StoreGauges {
             "corrupt_dropped",
             "Blobs dropped because a piece did not match its hash",
             self.corrupt_dropped.clone(),
+        );
+        sub.register(
+            "meta_memory_bytes",
+            "Memory the metadata database holds, by part (memtables, block_cache, table_readers)",
+            self.meta_memory.clone(),
         );
     }
 }

@@ -71,6 +71,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 
     let work = CancellationToken::new();
     let tracker = TaskTracker::new();
+    tracker.spawn(crate::heap::trim_every(
+        crate::heap::TRIM_EVERY,
+        work.clone(),
+    ));
     let upstreams = Arc::new(Upstreams::new(&cfg, metrics.clone())?);
     let access = Arc::new(Access::new(
         cfg.mirror.access_ttl.0,

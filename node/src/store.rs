@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use shoal_proto::{BlobId, Digest, RepoName, Tag};
 
 pub use error::StoreError;
-pub use meta::DbError;
+pub use meta::{DbError, MetaMemory};
 pub use pieces::piece_size;
 pub use ranges::RangeSet;
 pub use reader::BlobReader;
@@ -314,6 +314,11 @@ impl Store {
 
     pub fn stats(&self) -> StoreStats {
         self.shared.stats()
+    }
+
+    /// What the metadata database holds in memory.
+    pub fn meta_memory(&self) -> MetaMemory {
+        self.shared.db.memory()
     }
 
     /// If usage is above the high watermark, removes least recently

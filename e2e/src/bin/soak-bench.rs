@@ -91,10 +91,10 @@ fn main() -> Result<()> {
     );
 
     println!(
-        "\n| process | restarts | RSS after warm-up ({} s) → end | max RSS | RSS trend | fds after warm-up → end (max) | CPU | peak disk / quota |",
+        "\n| process | restarts | RSS after warm-up ({} s) → end | max RSS | RSS trend (second half) | anonymous RSS → end (second-half trend) | metadata DB memory → end (trend) | fds after warm-up → end (max) | CPU | peak disk / quota |",
         warmup.as_secs()
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut grew = Vec::new();
     for who in (0..plan.nodes)
         .map(Who::Node)
@@ -113,11 +113,18 @@ fn main() -> Result<()> {
         match o.trend(who, warmup) {
             Some(t) if restarts == 0 => {
                 println!(
-                    "| {name} | 0 | {:.1} → {:.1} MiB | {:.1} MiB | {:+.1} MiB/h | {} → {} ({}) | {:.1} s | {disk} |",
+                    "| {name} | 0 | {:.1} → {:.1} MiB | {:.1} MiB | {:+.1} MiB/h ({:+.1}) | {:.1} → {:.1} MiB ({:+.1} MiB/h) | {:.1} → {:.1} MiB ({:+.1} MiB/h) | {} → {} ({}) | {:.1} s | {disk} |",
                     mib(t.warm_rss),
                     mib(t.end_rss),
                     mib(t.max_rss),
                     t.rss_slope_mib_per_hour,
+                    t.rss_slope_last_half_mib_per_hour,
+                    mib(t.warm_anon),
+                    mib(t.end_anon),
+                    t.anon_slope_last_half_mib_per_hour,
+                    mib(t.warm_meta),
+                    mib(t.end_meta),
+                    t.meta_slope_mib_per_hour,
                     t.warm_fds,
                     t.end_fds,
                     t.max_fds,
@@ -136,7 +143,7 @@ fn main() -> Result<()> {
                 // Restarted: the peak of each life, first and last.
                 let (first, last) = (lives.first(), lives.last());
                 println!(
-                    "| {name} | {restarts} | per life, first → last: peak {:.1} → {:.1} MiB | {:.1} MiB | – | peak {} → {} | – | {disk} |",
+                    "| {name} | {restarts} | per life, first → last: peak {:.1} → {:.1} MiB | {:.1} MiB | – | – | – | peak {} → {} | – | {disk} |",
                     first.map_or(0.0, |l| mib(l.1)),
                     last.map_or(0.0, |l| mib(l.1)),
                     lives.iter().map(|l| mib(l.1)).fold(0.0, f64::max),
@@ -145,6 +152,29 @@ fn main() -> Result<()> {
                 );
             }
         }
+    }
+    // The never-restarted nodes' memory over the run, in six steps: where a trend levels off.
+    println!("\nNever-restarted nodes over time: RSS (anonymous, metadata DB)");
+    let steps = 6u32;
+    for k in 0..=steps {
+        let at = plan.duration * k / steps;
+        let mut line = format!("  {:>5.0} s", at.as_secs_f64());
+        for i in 0..STEADY_NODES.min(plan.nodes) {
+            let near = o
+                .samples
+                .iter()
+                .filter(|s| s.who == Who::Node(i) && s.life == 0)
+                .min_by_key(|s| s.at.abs_diff(at));
+            if let Some(s) = near {
+                line += &format!(
+                    " | node {i}: {:.1} MiB ({:.1}, {:.1} MiB)",
+                    mib(s.stat.rss_bytes),
+                    mib(s.stat.anon_bytes),
+                    mib(s.meta_memory)
+                );
+            }
+        }
+        println!("{line}");
     }
     for e in o.errors().iter().take(10) {
         eprintln!(

@@ -107,6 +107,8 @@ pub struct NodeArgs {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<std::process::ExitCode> {
+    // Before any thread starts: threads keep the malloc arena they first got.
+    crate::heap::limit_arenas();
     let file = file_config(args)?;
     let cfg = file.validate()?;
     let level = super::Verbosity::get().level().unwrap_or(&cfg.log.level);

@@ -60,6 +60,17 @@ impl Batch {
     }
 }
 
+/// A database's own memory, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaMemory {
+    /// Write buffers (memtables), active and waiting for their flush.
+    pub memtables: u64,
+    /// The block cache's fill.
+    pub block_cache: u64,
+    /// Open table files' indexes and filters kept outside the block cache.
+    pub table_readers: u64,
+}
+
 /// An ordered, atomic-batch key-value store.
 pub trait MetaStore: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
@@ -72,6 +83,11 @@ pub trait MetaStore: Send + Sync {
 
     /// Makes every earlier write durable (for shutdown).
     fn flush(&self) -> Result<(), DbError>;
+
+    /// What the database holds in memory, where it can tell (for the metrics).
+    fn memory(&self) -> MetaMemory {
+        MetaMemory::default()
+    }
 
     fn put(&self, key: Vec<u8>, value: Vec<u8>, durability: Durability) -> Result<(), DbError> {
         let mut batch = Batch::default();
@@ -131,5 +147,22 @@ mod tests {
     fn rocks_contract() {
         let dir = tempfile::tempdir().expect("tempdir");
         contract(&rocks::RocksMeta::open(&dir.path().join("db")).expect("open"));
+    }
+
+    /// RocksDB tells what it holds in memory: its write buffer grows with what is written.
+    #[test]
+    fn rocks_reports_its_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = rocks::RocksMeta::open(&dir.path().join("db")).expect("open");
+        let before = db.memory();
+        for i in 0..8000u32 {
+            db.put(i.to_be_bytes().to_vec(), vec![7; 512], Durability::Buffered)
+                .expect("put");
+        }
+        let after = db.memory();
+        assert!(
+            after.memtables >= before.memtables + (2 << 20),
+            "{before:?} → {after:?}"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{DBCompressionType, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
-use super::{Batch, DbError, Durability, Entry, MetaStore, Op};
+use super::{Batch, DbError, Durability, Entry, MetaMemory, MetaStore, Op};
 
 pub struct RocksMeta {
     db: DB,
@@ -76,5 +76,14 @@ impl MetaStore for RocksMeta {
     fn flush(&self) -> Result<(), DbError> {
         self.db.flush_wal(true).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))
+    }
+
+    fn memory(&self) -> MetaMemory {
+        let int = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        MetaMemory {
+            memtables: int("rocksdb.cur-size-all-mem-tables"),
+            block_cache: int("rocksdb.block-cache-usage"),
+            table_readers: int("rocksdb.estimate-table-readers-mem"),
+        }
     }
 }
