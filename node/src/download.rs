@@ -551,7 +551,9 @@ pub(crate) struct Sink {
 /// One download's progress across its sources: the writer (once the size
 /// is known) and the contiguous prefix `[0, pos)` written and hashed.
 pub(crate) struct Fill {
+    /// None while a write is in flight ([`Pending`]).
     sink: Option<Sink>,
+    /// Bytes handed to the writer; written and hashed once no write is in flight.
     pos: u64,
     size: Option<u64>,
     /// Some bytes came from peers.
@@ -908,25 +910,76 @@ fn open_sink(store: &Store, id: &BlobId, size: u64, start: u64) -> Result<Sink, 
 
 /// Write `data` at `pos` (and hash it); commit everything written so far
 /// when `commit` is set.
-async fn flush(
-    mut sink: Sink,
-    data: Vec<u8>,
-    pos: u64,
-    commit: bool,
-) -> Result<Sink, DownloadError> {
-    blocking(move || -> Result<Sink, DownloadError> {
-        if !data.is_empty() {
-            sink.writer.write_at(pos, &data)?;
-            sink.verifier.update(&data);
-        }
-        let end = pos + data.len() as u64;
-        if commit && end > sink.committed {
-            sink.writer.commit(sink.committed..end)?;
-            sink.committed = end;
-        }
-        Ok(sink)
-    })
-    .await?
+async fn flush(sink: Sink, data: Vec<u8>, pos: u64, commit: bool) -> Result<Sink, DownloadError> {
+    blocking(move || flush_now(sink, data, pos, commit)).await?
+}
+
+/// Writes `data` at `pos`, hashes it, and commits up to its end if `commit`.
+fn flush_now(mut sink: Sink, data: Vec<u8>, pos: u64, commit: bool) -> Result<Sink, DownloadError> {
+    if !data.is_empty() {
+        sink.writer.write_at(pos, &data)?;
+        sink.verifier.update(&data);
+    }
+    let end = pos + data.len() as u64;
+    if commit && end > sink.committed {
+        sink.writer.commit(sink.committed..end)?;
+        sink.committed = end;
+    }
+    Ok(sink)
+}
+
+/// A fill's write in flight on the ingest threads while the next batch is read: the network
+/// reads and the disk and hashing work overlap instead of taking turns. At most one is in
+/// flight, and the fill's bytes go to the writer in order.
+///
+/// While one is in flight the fill has no sink and its `pos` already counts the bytes handed
+/// over; [`Pending::settle`] gives the sink back and shows the bytes to readers. Every path
+/// that uses the sink, or leaves the fill, settles first.
+#[derive(Default)]
+pub(crate) struct Pending(Option<(tokio::task::JoinHandle<Result<Sink, DownloadError>>, bool)>);
+
+impl Pending {
+    /// Hands `data` (the bytes after `fill.pos`) to the writer without waiting for it.
+    /// The caller has settled the previous write.
+    pub(crate) fn start(
+        &mut self,
+        fill: &mut Fill,
+        data: Vec<u8>,
+        commit: bool,
+    ) -> Result<(), DownloadError> {
+        debug_assert!(self.0.is_none(), "one write in flight at most");
+        let sink = fill
+            .sink
+            .take()
+            .ok_or_else(|| DownloadError::Store("writer not open".into()))?;
+        let pos = fill.pos;
+        fill.pos += data.len() as u64;
+        let work = move || flush_now(sink, data, pos, commit);
+        let task = match ingest_pool() {
+            Some(pool) => pool.spawn_blocking(work),
+            None => tokio::task::spawn_blocking(work),
+        };
+        self.0 = Some((task, commit));
+        Ok(())
+    }
+
+    /// Waits for the write in flight, if any, and shows its bytes to readers. Returns whether
+    /// it committed.
+    pub(crate) async fn settle(
+        &mut self,
+        fill: &mut Fill,
+        d: &Download,
+    ) -> Result<bool, DownloadError> {
+        let Some((task, commit)) = self.0.take() else {
+            return Ok(false);
+        };
+        let sink = task
+            .await
+            .map_err(|e| DownloadError::Store(format!("blocking task failed: {e}")))??;
+        fill.sink = Some(sink);
+        fill.expose(d);
+        Ok(commit)
+    }
 }
 
 #[cfg(test)]

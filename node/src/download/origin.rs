@@ -21,7 +21,8 @@ use reqwest::{Method, StatusCode};
 
 use super::{
     blocking, ensure_sink, uncommitted, write, Download, DownloadError, Fill, Inner, OriginEnd,
-    Sink, Source, ABANDON_CHECK, COMMIT_EVERY, COMMIT_EVERY_SHARED, READ_CHUNK, WRITE_BATCH,
+    Pending, Sink, Source, ABANDON_CHECK, COMMIT_EVERY, COMMIT_EVERY_SHARED, READ_CHUNK,
+    WRITE_BATCH,
 };
 use crate::p2p::seeds::{self, Seed};
 use crate::peering::Peering;
@@ -198,6 +199,8 @@ async fn segment(
         COMMIT_EVERY
     };
     let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    // The previous batch's write runs while the next batch is read.
+    let mut pending = Pending::default();
     let mut abandon = tokio::time::interval(ABANDON_CHECK);
     abandon.tick().await;
     loop {
@@ -215,6 +218,10 @@ async fn segment(
             }
             () = async { if let Some(s) = seed { s.wanted().await } }, if seed.is_some() => {
                 let Some(s) = seed else { continue };
+                if pending.settle(fill, d).await? {
+                    // The next segment sees a revocation.
+                    committed(&id, peering, seed);
+                }
                 let at = fill.pos + batch.len() as u64;
                 let ranges = match &fill.sink {
                     Some(sink) => seeds::plan(
@@ -243,6 +250,7 @@ async fn segment(
             Ok(c) => c,
             Err(e) => {
                 // Keep what arrived intact: a later download resumes there.
+                let _ = pending.settle(fill, d).await;
                 let commit = fill.may_commit();
                 let _ = write(fill, std::mem::take(&mut batch), commit).await;
                 return Err(e);
@@ -270,6 +278,7 @@ async fn segment(
             reached = true;
         }
         if after > size {
+            let _ = pending.settle(fill, d).await;
             if let Some(s) = fill.sink.take() {
                 let _ = blocking(move || s.writer.discard()).await;
             }
@@ -280,20 +289,26 @@ async fn segment(
         }
         batch.extend_from_slice(&chunk);
         if batch.len() >= WRITE_BATCH {
+            if pending.settle(fill, d).await? && committed(&id, peering, seed) {
+                // The lease was taken back: keep what was read, and stop.
+                let commit = fill.may_commit();
+                write(fill, std::mem::take(&mut batch), commit).await?;
+                fill.expose(d);
+                return Ok(Segment::Revoked);
+            }
             // Bytes held back (from a DHT provider) or deferred (an isolated
             // download) are committed only once the whole blob is verified.
             let commit =
                 fill.may_commit() && uncommitted(fill) + batch.len() as u64 >= commit_every;
             let data = std::mem::replace(&mut batch, Vec::with_capacity(WRITE_BATCH));
-            write(fill, data, commit).await?;
-            fill.expose(d);
-            if commit && committed(&id, peering, seed) {
-                return Ok(Segment::Revoked);
-            }
+            pending.start(fill, data, commit)?;
         }
         if reached {
             break;
         }
+    }
+    if pending.settle(fill, d).await? {
+        committed(&id, peering, seed);
     }
     let commit = fill.may_commit();
     write(fill, batch, commit).await?;
