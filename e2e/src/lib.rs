@@ -31,6 +31,7 @@ pub mod random;
 pub mod ranges;
 pub mod registry;
 pub mod registry_log;
+pub mod rows;
 pub mod scheduler;
 pub mod setup;
 pub mod skopeo;

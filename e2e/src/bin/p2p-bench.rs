@@ -130,6 +130,13 @@ async fn run(size: u64, rounds: usize) -> Result<()> {
         tm.as_secs_f64() / qm.as_secs_f64()
     );
     println!("machine: nproc {}, {}", num_cpus(), kernel());
+    shoal_e2e::rows::row(
+        "node → node over the P2P data plane (QUIC), median",
+        &format!("{:.0} MB/s", mbps(size, qm)),
+        &format!("plain TCP copy {:.0} MB/s; goal 1,500 MB/s", mbps(size, tm)),
+        mbps(size, qm) / 1500.0,
+        "≥ 1× of 1,500 MB/s",
+    );
     a.0.cancel();
     b.0.cancel();
     Ok(())
@@ -351,6 +358,21 @@ mod cluster_bench {
             );
         }
         println!("machine: nproc {}, {}", super::num_cpus(), super::kernel());
+        // Issue 15's row: the most hosts at once against one host alone, both through shoal.
+        let one = rows.iter().find(|r| r.0 == 1);
+        let most = rows.iter().filter(|r| r.0 > 1).max_by_key(|r| r.0);
+        if let (Some(one), Some(most)) = (one, most) {
+            shoal_e2e::rows::row(
+                &format!(
+                    "{} hosts pull the image at once through shoal (origin {} Mbit/s, nodes {} Mbit/s)",
+                    most.0, options.origin_mbit, options.node_mbit
+                ),
+                &format!("{:.1} s until all hold it", most.1.all_hold.as_secs_f64()),
+                &format!("1 host alone {:.1} s", one.1.all_hold.as_secs_f64()),
+                most.1.all_hold.as_secs_f64() / one.1.all_hold.as_secs_f64().max(1e-9),
+                "≤ 1.5×",
+            );
+        }
     }
 
     fn parse(args: &[String]) -> Result<Options> {

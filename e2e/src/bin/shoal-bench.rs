@@ -14,7 +14,7 @@ use shoal_e2e::load::ProcStat;
 use shoal_e2e::node::Node;
 use shoal_e2e::registry::Registry;
 use shoal_e2e::wait::poll;
-use shoal_e2e::{http, TestCtx};
+use shoal_e2e::{http, rows, TestCtx};
 
 const REPO: &str = "bench/blob";
 const SEED: u64 = 0x005e_ed0f_54a1;
@@ -179,6 +179,37 @@ fn mirror(options: Options) -> Result<()> {
         per_gib(reg_cpu, served)
     );
     println!("machine: {}", machine());
+    let (mirror_med, origin_med) = (median(&mirror_times)?, median(&origin_times)?);
+    let gib = size as f64 / (1u64 << 30) as f64;
+    rows::row(
+        &format!("cached {gib:.0} GiB blob through the mirror, median time"),
+        &format!("{:.2} s", mirror_med.as_secs_f64()),
+        &format!("origin registry {:.2} s", origin_med.as_secs_f64()),
+        mirror_med.as_secs_f64() / origin_med.as_secs_f64(),
+        "≤ 0.64×",
+    );
+    let (node_per, reg_per) = (per_gib(node_cpu, served), per_gib(reg_cpu, served));
+    rows::row(
+        "server CPU per cached GiB served",
+        &format!("node {node_per:.2} s"),
+        &format!("registry {reg_per:.2} s"),
+        node_per / reg_per,
+        "≤ 1×",
+    );
+    rows::row(
+        &format!("cold {gib:.0} GiB blob through a standalone node, throughput"),
+        &rate(size, cold),
+        &format!("origin directly {:.0} MB/s (median)", mbs(size, origin_med)),
+        mbs(size, cold) / mbs(size, origin_med),
+        "≥ 0.8×",
+    );
+    rows::row(
+        "node CPU per cold GiB",
+        &format!("{:.2} s", per_gib(cold_cpu, size)),
+        "goal 1 s",
+        per_gib(cold_cpu, size),
+        "≤ 1×",
+    );
     Ok(())
 }
 
