@@ -108,6 +108,12 @@ fn mirror(options: Options) -> Result<()> {
         per_gib(cold_cpu, size)
     );
 
+    // A reader remembers the pieces it verified only for a content file whose timestamps are
+    // a second old or more (`store/reader.rs`: a write within the same clock tick could leave
+    // them unchanged); the fill just wrote this one. Wait, so that the warm-up's verification
+    // is the one that counts and the timed rounds serve verified pieces, as a node serving a
+    // blob it fetched more than a second ago does.
+    std::thread::sleep(Duration::from_millis(1100));
     // One untimed read of each side first, so neither is measured against the other's
     // write-back of the freshly stored copy or a cold page cache.
     let warm_mirror = timed_get(&mirror_url, size)?;
