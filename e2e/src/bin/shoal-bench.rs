@@ -212,9 +212,9 @@ fn mirror(options: Options) -> Result<()> {
     rows::row(
         "node CPU per cold GiB",
         &format!("{:.2} s", per_gib(cold_cpu, size)),
-        "goal 1 s",
+        "none (the ratio is to the goal, 1 s)",
         per_gib(cold_cpu, size),
-        "≤ 1×",
+        "≤ 1 s",
     );
     Ok(())
 }
