@@ -259,25 +259,36 @@ async fn serve_stored(
     };
     let metrics = st.metrics.clone();
     metrics.served("blob", first.len() as u64);
-    let start = served.start + first.len() as u64;
-    let rest = futures::stream::unfold(start, move |pos| {
-        let reader = reader.clone();
+    let next = served.start + first.len() as u64;
+    // The next chunk is read while this one goes out: one read ahead, never more, so a slow
+    // client holds at most two chunks and no thread of the blocking pool while it is slow.
+    let ahead = ReadAhead {
+        pending: spawn_read(&reader, next, served.end),
+        reader,
+        next,
+        end: served.end,
+    };
+    let rest = futures::stream::unfold(ahead, move |mut ahead| {
         let metrics = metrics.clone();
-        let end = served.end;
         async move {
-            if pos >= end {
-                return None;
-            }
-            let len = (end - pos).min(READ_CHUNK as u64);
-            match read_chunk(reader, pos, len).await {
-                Ok(b) => {
+            let handle = ahead.pending.take()?;
+            match handle.await.map_err(join_error).and_then(|r| r) {
+                Ok(b) if !b.is_empty() => {
                     metrics.served("blob", b.len() as u64);
-                    let next = pos + b.len() as u64;
-                    Some((Ok(b), next))
+                    ahead.next += b.len() as u64;
+                    ahead.pending = spawn_read(&ahead.reader, ahead.next, ahead.end);
+                    Some((Ok(b), ahead))
+                }
+                Ok(_) => {
+                    tracing::error!(
+                        at = ahead.next,
+                        "store file ended early; aborting blob response"
+                    );
+                    Some((Err(std::io::Error::other("store file ended early")), ahead))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "aborting blob response");
-                    Some((Err(std::io::Error::other(e.to_string())), end))
+                    Some((Err(std::io::Error::other(e.to_string())), ahead))
                 }
             }
         }
@@ -291,29 +302,64 @@ async fn serve_stored(
     ))
 }
 
+type ChunkRead = tokio::task::JoinHandle<Result<bytes::Bytes, StoreError>>;
+
+/// A stored blob's response body after its first chunk: the read of the next chunk runs
+/// while the previous one is written to the client.
+struct ReadAhead {
+    reader: Arc<crate::store::BlobReader>,
+    /// The read of the chunk at `next`, if `next < end` and no error ended the response.
+    pending: Option<ChunkRead>,
+    next: u64,
+    end: u64,
+}
+
+/// Starts reading the chunk at `pos` on the blocking pool, unless `pos` is at `end`.
+fn spawn_read(reader: &Arc<crate::store::BlobReader>, pos: u64, end: u64) -> Option<ChunkRead> {
+    if pos >= end {
+        return None;
+    }
+    let len = (end - pos).min(READ_CHUNK as u64);
+    let reader = reader.clone();
+    Some(tokio::task::spawn_blocking(move || {
+        read_chunk_now(&reader, pos, len)
+    }))
+}
+
 async fn read_chunk(
     reader: Arc<crate::store::BlobReader>,
     pos: u64,
     len: u64,
 ) -> Result<bytes::Bytes, StoreError> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            let n = reader.read_at(pos + filled as u64, &mut buf[filled..])?;
-            if n == 0 {
-                break;
-            }
-            filled += n;
+    tokio::task::spawn_blocking(move || read_chunk_now(&reader, pos, len))
+        .await
+        .map_err(join_error)?
+}
+
+/// Reads up to `len` bytes at `pos` (fewer only at the end of the blob).
+fn read_chunk_now(
+    reader: &crate::store::BlobReader,
+    pos: u64,
+    len: u64,
+) -> Result<bytes::Bytes, StoreError> {
+    let mut buf = vec![0u8; len as usize];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = reader.read_at(pos + filled as u64, &mut buf[filled..])?;
+        if n == 0 {
+            break;
         }
-        buf.truncate(filled);
-        Ok(bytes::Bytes::from(buf))
-    })
-    .await
-    .map_err(|e| StoreError::Io {
+        filled += n;
+    }
+    buf.truncate(filled);
+    Ok(bytes::Bytes::from(buf))
+}
+
+fn join_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Io {
         path: Default::default(),
         source: std::io::Error::other(e),
-    })?
+    }
 }
 
 /// `HEAD` for a blob the node does not hold: ask the origin.
