@@ -37,6 +37,23 @@ pub fn shoal_bin() -> Result<PathBuf> {
     )
 }
 
+/// Which build of the node the runners measure, for their machine lines: the cargo profile
+/// named by the binary's directory (`debug` is the dev profile: our code at opt-level 1).
+pub fn shoal_build() -> String {
+    let Ok(bin) = shoal_bin() else {
+        return "node binary missing".into();
+    };
+    match bin
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|d| d.to_str())
+    {
+        Some("debug") => "node built in the dev profile (our code at opt-level 1)".into(),
+        Some(profile @ ("release" | "dist")) => format!("node built in the {profile} profile"),
+        _ => format!("node binary {}", bin.display()),
+    }
+}
+
 /// Finds `name` on `PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

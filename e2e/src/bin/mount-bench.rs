@@ -369,9 +369,10 @@ impl<'a> Bench<'a> {
         let rootfs = rootfs.context("no unpacked tree")?.join("rootfs");
         self.warm(&rootfs)?;
         println!(
-            "machine: nproc {}, Linux {}, node built in the dev profile",
+            "machine: nproc {}, Linux {}, {}",
             std::thread::available_parallelism().map_or(1, |n| n.get()),
-            std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim(),
+            paths::shoal_build()
         );
         Ok(())
     }

@@ -254,9 +254,9 @@ fn machine() -> String {
         .map(|k| k.trim().to_owned())
         .unwrap_or_default();
     format!(
-        "{} cpus ({cpu}), {mem_gib:.0} GiB, Linux {kernel}; shoal node in the dev profile \
-         (our code at opt-level 1), {}",
+        "{} cpus ({cpu}), {mem_gib:.0} GiB, Linux {kernel}; {}, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        shoal_e2e::paths::shoal_build(),
         containerd_version()
     )
 }
