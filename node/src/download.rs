@@ -606,12 +606,21 @@ pub(crate) const INGEST_NICE: i32 = 10;
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, DownloadError> {
-    let task = match ingest_pool() {
+    spawn_ingest(f).await.map_err(ingest_failed)
+}
+
+/// Starts `f` on the ingest threads ([`ingest_pool`]), or the caller's blocking pool without one.
+fn spawn_ingest<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    match ingest_pool() {
         Some(pool) => pool.spawn_blocking(f),
         None => tokio::task::spawn_blocking(f),
-    };
-    task.await
-        .map_err(|e| DownloadError::Store(format!("blocking task failed: {e}")))
+    }
+}
+
+fn ingest_failed(e: tokio::task::JoinError) -> DownloadError {
+    DownloadError::Store(format!("blocking task failed: {e}"))
 }
 
 /// The threads that ingest downloads: a blocking pool of its own whose threads run
@@ -954,11 +963,7 @@ impl Pending {
             .ok_or_else(|| DownloadError::Store("writer not open".into()))?;
         let pos = fill.pos;
         fill.pos += data.len() as u64;
-        let work = move || flush_now(sink, data, pos, commit);
-        let task = match ingest_pool() {
-            Some(pool) => pool.spawn_blocking(work),
-            None => tokio::task::spawn_blocking(work),
-        };
+        let task = spawn_ingest(move || flush_now(sink, data, pos, commit));
         self.0 = Some((task, commit));
         Ok(())
     }
@@ -973,9 +978,7 @@ impl Pending {
         let Some((task, commit)) = self.0.take() else {
             return Ok(false);
         };
-        let sink = task
-            .await
-            .map_err(|e| DownloadError::Store(format!("blocking task failed: {e}")))??;
+        let sink = task.await.map_err(ingest_failed)??;
         fill.sink = Some(sink);
         fill.expose(d);
         Ok(commit)
