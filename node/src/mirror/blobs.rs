@@ -245,46 +245,29 @@ async fn serve_stored(
     if ctx.method == Method::HEAD || served.is_empty() {
         return Ok(blob_response(digest, size, range.as_ref(), Body::empty()));
     }
-    let reader = Arc::new(reader);
-    // Read the first chunk up front so a corrupt store file is refetched
-    // instead of answered with an aborted 200.
-    let first_len = (served.end - served.start).min(READ_CHUNK as u64);
-    let first = match read_chunk(reader.clone(), served.start, first_len).await {
-        Ok(b) => b,
-        Err(StoreError::Corrupt { .. }) => {
+    // Each chunk is read while the previous one goes out: one read ahead, never more, so a slow
+    // client holds at most two chunks and no thread of the blocking pool while it is slow.
+    let mut ahead = ReadAhead::new(Arc::new(reader), served);
+    // The first chunk is read up front so a corrupt store file is refetched instead of
+    // answered with an aborted 200.
+    let first = match ahead.next_chunk().await {
+        Some(Ok(b)) => b,
+        Some(Err(StoreError::Corrupt { .. })) => {
             tracing::error!(blob = %digest, "store file corrupt; dropping and refetching");
             return Err(Served::Gone);
         }
-        Err(e) => return Err(Served::Error(internal(e))),
+        Some(Err(e)) => return Err(Served::Error(internal(e))),
+        None => return Err(Served::Error(internal("empty range read"))),
     };
     let metrics = st.metrics.clone();
     metrics.served("blob", first.len() as u64);
-    let next = served.start + first.len() as u64;
-    // The next chunk is read while this one goes out: one read ahead, never more, so a slow
-    // client holds at most two chunks and no thread of the blocking pool while it is slow.
-    let ahead = ReadAhead {
-        pending: spawn_read(&reader, next, served.end),
-        reader,
-        next,
-        end: served.end,
-    };
     let rest = futures::stream::unfold(ahead, move |mut ahead| {
         let metrics = metrics.clone();
         async move {
-            let handle = ahead.pending.take()?;
-            match handle.await.map_err(join_error).and_then(|r| r) {
-                Ok(b) if !b.is_empty() => {
+            match ahead.next_chunk().await? {
+                Ok(b) => {
                     metrics.served("blob", b.len() as u64);
-                    ahead.next += b.len() as u64;
-                    ahead.pending = spawn_read(&ahead.reader, ahead.next, ahead.end);
                     Some((Ok(b), ahead))
-                }
-                Ok(_) => {
-                    tracing::error!(
-                        at = ahead.next,
-                        "store file ended early; aborting blob response"
-                    );
-                    Some((Err(std::io::Error::other("store file ended early")), ahead))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "aborting blob response");
@@ -304,40 +287,64 @@ async fn serve_stored(
 
 type ChunkRead = tokio::task::JoinHandle<Result<bytes::Bytes, StoreError>>;
 
-/// A stored blob's response body after its first chunk: the read of the next chunk runs
-/// while the previous one is written to the client.
+/// A stored blob's range read in chunks of [`READ_CHUNK`] on the blocking pool, the read of
+/// the next chunk started as soon as the previous one is handed out.
 struct ReadAhead {
     reader: Arc<crate::store::BlobReader>,
-    /// The read of the chunk at `next`, if `next < end` and no error ended the response.
+    /// The read of the chunk at `next`, if `next < end` and no error ended the reads.
     pending: Option<ChunkRead>,
     next: u64,
     end: u64,
 }
 
-/// Starts reading the chunk at `pos` on the blocking pool, unless `pos` is at `end`.
-fn spawn_read(reader: &Arc<crate::store::BlobReader>, pos: u64, end: u64) -> Option<ChunkRead> {
-    if pos >= end {
-        return None;
+impl ReadAhead {
+    fn new(reader: Arc<crate::store::BlobReader>, range: Range<u64>) -> Self {
+        let mut ahead = Self {
+            reader,
+            pending: None,
+            next: range.start,
+            end: range.end,
+        };
+        ahead.start_next();
+        ahead
     }
-    let len = (end - pos).min(READ_CHUNK as u64);
-    let reader = reader.clone();
-    Some(tokio::task::spawn_blocking(move || {
-        read_chunk_now(&reader, pos, len)
-    }))
-}
 
-async fn read_chunk(
-    reader: Arc<crate::store::BlobReader>,
-    pos: u64,
-    len: u64,
-) -> Result<bytes::Bytes, StoreError> {
-    tokio::task::spawn_blocking(move || read_chunk_now(&reader, pos, len))
-        .await
-        .map_err(join_error)?
+    /// The next chunk, and the read of the one after it started; `None` at the end of the
+    /// range or after an error.
+    async fn next_chunk(&mut self) -> Option<Result<bytes::Bytes, StoreError>> {
+        let read = self.pending.take()?;
+        let chunk = match read.await {
+            Ok(Ok(b)) if !b.is_empty() => b,
+            Ok(Ok(_)) => return Some(Err(self.ended_early())),
+            Ok(Err(e)) => return Some(Err(e)),
+            Err(e) => return Some(Err(io_error(std::io::Error::other(e)))),
+        };
+        self.next += chunk.len() as u64;
+        self.start_next();
+        Some(Ok(chunk))
+    }
+
+    fn start_next(&mut self) {
+        if self.next >= self.end {
+            return;
+        }
+        let (reader, pos) = (self.reader.clone(), self.next);
+        let len = (self.end - pos).min(READ_CHUNK as u64);
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            read_chunk(&reader, pos, len)
+        }));
+    }
+
+    fn ended_early(&self) -> StoreError {
+        io_error(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("store file ended early, at byte {}", self.next),
+        ))
+    }
 }
 
 /// Reads up to `len` bytes at `pos` (fewer only at the end of the blob).
-fn read_chunk_now(
+fn read_chunk(
     reader: &crate::store::BlobReader,
     pos: u64,
     len: u64,
@@ -355,10 +362,10 @@ fn read_chunk_now(
     Ok(bytes::Bytes::from(buf))
 }
 
-fn join_error(e: tokio::task::JoinError) -> StoreError {
+fn io_error(source: std::io::Error) -> StoreError {
     StoreError::Io {
         path: Default::default(),
-        source: std::io::Error::other(e),
+        source,
     }
 }
 
